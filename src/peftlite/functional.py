@@ -1,0 +1,135 @@
+"""The math of low-rank adapters, as pure tensor functions.
+
+These functions are the definition of what peftlite computes. Modules, kernels and tests all call them;
+every fast path is checked against them.
+
+Shapes (for a Conv2d, ``fan_in = in_channels // groups * kh * kw``; for a Linear, ``fan_in = in``):
+    W: (out, in/groups, kh, kw) or (out, in)
+    A: (r, fan_in)         B: (out, r)
+    delta_weight(A, B, W.shape) == (B @ A).reshape(W.shape)
+
+For grouped convs this is still one rank-r factorisation of the whole ``(out, fan_in)`` matrix, so
+``W + scale * ΔW`` is a valid grouped weight and the adapted layer is exactly a convolution with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything that fixes what a Conv2d computes, besides its tensors."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str  # ints, or 'same' / 'valid'
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: str  # zeros, reflect, replicate, circular
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> ConvGeometry:
+        padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        return cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
+                   padding, tuple(conv.dilation), conv.groups, conv.padding_mode)
+
+    @property
+    def fan_in(self) -> int:
+        kh, kw = self.kernel_size
+        return self.in_channels // self.groups * kh * kw
+
+    def explicit_padding(self) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom) padding, as ``F.pad`` takes it; 'same' may be asymmetric."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            pads = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return tuple(pads)
+        ph, pw = self.padding
+        return (pw, pw, ph, ph)
+
+
+def delta_weight(A: Tensor, B: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """ΔW = B @ A, reshaped to the base weight's shape; computed in fp32 (or fp64 when given fp64).
+
+    Args:
+        A: (r, fan_in). B: (out, r). shape: the base weight's shape, ``out * fan_in`` elements.
+    Returns:
+        ΔW of ``shape``, in float32 (float64 if A or B is float64).
+    """
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    return (B.to(dtype) @ A.to(dtype)).reshape(shape)
+
+
+def effective_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``W + scale * ΔW`` in W's dtype, summed in fp32 and rounded once (as merge does)."""
+    delta = delta_weight(A, B, weight.shape)
+    return (weight.to(delta.dtype) + scale * delta).to(weight.dtype)
+
+
+def pad_input(x: Tensor, geom: ConvGeometry) -> tuple[Tensor, tuple[int, int] | str]:
+    """Apply the conv's padding_mode padding; returns the input and the padding left for the conv."""
+    if geom.padding_mode == "zeros":
+        return x, geom.padding
+    return F.pad(x, geom.explicit_padding(), mode=geom.padding_mode), (0, 0)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+    """The base convolution exactly as ``nn.Conv2d`` computes it, padding_mode included."""
+    x, padding = pad_input(x, geom)
+    return F.conv2d(x, weight, bias, geom.stride, padding, geom.dilation, geom.groups)
+
+
+def conv2d_delta(x: Tensor, A: Tensor, B: Tensor, geom: ConvGeometry, padding) -> Tensor:
+    """The adapter branch of a conv through activations: ``conv(x, ΔW)`` without forming ΔW.
+
+    ``x`` is already padded for non-zero padding modes, and ``padding`` is what is left for the conv.
+    A grouped conv runs A once per group (width ``groups * r``), then B as a grouped 1x1 conv.
+
+    Returns:
+        (N, out, H', W'), unscaled.
+    """
+    r = A.shape[0]
+    kh, kw = geom.kernel_size
+    a = A.to(x.dtype).reshape(r, geom.in_channels // geom.groups, kh, kw)
+    if geom.groups > 1:
+        a = a.repeat(geom.groups, 1, 1, 1)  # (groups*r, in/groups, kh, kw)
+    h = F.conv2d(x, a, None, geom.stride, padding, geom.dilation, geom.groups)  # (N, groups*r, H', W')
+    b = B.to(x.dtype).reshape(geom.out_channels, r, 1, 1)
+    return F.conv2d(h, b, None, 1, 0, 1, geom.groups)  # (N, out, H', W')
+
+
+def lora_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                geom: ConvGeometry, dropout: float = 0.0, training: bool = False) -> Tensor:
+    """Adapted conv through activations: base conv plus ``scale * conv(dropout(x), ΔW)``."""
+    xp, padding = pad_input(x, geom)
+    y = F.conv2d(xp, weight, bias, geom.stride, padding, geom.dilation, geom.groups)
+    if dropout > 0.0 and training:
+        xp, padding = pad_input(F.dropout(x, dropout, True), geom)
+    return y + scale * conv2d_delta(xp, A, B, geom, padding)
+
+
+def lora_conv2d_weight_path(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
+                            scale: float, geom: ConvGeometry) -> Tensor:
+    """Adapted conv through the weight: ``conv(x, W + scale * ΔW)``; no dropout on this path."""
+    return conv2d(x, effective_weight(weight, A, B, scale), bias, geom)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                dropout: float = 0.0, training: bool = False) -> Tensor:
+    """Adapted linear: ``x @ Wᵀ + b + scale * (dropout(x) @ Aᵀ) @ Bᵀ``.  x: (..., in) -> (..., out)."""
+    y = F.linear(x, weight, bias)
+    if dropout > 0.0 and training:
+        x = F.dropout(x, dropout, True)
+    h = F.linear(x, A.to(x.dtype))  # (..., r)
+    return y + scale * F.linear(h, B.to(x.dtype))

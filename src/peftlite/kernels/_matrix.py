@@ -1,0 +1,34 @@
+"""A weight as a row-major (out, fan_in) matrix that is a true view of its storage.
+
+An in-place update must go through a view: ``reshape``/``rearrange`` of a channels_last conv weight
+copies, and the update would be silently lost. So the columns follow the weight's memory order, and
+A's columns are permuted to match instead (A is small).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def as_matrix(weight: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Return ``(W2, A2, B2)`` with ``W2`` a contiguous view of ``weight`` and ``W2 + B2 @ A2`` its update.
+
+    Args:
+        weight: (out, ...) in contiguous or channels_last layout, or a transposed 2-D weight.
+        A: (r, fan_in) in the weight's logical column order. B: (out, r).
+    Raises:
+        ValueError: the weight's layout has no matrix view (it would need a copy).
+    """
+    out = weight.shape[0]
+    if weight.is_contiguous():
+        return weight.view(out, -1), A, B
+    if weight.dim() == 4 and weight.permute(0, 2, 3, 1).is_contiguous():  # channels_last
+        r = A.shape[0]
+        a = A.reshape(r, weight.shape[1], weight.shape[2], weight.shape[3]).permute(0, 2, 3, 1).reshape(r, -1)
+        return weight.permute(0, 2, 3, 1).view(out, -1), a, B
+    if weight.dim() == 2 and weight.t().is_contiguous():  # W = Vᵀ with V contiguous: V += Aᵀ Bᵀ
+        return weight.t(), B.t(), A.t()
+    raise ValueError(
+        f"weight of shape {tuple(weight.shape)} with strides {weight.stride()} has no in-place matrix view; "
+        "make it contiguous (weight.data = weight.data.contiguous()) before merging"
+    )
