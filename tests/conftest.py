@@ -1,0 +1,43 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+settings.register_profile("peftlite", deadline=None, max_examples=40, derandomize=True)
+settings.load_profile("peftlite")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def randomize_adapters(model, std=0.05, seed=0):
+    """Give every adapter a non-zero B (and a fresh A), so merges change the weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora." in f".{name}":
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+    return model
+
+
+def snapshot(model):
+    """Every state_dict tensor (cloned) and every module's class, by name."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    classes = {n: type(m) for n, m in model.named_modules()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    return state, classes, grads
+
+
+def assert_unchanged(model, snap):
+    state, classes, grads = snap
+    now = model.state_dict()
+    assert list(now) == list(state), "state_dict keys changed"
+    for k, v in state.items():
+        assert torch.equal(now[k], v), f"{k} changed"
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
