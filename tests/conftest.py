@@ -28,12 +28,19 @@ def snapshot(model):
     return state, classes, grads
 
 
+def bits_equal(a, b):
+    """Bit-for-bit equality (NaN payloads and signed zeros included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().flatten().view(torch.uint8), b.contiguous().flatten().view(torch.uint8))
+
+
 def assert_unchanged(model, snap):
     state, classes, grads = snap
     now = model.state_dict()
     assert list(now) == list(state), "state_dict keys changed"
     for k, v in state.items():
-        assert torch.equal(now[k], v), f"{k} changed"
+        assert bits_equal(now[k], v), f"{k} changed"
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
 
