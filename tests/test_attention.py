@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import randomize_adapters
 from torch import nn
 
 import peftlite
+from conftest import randomize_adapters
 from peftlite.layers import Adapted
 
 
@@ -143,7 +143,7 @@ def test_missing_weight_raises_attribute_error():
     del lin._parameters["weight"]
     assert not hasattr(lin, "weight")
     with pytest.raises(AttributeError, match="weight"):
-        lin.weight
+        _ = lin.weight
 
 
 class SameConv(nn.Conv2d):

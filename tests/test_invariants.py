@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 import torchvision
-from conftest import randomize_adapters
 from torch import nn
 
 import peftlite
+from conftest import randomize_adapters
 from peftlite.layers import Adapted
 
 

@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 import torchvision
-from conftest import assert_unchanged, randomize_adapters, snapshot
 from safetensors import safe_open
 from torch import nn
 
 import peftlite
+from conftest import assert_unchanged, randomize_adapters, snapshot
 from peftlite import AdapterFileError
 
 

@@ -6,10 +6,10 @@ import warnings
 import pytest
 import torch
 import torchvision
-from conftest import assert_unchanged, randomize_adapters, snapshot
 from torch import nn
 
 import peftlite
+from conftest import assert_unchanged, randomize_adapters, snapshot
 
 
 def model_and_input(dtype=torch.float32, seed=0):

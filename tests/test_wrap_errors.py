@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 import torchvision
-from conftest import assert_unchanged, snapshot
 from torch import nn
 
 import peftlite
+from conftest import assert_unchanged, snapshot
 from peftlite.layers import Adapted
 
 

@@ -23,7 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import _config, targets as targets_
+from . import _config
+from . import targets as targets_
 from .layers import Adapted
 from .merge import adapted_layers
 from .wrap import WrapState, _under, wrap, wrap_state
@@ -199,7 +200,8 @@ def _fresh_plan(model: nn.Module, config: dict, heads: Mapping[str, nn.Module] |
         _config.check_layer(name, module, entry)
         for key, shape in _config.adapter_shapes(name, module, int(entry["rank"])).items():
             expected[key] = (shape, True)
-        groups.setdefault((int(entry["rank"]), float(entry["alpha"]), float(entry.get("dropout", 0.0))), []).append(name)
+        hparams = (int(entry["rank"]), float(entry["alpha"]), float(entry.get("dropout", 0.0)))
+        groups.setdefault(hparams, []).append(name)
     for name, head in built.items():
         if name not in modules:
             raise ValueError(f"the file has a head {name!r}, but the model has no module of that name to replace")

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import batchnorm, layers, targets as targets_
+from . import batchnorm, layers
 from . import merge as merging
+from . import targets as targets_
 
 
 @dataclass
@@ -158,7 +159,7 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
     for name, head in heads.items():
         _replace(model, name, head)
         state.heads.append(name)
-    for (name, module), kind in zip(plan, kinds):
+    for (_, module), kind in zip(plan, kinds):
         layers.attach(module, kind, rank=rank, alpha=alpha, dropout=dropout)
     state.trainable += [n for n in trainable_names if n not in state.trainable]
     apply_freezing(model, state)
