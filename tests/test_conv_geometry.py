@@ -134,3 +134,35 @@ def test_linear_matches_reference():
     x = torch.randn(3, 4, 7, dtype=torch.float64)
     ref = F.linear(x, lin._parameters["weight"] + 2.0 * pair.B @ pair.A, lin.bias)
     torch.testing.assert_close(model(x), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(6, 4), nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")],
+                         ids=["linear", "conv-reflect"])
+def test_dropout_acts_on_the_adapter_input_in_training_only(layer):
+    torch.manual_seed(0)
+    model = nn.Sequential(layer)
+    peftlite.wrap(model, "0", rank=2, dropout=0.5)
+    with torch.no_grad():
+        layer.lora.default.B.normal_()
+    x = torch.randn(3, 6) if isinstance(layer, nn.Linear) else torch.randn(2, 6, 5, 5)
+    pair = layer.lora.default
+
+    def reference(mask):
+        with peftlite.disabled(model):
+            base = model(x)
+        if isinstance(layer, nn.Linear):
+            return base + pair.scale * (x * mask) @ pair.A.t() @ pair.B.t()
+        geom = functional.ConvGeometry.of(layer)
+        xp, pad = functional.pad_input(x * mask, geom)  # dropout first, then the reflect padding
+        return base + pair.scale * functional.conv2d_delta(xp, pair.A, pair.B, geom, pad)
+
+    model.train()
+    torch.manual_seed(1)
+    y_train = model(x)
+    torch.manual_seed(1)
+    mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, True)  # the same draw the layer makes
+    torch.testing.assert_close(y_train, reference(mask), rtol=1e-5, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(torch.ones_like(x)), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(x), y_train)
