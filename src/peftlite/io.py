@@ -49,7 +49,7 @@ def saveable(model: nn.Module, state: WrapState) -> dict[str, torch.Tensor]:
     return out
 
 
-def _config(model: nn.Module, state: WrapState, partial: bool) -> dict[str, Any]:
+def _file_config(model: nn.Module, state: WrapState, partial: bool) -> dict[str, Any]:
     from . import __version__
 
     return {
@@ -101,7 +101,7 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         out[key] = t
-    meta = {"format": "pt", "peftlite": json.dumps(_config(model, state, bool(patterns)), separators=(",", ":"))}
+    meta = {"format": "pt", "peftlite": json.dumps(_file_config(model, state, bool(patterns)), separators=(",", ":"))}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".peftlite-", suffix=".tmp")
     os.close(fd)
     try:
