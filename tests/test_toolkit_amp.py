@@ -30,9 +30,10 @@ def _resnet_forward(m, x, ckpt: bool):
 
 def _vit():
     torch.manual_seed(0)
-    model = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64,
-                              num_classes=5)
-    return peftlite.wrap(model, "encoder.layers.*", rank=4, dropout=0.1, heads={"heads.head": nn.Linear(32, 5)})
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32,
+                              mlp_dim=64, num_classes=5)
+    return peftlite.wrap(model, "encoder.layers.*", rank=4, dropout=0.1,
+                         heads={"heads.head": nn.Linear(32, 5)})
 
 
 def _vit_forward(m, x, ckpt: bool):
@@ -58,7 +59,8 @@ def _grads(model, forward, x, y, ckpt, autocast):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("build, forward, shape", [(_resnet, _resnet_forward, (8, 1, 16, 16)),
-                                                   (_vit, _vit_forward, (4, 3, 32, 32))], ids=["resnet", "vit"])
+                                                   (_vit, _vit_forward, (4, 3, 32, 32))],
+                         ids=["resnet", "vit"])
 def test_checkpointed_gradients_equal_plain_ones(build, forward, shape, autocast):
     model = build()
     x, y = torch.randn(*shape), torch.randint(0, 5, (shape[0],))

@@ -52,8 +52,8 @@ def test_unfreezing_a_frozen_batchnorm_trains_its_affine_but_not_its_statistics(
     model.train()
     model(torch.randn(8, 1, 16, 16)).sum().backward()
     assert bn.weight.grad is not None
-    assert all(torch.equal(a, b) for a, b in zip(stats, (bn.running_mean, bn.running_var, bn.num_batches_tracked),
-                                                 strict=True))
+    now = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+    assert all(torch.equal(a, b) for a, b in zip(stats, now, strict=True))
 
 
 def test_unfreeze_of_saved_modules_does_not_warn(recwarn):

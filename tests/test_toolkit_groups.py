@@ -53,7 +53,8 @@ def _by_param(groups):
     return out
 
 
-@pytest.mark.parametrize("which, block_of, n_blocks", [("resnet", _resnet_block, 10), ("vit", _vit_block, 15)])
+@pytest.mark.parametrize("which, block_of, n_blocks",
+                         [("resnet", _resnet_block, 10), ("vit", _vit_block, 15)])
 def test_layer_decay_lrs_and_no_decay_are_exact(which, block_of, n_blocks, request):
     model = request.getfixturevalue(which)
     found = peftlite.blocks(model)
@@ -74,8 +75,8 @@ def test_layer_decay_lrs_and_no_decay_are_exact(which, block_of, n_blocks, reque
 
 def test_resnet_blocks_are_named_as_torchvision_names_them(resnet, vit):
     assert [b.name for b in peftlite.blocks(resnet)] == [
-        "stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1",
-        "head"]
+        "stem", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0",
+        "layer4.1", "head"]
     names = [b.name for b in peftlite.blocks(vit)]
     assert names[3] == "encoder.layers.encoder_layer_2" and names[-2:] == ["encoder.ln", "heads.head"]
     assert peftlite.blocks(vit)[0].params == ("class_token", "conv_proj.weight", "conv_proj.bias",
@@ -121,7 +122,8 @@ def test_no_decay_by_type_and_by_glob():
     net.b.weight = nn.Parameter(torch.ones(4, 1))  # 2-D, still a norm's: no decay by type
     of = _by_param(peftlite.param_groups(net, 1.0, weight_decay=0.1, no_decay=("tok*",)))
     wd = {n: of[id(p)]["weight_decay"] for n, p in net.named_parameters()}
-    assert wd == {"token": 0.0, "a.weight": 0.1, "a.bias": 0.0, "b.weight": 0.0, "b.bias": 0.0, "c.weight": 0.1}
+    assert wd == {"token": 0.0, "a.weight": 0.1, "a.bias": 0.0, "b.weight": 0.0, "b.bias": 0.0,
+                  "c.weight": 0.1}
 
 
 def test_wrapped_model_adapters_join_their_layers_block(resnet):
@@ -149,17 +151,18 @@ def test_timm_group_matcher_defines_the_blocks():
     block_of = {n: i for i, b in enumerate(found) for n in b.params}
     assert block_of["cls_token"] == block_of["pos_embed"] == block_of["patch_embed.proj.weight"] == 0
     assert block_of["blocks.1.attn.qkv.weight"] == 2
-    assert block_of["norm.weight"] == block_of["blocks.2.mlp.fc2.bias"] == 3  # timm keeps norm with the last block
+    # timm keeps the final norm with the last block
+    assert block_of["norm.weight"] == block_of["blocks.2.mlp.fc2.bias"] == 3
     assert block_of["head.weight"] == 4 == len(found) - 1
-    assert [b.name for b in found] == ["cls_token+pos_embed+patch_embed", "blocks.0", "blocks.1", "blocks.2+norm",
-                                       "head"]
+    assert [b.name for b in found] == ["cls_token+pos_embed+patch_embed", "blocks.0", "blocks.1",
+                                       "blocks.2+norm", "head"]
     of = _by_param(peftlite.param_groups(model, 1.0, weight_decay=0.1))
     assert of[id(model.pos_embed)]["weight_decay"] == 0.0  # timm's model.no_weight_decay()
 
 
 @pytest.mark.parametrize("kwargs, error, text", [
-    ({"lrs": {"layer9": 1e-3}}, ValueError, r"param_groups lrs: pattern 'layer9' matched no module or parameter; "
-                                            r"nearest: layer\d"),
+    ({"lrs": {"layer9": 1e-3}}, ValueError,
+     r"param_groups lrs: pattern 'layer9' matched no module or parameter; nearest: layer\d"),
     ({"layer_decay": 1.5}, ValueError, "layer_decay=1.5 would raise LRs"),
     ({"layer_decay": 0}, ValueError, "layer_decay must be a positive finite number, got 0"),
     ({"weight_decay": -1}, ValueError, "weight_decay must be a number >= 0, got -1"),

@@ -42,7 +42,8 @@ def _same(a, b):
 def _step(model, tasks, opt):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(16, 1, 16, 16, generator=g)
-    labels = {"cls": torch.randint(0, 5, (16,), generator=g), "parity": torch.randint(0, 2, (16,), generator=g)}
+    labels = {"cls": torch.randint(0, 5, (16,), generator=g),
+              "parity": torch.randint(0, 2, (16,), generator=g)}
     model.train()
     opt.zero_grad(set_to_none=True)
     sum(F.cross_entropy(model(x, t), labels[t]) for t in tasks).backward()
@@ -98,7 +99,8 @@ def test_heads_replaced_at_wrap_time(tmp_path):
     new = nn.Linear(64, 3)
     peftlite.wrap(model, heads={"heads.parity": new})
     assert model.heads.parity is new
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"heads.parity.weight", "heads.parity.bias"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"heads.parity.weight", "heads.parity.bias"}
     path = peftlite.save(model, tmp_path / "p.safetensors", include=["heads.parity*"])
     fresh = peftlite.load(_model(5), path)
     assert fresh.heads.parity.out_features == 3 and torch.equal(fresh.heads.parity.weight, new.weight)
@@ -106,6 +108,7 @@ def test_heads_replaced_at_wrap_time(tmp_path):
 
 def test_include_that_matches_nothing_names_nearest(tmp_path):
     model = peftlite.wrap(_model(1), trainable=["heads.*"])
-    with pytest.raises(ValueError, match="include pattern 'heads.clss' matched no saved tensor; nearest: heads.cls"):
+    with pytest.raises(ValueError, match="include pattern 'heads.clss' matched no saved tensor; "
+                                         "nearest: heads.cls"):
         peftlite.save(model, tmp_path / "x.safetensors", include=["heads.clss"])
     assert copy.deepcopy(model) is not None

@@ -39,7 +39,8 @@ def _stage_of(model) -> dict[str, int]:
 
 def _batches(epoch, n=2):
     g = torch.Generator().manual_seed(100 + epoch)
-    return [(torch.randn(16, 1, 16, 16, generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(n)]
+    return [(torch.randn(16, 1, 16, 16, generator=g), torch.randint(0, 5, (16,), generator=g))
+            for _ in range(n)]
 
 
 def _epoch(model, opt, sched, epoch):
@@ -89,7 +90,8 @@ def test_newly_unfrozen_params_train_and_frozen_ones_do_not(kind):
             trains = name in stage and stage[name] <= epoch
             assert torch.equal(p, before[name]) != trains, (kind, epoch, name)
     if kind == "lambda":  # every group, added ones included, follows the lambda
-        assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr * 0.5 ** (epochs * steps) for lr in initial])
+        want = [lr * 0.5 ** (epochs * steps) for lr in initial]
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx(want)
     assert sched.get_last_lr() == [g["lr"] for g in opt.param_groups]
 
 
@@ -134,7 +136,8 @@ def test_state_is_plain_and_refuses_another_schedule():
     unfreezer.step(1)
     state = unfreezer.state_dict()
     assert state["epoch"] == 1 and sorted(state["stages"]) == [0, 1, 2]
-    other = peftlite.Unfreezer(tiny_resnet(5), torch.optim.SGD(tiny_resnet(5).parameters(), lr=0.1), {0: ["fc"]})
+    net = tiny_resnet(5)
+    other = peftlite.Unfreezer(net, torch.optim.SGD(net.parameters(), lr=0.1), {0: ["fc"]})
     with pytest.raises(ValueError, match="schedule differs"):
         other.load_state_dict(state)
 
@@ -171,7 +174,8 @@ def _snapshot(model, opt):
     ({-1: ["fc"]}, ValueError, "epoch -1"),
     ({1.5: ["fc"]}, ValueError, "epoch 1.5"),
     ({0: ["fc"], 2: ["layer9"]}, ValueError, "'layer9' matched no module or parameter; nearest: .*layer"),
-    ({0: ["layer3"], 2: ["layer3.0.conv1"]}, ValueError, "'layer3.0.conv1.weight' is in two stages .epochs 0 and 2"),
+    ({0: ["layer3"], 2: ["layer3.0.conv1"]}, ValueError,
+     "'layer3.0.conv1.weight' is in two stages .epochs 0 and 2"),
     ({0: []}, ValueError, "schedule.0. is empty"),
     ({}, TypeError, "non-empty dict"),
     ({0: [3]}, TypeError, "glob strings"),
