@@ -6,21 +6,31 @@
     peftlite.merge(model)          # zero overhead; peftlite.unmerge(model) restores W bit-exactly
 """
 
+from .blocks import Block, blocks
+from .freezing import freeze, unfreeze
+from .groups import param_groups
 from .io import AdapterFileError, load, save
 from .merge import disabled, merge, unmerge
 from .summary import summary
+from .unfreezer import Unfreezer
 from .wrap import unwrap, wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError",
+    "Block",
+    "Unfreezer",
     "__version__",
+    "blocks",
     "disabled",
+    "freeze",
     "load",
     "merge",
+    "param_groups",
     "save",
     "summary",
+    "unfreeze",
     "unmerge",
     "unwrap",
     "wrap",

@@ -50,8 +50,14 @@ def _shape(module: nn.Module) -> str:
     return "x".join(map(str, w.shape)) if w is not None else "-"
 
 
-def summary(model: nn.Module) -> Summary:
-    """Build the trainable report for any model (wrapped or not)."""
+def summary(model: nn.Module, blocks: bool = False) -> Summary:
+    """Build the trainable report for any model (wrapped or not).
+
+    Args:
+        model: any nn.Module.
+        blocks: also list the model's blocks (``peftlite.blocks``), input to output, as
+            ``param_groups(layer_decay=...)`` scales them; they are added to ``notes``.
+    """
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, (LowRank, nn.ModuleDict)) and ".lora" in f".{name}":
@@ -69,4 +75,17 @@ def summary(model: nn.Module) -> Summary:
             rows.append(Row(name, type(m).__name__, _shape(m), "-", own))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Summary(rows, total, trainable)
+    return Summary(rows, total, trainable, _block_notes(model) if blocks else [])
+
+
+def _block_notes(model: nn.Module) -> list[str]:
+    from .blocks import blocks
+
+    found = blocks(model)
+    params = dict(model.named_parameters())
+    out = [f"blocks for layer_decay, input -> output ({len(found)}):"]
+    for i, b in enumerate(found):
+        n = sum(params[p].numel() for p in b.params)
+        t = sum(params[p].numel() for p in b.params if params[p].requires_grad)
+        out.append(f"  {i:>3}  {b.name}  ({n:,} parameters, {t:,} trainable)")
+    return out
