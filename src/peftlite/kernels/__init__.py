@@ -9,6 +9,8 @@ docs/exact-unmerge.md.
 
 from __future__ import annotations
 
+import os
+
 from torch import Tensor
 
 from . import _torch
@@ -45,7 +47,7 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
                            "(Triton is not importable); unmerge where it merged, before moving the model")
     if record is not None:
         record.check_matches(weight, name, "unmerge")
-        if name == "triton" and not (weight.is_cuda or __import__("os").environ.get("TRITON_INTERPRET") == "1"):
-            raise RuntimeError(f"unmerge: merged by the triton kernels on {record.device}, but the weight is now on "
-                               f"{weight.device}; move the model back to unmerge exactly")
+        if name == "triton" and not (weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError(f"unmerge: merged by the triton kernels on {record.device}, but the weight is "
+                               f"now on {weight.device}; move the model back to unmerge exactly")
     module.unmerge_(weight, A, B, scale, record)

@@ -34,7 +34,8 @@ def _requested(value: str | None) -> str | None:
     if value is None or value == "":
         return None
     if value not in CHOICES:
-        raise ValueError(f"PEFTLITE_KERNELS={value!r} is not a backend; use one of {', '.join(CHOICES)} or unset it")
+        raise ValueError(f"PEFTLITE_KERNELS={value!r} is not a backend; use one of {', '.join(CHOICES)}, "
+                         "or unset it for detection")
     return value
 
 

@@ -93,10 +93,10 @@ def candidates(merged: Tensor, d: Tensor, fmt: Format) -> tuple[Tensor, Tensor]:
 
     inf = torch.full_like(merged, float("inf"))
     m = merged.double()
-    first = _first_true(at_least, _estimate((m + torch.nextafter(merged, -inf).double()) / 2, d, fmt, low, high),
-                        low, high)
-    end = _first_true(above, _estimate((m + torch.nextafter(merged, inf).double()) / 2, d, fmt, low, high),
-                      low, high)
+    below_mid = (m + torch.nextafter(merged, -inf).double()) / 2  # where w + d starts rounding to merged
+    above_mid = (m + torch.nextafter(merged, inf).double()) / 2
+    first = _first_true(at_least, _estimate(below_mid, d, fmt, low, high), low, high)
+    end = _first_true(above, _estimate(above_mid, d, fmt, low, high), low, high)
     return first, (end - first).clamp(min=0)
 
 
@@ -112,7 +112,8 @@ def pack(values: Tensor, width: Tensor) -> Tensor:
     n_words = (total + 31) // 32
     if n_words == 0:
         return torch.zeros(0, dtype=torch.int32, device=values.device)
-    words = torch.zeros(n_words + 1, dtype=torch.int64, device=values.device)  # +1: zero-width codes at the end
+    # one spare word: zero-width codes at the very end point one past the last word
+    words = torch.zeros(n_words + 1, dtype=torch.int64, device=values.device)
     word, shift = offset // 32, offset % 32
     low_bits = torch.clamp(32 - shift, max=32)
     low = (values & ((1 << low_bits) - 1)) << shift

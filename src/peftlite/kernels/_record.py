@@ -53,7 +53,7 @@ class MergeRecord:
             )
         if weight.dtype != self.dtype or weight.device != self.device or tuple(weight.shape) != self.shape:
             raise RuntimeError(
-                f"{where}: merged as {self.dtype} {tuple(self.shape)} on {self.device}, but the weight is now "
-                f"{weight.dtype} {tuple(weight.shape)} on {weight.device}; move the model back to unmerge "
-                "exactly, and unmerge before .to(...) next time"
+                f"{where}: merged as {self.dtype} {tuple(self.shape)} on {self.device}, but the weight is "
+                f"now {weight.dtype} {tuple(weight.shape)} on {weight.device}; move the model back to "
+                "unmerge exactly, and unmerge before .to(...) next time"
             )

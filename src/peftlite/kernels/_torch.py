@@ -52,7 +52,8 @@ class _Builder:
         self.esc_values: list[Tensor] = []
         self.flagged = 0
 
-    def block(self, start_flat: int, codes: Tensor | None, index: Tensor, values: Tensor, flagged: int) -> None:
+    def block(self, start_flat: int, codes: Tensor | None, index: Tensor, values: Tensor,
+              flagged: int) -> None:
         if codes is not None:
             self.codes.append(codes)
             self.chunks.append(self.chunks[-1] + codes.numel())
@@ -73,7 +74,8 @@ class _Builder:
 
 
 @torch.no_grad()
-def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: int = BLOCK_ELEMENTS) -> MergeRecord:
+def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float,
+           block_elements: int = BLOCK_ELEMENTS) -> MergeRecord:
     """Fold ``scale·B@A`` into the (rows, cols) row-major matrix ``weight`` in place.
 
     Returns:
@@ -99,8 +101,8 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: i
                 pos = int(bad.view(-1).nonzero()[0])
                 raise NonFiniteMergeError(
                     f"merging would make weight[{start + pos // cols}, {pos % cols}] non-finite "
-                    f"({orig.view(-1)[pos].item()!r} + ΔW overflows {weight.dtype}); the weight is unchanged. "
-                    "Lower the adapter scale or merge in a wider dtype"
+                    f"({orig.view(-1)[pos].item()!r} + ΔW overflows {weight.dtype}); the weight is "
+                    "unchanged. Lower the adapter scale or merge in a wider dtype"
                 )
         guess = unmerged_guess(blk, d).view(-1)
         o = orig.view(-1)

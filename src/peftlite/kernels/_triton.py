@@ -11,7 +11,8 @@ import torch
 import triton
 from torch import Tensor
 
-from . import _codec, _triton_kernels as K
+from . import _codec
+from . import _triton_kernels as K
 from ._bits import FORMATS
 from ._record import MergeRecord, NonFiniteMergeError
 
@@ -29,7 +30,7 @@ def supports(weight: Tensor) -> bool:
 
 def _launch(weight: Tensor, A: Tensor, B: Tensor, scale: float, unmerge: bool, exact: bool,
             capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Run the kernel over every tile; returns the listed elements (index code, bits, d) and the overflow count.
+    """Run the kernel over every tile; returns the listed elements (code, bits, d) and the overflow count.
 
     Index codes are the flat index for flagged elements and ``-1 - index`` for wrong unflagged guesses.
     """
@@ -48,7 +49,8 @@ def _launch(weight: Tensor, A: Tensor, B: Tensor, scale: float, unmerge: bool, e
         counter = torch.zeros(1, dtype=torch.int32, device=dev)
         status = torch.zeros(tiles.numel(), dtype=torch.int32, device=dev)
         K.merge_kernel[(tiles.numel(),)](
-            wbits, A, B, float(scale), rows, cols, A.shape[0], A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+            wbits, A, B, float(scale), rows, cols, A.shape[0],
+            A.stride(0), A.stride(1), B.stride(0), B.stride(1),
             tiles, status, scr_idx, scr_orig, scr_d, counter, capacity, bad, tiles_n,
             KIND=KINDS[weight.dtype], UNMERGE=unmerge, EXACT=exact, BM=BM, BN=BN, BR=BR,
             enable_fp_fusion=False,
@@ -61,7 +63,7 @@ def _launch(weight: Tensor, A: Tensor, B: Tensor, scale: float, unmerge: bool, e
         parts.append((scr_idx[:n][written], scr_orig[:n][written], scr_d[:n][written]))
         tiles = tiles[status.nonzero().view(-1)]
         capacity = max(used, MIN_CAPACITY)  # enough for every pending tile at once
-    idx, orig, d = (torch.cat(p) for p in zip(*parts)) if parts else (
+    idx, orig, d = (torch.cat(p) for p in zip(*parts, strict=True)) if parts else (
         torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.int32, device=dev),
         torch.empty(0, dtype=torch.float32, device=dev))
     return idx, orig, d, int(bad.item())
@@ -81,8 +83,8 @@ def _factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
 def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> MergeRecord:
     """Triton counterpart of ``_torch.merge_``; same contract, same record layout (one chunk)."""
     if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-        raise NonFiniteMergeError("the adapter holds non-finite values; the weight is unchanged. Reload a good "
-                                  "adapter or lower the learning rate")
+        raise NonFiniteMergeError("the adapter holds non-finite values; the weight is unchanged. Reload a "
+                                  "good adapter or lower the learning rate")
     A, B = _factors(A, B)
     fmt = FORMATS[weight.dtype]
     idx, orig_bits, d, bad = _launch(weight, A, B, scale, unmerge=False, exact=True)
@@ -104,8 +106,8 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> MergeRecord:
     if bad:
         unmerge_(weight, A, B, scale, record)
         raise NonFiniteMergeError(
-            f"merging would make {bad} weight value(s) non-finite (W + ΔW overflows {weight.dtype}); the weight "
-            "is unchanged. Lower the adapter scale or merge in a wider dtype"
+            f"merging would make {bad} weight value(s) non-finite (W + ΔW overflows {weight.dtype}); the "
+            "weight is unchanged. Lower the adapter scale or merge in a wider dtype"
         )
     return record
 

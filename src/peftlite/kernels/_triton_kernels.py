@@ -175,3 +175,11 @@ def merge_kernel(W, A, B, scale, rows, cols, R, stride_ar, stride_ac, stride_br,
             tl.store(W + flat, out, mask=inside)
         else:
             tl.store(W + flat, out.to(tl.int16), mask=inside)
+
+
+@triton.jit
+def round_kernel(x_ptr, out_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """The kernel's rounding alone (fp32 -> 16-bit patterns), so tests can compare it with torch's casts."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(out_ptr + offs, _round(x, KIND).to(tl.int16), mask=offs < n)
