@@ -23,10 +23,23 @@ from ._bits import Format, bits, from_ordinal, merged_value, ordinal
 def _first_true(pred, start: Tensor, low: int, high: int) -> Tensor:
     """Per element, the smallest ordinal ``o`` in ``[low, high + 1]`` with ``pred(o, idx)`` true.
 
-    ``pred`` is monotone (false then true) and treated as true at ``high + 1``. Gallops from ``start``
-    (in ``[low, high]``), then bisects; elements drop out as they converge, so the cost follows the
-    width of each run rather than the width of the format.
+    ``pred`` is monotone (false then true) and treated as true at ``high + 1``. ``start`` is usually
+    the answer or next to it, so two evaluations settle most elements; the rest gallop and bisect.
     """
+    idx = torch.arange(start.numel(), device=start.device)
+    at = pred(start, idx)
+    side = torch.where(at, start - 1, start + 1).clamp(low, high)
+    there = pred(side, idx)
+    answer = torch.where(at, start, side)
+    settled = torch.where(at, ~there | (start == low), there)
+    rest = (~settled).nonzero().view(-1)
+    if rest.numel():
+        answer[rest] = _gallop(lambda o, i: pred(o, rest[i]), start[rest], low, high)
+    return answer
+
+
+def _gallop(pred, start: Tensor, low: int, high: int) -> Tensor:
+    """``_first_true`` for any distance: gallop from ``start``, then bisect; converged elements drop out."""
     n = start.numel()
     idx = torch.arange(n, device=start.device)
     at = pred(start, idx)

@@ -21,7 +21,7 @@ from ._bits import FORMATS, bits, may_lose, unmerged_guess
 from ._record import MergeRecord, NonFiniteMergeError
 
 BACKEND = "torch"
-BLOCK_ELEMENTS = 1 << 16  # elements per block: 256 KiB of fp32 temporaries
+BLOCK_ELEMENTS = 1 << 18  # elements per block: 1 MiB of fp32 temporaries
 
 
 def _blocks(rows: int, cols: int, block_elements: int):
