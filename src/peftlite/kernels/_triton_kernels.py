@@ -20,15 +20,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FP32, BF16, FP16 = 0, 1, 2
+FP32, BF16, FP16 = 0, 1, 2  # the KIND the host passes
+_FP32, _BF16, _FP16 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # the same, readable inside kernels
 
 
 @triton.jit
 def _to_f32(b, KIND: tl.constexpr):
     """Bit pattern (int32 holding 16 or 32 bits) -> fp32 value; exact."""
-    if KIND == FP32:
+    if KIND == _FP32:
         return b.to(tl.float32, bitcast=True)
-    elif KIND == BF16:
+    elif KIND == _BF16:
         return (b << 16).to(tl.float32, bitcast=True)
     else:
         return (b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -38,9 +39,9 @@ def _to_f32(b, KIND: tl.constexpr):
 def _round(x, KIND: tl.constexpr):
     """fp32 value -> bit pattern of the weight's dtype, rounded to nearest-even (int32 result)."""
     u = x.to(tl.int32, bitcast=True)
-    if KIND == FP32:
+    if KIND == _FP32:
         return u
-    elif KIND == BF16:
+    elif KIND == _BF16:
         ax = u & 0x7FFFFFFF
         rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
         nan = ((u >> 16) | 0x40)
@@ -91,13 +92,16 @@ def _next_after(b, up: tl.constexpr):
 @triton.jit
 def _may_lose(g, m, d, KIND: tl.constexpr):
     """``_bits.may_lose`` on bits: where the original may not be the guess."""
-    if KIND == FP32:
+    if KIND == _FP32:
         flag = _merged(g, d, KIND) != m
         flag = flag | (_merged(_next_after(g, True), d, KIND) == m)
         flag = flag | (_merged(_next_after(g, False), d, KIND) == m)
         return flag
     else:
-        MM: tl.constexpr = 0x7F if KIND == BF16 else 0x3FF
+        if KIND == _BF16:
+            MM = 0x7F
+        else:
+            MM = 0x3FF
         mag_g = g & 0x7FFF
         mag_m = m & 0x7FFF
         mant = mag_g & MM
@@ -125,7 +129,7 @@ def merge_kernel(W, A, B, scale, rows, cols, R, stride_ar, stride_ac, stride_br,
         acc += tl.dot(b, a, input_precision="ieee")
     d = acc * scale
     flat = rm[:, None].to(tl.int64) * cols + rn[None, :]
-    if KIND == FP32:
+    if KIND == _FP32:
         w = tl.load(W + flat, mask=inside, other=0)
     else:
         w = tl.load(W + flat, mask=inside, other=0).to(tl.int32) & 0xFFFF
@@ -134,7 +138,12 @@ def merge_kernel(W, A, B, scale, rows, cols, R, stride_ar, stride_ac, stride_br,
     else:
         m = _merged(w, d, KIND)
     g = _round(_to_f32(m, KIND) - d, KIND)
-    EXP: tl.constexpr = 0x7F800000 if KIND == FP32 else (0x7F80 if KIND == BF16 else 0x7C00)
+    if KIND == _FP32:
+        EXP = 0x7F800000
+    elif KIND == _BF16:
+        EXP = 0x7F80
+    else:
+        EXP = 0x7C00
     if not UNMERGE:
         overflow = inside & ((m & EXP) == EXP) & ((w & EXP) != EXP)
         n_bad = tl.sum(overflow.to(tl.int32), axis=1)
@@ -163,7 +172,7 @@ def merge_kernel(W, A, B, scale, rows, cols, R, stride_ar, stride_ac, stride_br,
             else:
                 out = m
                 write = inside
-            if KIND == FP32:
+            if KIND == _FP32:
                 tl.store(W + flat, out, mask=write)
             else:
                 tl.store(W + flat, out.to(tl.int16), mask=write)
@@ -171,7 +180,7 @@ def merge_kernel(W, A, B, scale, rows, cols, R, stride_ar, stride_ac, stride_br,
             tl.store(status + tl.program_id(0), 1)
     else:
         out = g if UNMERGE else m
-        if KIND == FP32:
+        if KIND == _FP32:
             tl.store(W + flat, out, mask=inside)
         else:
             tl.store(W + flat, out.to(tl.int16), mask=inside)
