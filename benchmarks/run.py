@@ -61,7 +61,8 @@ def randomize_adapters(model: nn.Module, ratio: float = RATIO) -> None:
             A, Bm = m.lora_A["default"].weight, m.lora_B["default"].weight
             w = m.get_base_layer().weight
             B = torch.randn(Bm.shape, generator=g)
-            d = m.scaling["default"] * (B.reshape(B.shape[0], -1) @ A.detach().float().reshape(A.shape[0], -1))
+            a2 = A.detach().float().reshape(A.shape[0], -1)
+            d = m.scaling["default"] * (B.reshape(B.shape[0], -1) @ a2)
             Bm.data.copy_(B * (ratio * float(w.float().std()) / float(d.std())))
 
 
@@ -89,7 +90,8 @@ def merge_figure(dtype: torch.dtype, n: int, repeats: int) -> dict:
     peftlite.merge(ours)
     held = sum(r.nbytes for r in record.records.values())
     peftlite.unmerge(ours)
-    exact = torch.equal(ours[0]._parameters["weight"].view(-1).view(torch.uint8), w0.view(-1).view(torch.uint8))
+    as_bytes = lambda t: t.reshape(-1).view(torch.uint8)
+    exact = torch.equal(as_bytes(ours[0]._parameters["weight"]), as_bytes(w0))
     return {**t, "held_bits": 8 * held / w.numel(), "exact": exact}
 
 
@@ -150,7 +152,8 @@ def skeleton(device="meta") -> nn.Module:
             blk = nn.Module()
             for name in ("q", "k", "v", "o"):
                 setattr(blk, name, nn.Linear(d, d, bias=False))
-            blk.gate, blk.up, blk.down = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=False)
+            blk.gate, blk.up = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+            blk.down = nn.Linear(f, d, bias=False)
             blocks.append(blk)
         return nn.Sequential(blocks)
 
@@ -214,7 +217,8 @@ def machine() -> str:
     except Exception:
         model = platform.processor() or "unknown CPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), "
             f"PEFT {peft.__version__ if peft else 'not installed'}, Python {platform.python_version()}; "
             f"1-min load average at the end: {load:.1f}")
 
@@ -231,7 +235,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (a smoke run)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = 3 if args.quick else 7
     n = 1024 if args.quick else 4096
     rows = []
@@ -245,8 +252,9 @@ def main() -> None:
         m = merge_figure(dtype, n, reps)
         speed = m["peft"] / m["ours"] if "peft" in m else None
         row(f"merge+unmerge {n}² Linear r=16 {str(dtype)[6:]} (exact: {m['exact']}, held "
-            f"{m['held_bits']:.3f} bits/element)", f"{fmt_ms(m['ours'])} ({m['ours'] / m['floor']:.0f}× floor "
-            f"{fmt_ms(m['floor'])})", fmt_ms(m.get("peft")) + (f" ({m['peft'] / m['floor']:.0f}× floor)" if peft else ""),
+            f"{m['held_bits']:.3f} bits/element)",
+            f"{fmt_ms(m['ours'])} ({m['ours'] / m['floor']:.0f}× floor {fmt_ms(m['floor'])})",
+            fmt_ms(m.get("peft")) + (f" ({m['peft'] / m['floor']:.0f}× floor)" if peft else ""),
             "≥ 5× faster than PEFT" + (f"; is {speed:.2f}×" if speed else ""), speed >= 5 if speed else None)
     f = linear_forward(reps, n=256 if args.quick else 1024)
     row("unmerged Linear forward N=1024 d=4096 r=16, ÷ base", ratio(f["ours"], f["base"]),
@@ -267,12 +275,14 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         pk = peak_memory(dtype, n)
         wbytes = n * n * (4 if dtype == torch.float32 else 2)
-        show = lambda v: f"{v / 2**20:.1f} MiB ({v / wbytes:.1%} of W)" if isinstance(v, int) else str(v)
+        show = lambda v, wb=wbytes: (f"{v / 2**20:.1f} MiB ({v / wb:.1%} of W)"
+                                     if isinstance(v, int) else str(v))
         row(f"peak extra memory of merge, {n}² {str(dtype)[6:]} (RSS high-water growth)", show(pk["ours"]),
             show(pk.get("peft", "n/a")), "≈ 0 beyond the unmerge code", None)
     text = "\n".join(["| figure | peftlite | PEFT | goal | met |", "|---|---|---|---|---|"]
                      + [f"| {' | '.join(r)} |" for r in rows])
-    header = f"Measured by `python benchmarks/run.py{' --quick' if args.quick else ''}` on: {machine()}."
+    flags = (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads else "")
+    header = f"Measured by `python benchmarks/run.py{flags}` on: {machine()}."
     print("\n" + header)
     if not args.no_write:
         doc = ROOT / "docs" / "performance.md"
