@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import _linear_autograd
 from . import functional as F_
 from ._effective import guard
 
@@ -111,7 +112,9 @@ class _LinearForward(Adapted):
         if st.merged or not st.enabled:
             return nn.functional.linear(x, w, self.bias)
         p = self.lora[st.adapter]
-        return F_.lora_linear(x, w, self.bias, p.A, p.B, p.scale, p.dropout, self.training)
+        if p.dropout > 0.0 and self.training:
+            return F_.lora_linear(x, w, self.bias, p.A, p.B, p.scale, p.dropout, True)
+        return _linear_autograd.lora_linear(x, w, self.bias, p.A, p.B, p.scale)
 
 
 class _Conv2dForward(Adapted):
@@ -124,20 +127,37 @@ class _Conv2dForward(Adapted):
         if p.dropout > 0.0 and self.training:
             return F_.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, st.geometry, p.dropout, True)
         needs_grad = torch.is_grad_enabled() and (p.A.requires_grad or p.B.requires_grad)
-        if needs_grad and st.conv_path == "activations":
+        pixels = _output_pixels(x, st.geometry)
+        if needs_grad and conv_training_path(st.geometry, p.rank, pixels) == "activations":
             return F_.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, st.geometry)
         return F_.lora_conv2d_weight_path(x, w, self.bias, p.A, p.B, p.scale, st.geometry)
 
 
-def conv_training_path(geom: F_.ConvGeometry, rank: int) -> str:
-    """Which path trains a conv's adapter more cheaply, per output pixel.
+def _output_pixels(x: Tensor, geom: F_.ConvGeometry) -> int:
+    """N·H'·W' of the conv's output (static shapes, so no graph break under torch.compile)."""
+    if isinstance(geom.padding, str):
+        return x.shape[0] * x.shape[-2] * x.shape[-1]  # 'same' keeps the size; 'valid' is close enough here
+    size = 1
+    dims = zip(x.shape[-2:], geom.kernel_size, geom.stride, geom.padding, geom.dilation, strict=True)
+    for n, k, s, p, d in dims:
+        size *= (n + 2 * p - d * (k - 1) - 1) // s + 1
+    return x.shape[0] * size
+
+
+def conv_training_path(geom: F_.ConvGeometry, rank: int, pixels: int | None = None) -> str:
+    """Which path trains a conv's adapter more cheaply, counting multiply-adds over ``pixels`` outputs.
 
     Activations: forward and backward of the A conv (``groups·r`` channels over ``fan_in``) and the B
-    conv, about ``3·r·(groups·fan_in + out)`` multiply-adds. Weight: the weight-gradient conv of the
-    full layer, about ``out·fan_in``. Depthwise convs take the weight path; dense convs the other.
+    conv, about ``3·r·(groups·fan_in + out)`` per output pixel. Weight: the weight-gradient conv of the
+    full layer, ``out·fan_in`` per pixel, plus forming ΔW and its gradients, ``3·r·out·fan_in`` once.
+    Few pixels (small batches, late layers) favour the weight path; ``pixels=None`` is the many-pixel
+    limit, where depthwise convs take the weight path and dense convs the activations.
     """
     activations = 3 * rank * (geom.groups * geom.fan_in + geom.out_channels)
-    return "activations" if activations < geom.out_channels * geom.fan_in else "weight"
+    if pixels is None:
+        return "activations" if activations < geom.out_channels * geom.fan_in else "weight"
+    weight = geom.out_channels * geom.fan_in * (pixels + 3 * rank)
+    return "activations" if activations * pixels < weight else "weight"
 
 
 # ---- the table of supported layer types ----------------------------------------------------------

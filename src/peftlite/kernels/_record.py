@@ -14,28 +14,46 @@ class NonFiniteMergeError(ValueError):
 
 @dataclass
 class MergeRecord:
-    """Exact-unmerge information for one weight matrix.
+    """Exact-unmerge information for one (rows, cols) weight matrix.
 
-    ``index`` holds the flat positions where ``round(W' - ΔW)`` does not give back W (W' landed in a
-    coarser binade than W, so rounding lost bits), and ``values`` the original W there.
+    Unmerge writes ``round(W' - ΔW)`` everywhere, then fixes the elements flagged by
+    ``_bits.may_lose`` from their candidate-index ``codes`` (see ``_codec``), then writes the
+    ``escapes`` verbatim. ``chunks[i]`` is the first word of the codes of the i-th block of elements
+    (the backend's blocking), so blocks decode independently.
     """
 
     backend: str
     dtype: torch.dtype
     device: torch.device
     shape: tuple[int, int]
-    index: Tensor  # (n,) int32/int64 flat indices into the (rows, cols) matrix
-    values: Tensor  # (n,) original values, in W's dtype
+    codes: Tensor  # (words,) int32: candidate indices packed back-to-back, block by block
+    chunks: Tensor  # (blocks + 1,) int64 word offsets into codes (kept on the CPU)
+    escape_index: Tensor  # (n,) int64 flat indices into the matrix
+    escape_values: Tensor  # (n,) original values, in W's dtype
+    flagged: int = 0  # elements whose codes were computed (for reports)
 
     @property
     def nbytes(self) -> int:
-        return self.index.numel() * self.index.element_size() + self.values.numel() * self.values.element_size()
+        """Bytes held while merged: codes, block offsets and escapes."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.chunks, self.escape_index,
+                                                           self.escape_values))
 
-    def check_matches(self, weight: Tensor, where: str) -> None:
-        """Refuse to unmerge a weight that moved device or dtype since it was merged."""
+    @property
+    def bits_per_element(self) -> float:
+        rows, cols = self.shape
+        return 8 * self.nbytes / max(1, rows * cols)
+
+    def check_matches(self, weight: Tensor, backend: str, where: str) -> None:
+        """Refuse to unmerge with another backend, or a weight that moved device or dtype since merge."""
+        if backend != self.backend:
+            raise RuntimeError(
+                f"{where}: the weight was merged by the {self.backend!r} kernels but would be unmerged by "
+                f"{backend!r}; exact unmerge recomputes ΔW in the merge's order. Set PEFTLITE_KERNELS="
+                f"{self.backend} (and keep the model on {self.device}) to unmerge"
+            )
         if weight.dtype != self.dtype or weight.device != self.device or tuple(weight.shape) != self.shape:
             raise RuntimeError(
-                f"{where}: merged as {self.dtype} {tuple(self.shape)} on {self.device}, but the weight is now "
-                f"{weight.dtype} {tuple(weight.shape)} on {weight.device}; move the model back to unmerge "
-                "exactly, and unmerge before .to(...) next time"
+                f"{where}: merged as {self.dtype} {tuple(self.shape)} on {self.device}, but the weight is "
+                f"now {weight.dtype} {tuple(weight.shape)} on {weight.device}; move the model back to "
+                "unmerge exactly, and unmerge before .to(...) next time"
             )

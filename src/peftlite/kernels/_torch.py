@@ -1,10 +1,14 @@
 """Exact merge/unmerge with torch ops, blocked over rows so that no W-sized temporary is made.
 
-Merge, per block of rows:   d = scale·(B_blk @ A) in fp32;  W_blk <- round(W_blk + d)  (one rounding)
-                            record where round(W_blk' - d) != W_blk (bits lost to a coarser binade)
-Unmerge, per block of rows: W_blk <- round(W_blk' - d), then write back the recorded originals.
+Per block of rows (about ``BLOCK_ELEMENTS`` elements, so the temporaries stay in cache):
 
-d is computed by the same function, on the same blocks, at merge and at unmerge, so it is bit-identical.
+    merge     d = scale·(B_blk @ A) in fp32;  W_blk <- round(W_blk + d)   (one in-place add, one rounding)
+              guess = round(W_blk' - d); flag = may_lose(guess, W_blk')
+              codes for the flagged elements; escapes where an unflagged guess is not the original
+    unmerge   d as above; W_blk <- guess; flagged elements decoded from their codes; escapes written
+
+``d`` comes from the same function on the same blocks in both directions, so it is bit-identical.
+Weights of other float dtypes (fp64) keep a plain escape list: every element whose guess is wrong.
 """
 
 from __future__ import annotations
@@ -12,68 +16,112 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _codec
+from ._bits import FORMATS, bits, may_lose, unmerged_guess
 from ._record import MergeRecord, NonFiniteMergeError
 
-BLOCK_ELEMENTS = 1 << 18  # rows per block = this // cols: 1 MiB fp32 temporaries
+BACKEND = "torch"
+BLOCK_ELEMENTS = 1 << 18  # elements per block: 1 MiB of fp32 temporaries
 
 
-def _blocks(rows: int, cols: int):
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+def _blocks(rows: int, cols: int, block_elements: int):
+    step = max(1, block_elements // max(cols, 1))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
 
+def _factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """A and B in the fp32 (fp64 for fp64 adapters) the deltas are computed in."""
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    return A.to(dtype), B.to(dtype)
+
+
 def _delta(A: Tensor, B_rows: Tensor, scale: float) -> Tensor:
-    """scale·(B_rows @ A) in fp32 (fp64 for fp64 weights): the one definition both directions use."""
-    dtype = torch.promote_types(torch.promote_types(A.dtype, B_rows.dtype), torch.float32)
-    return torch.mm(B_rows.to(dtype), A.to(dtype)).mul_(scale)
+    """scale·(B_rows @ A): the one definition both directions use.  (rows_blk, cols)"""
+    return torch.mm(B_rows, A).mul_(scale)
+
+
+class _Builder:
+    """Collects the per-block codes and escapes of one merge."""
+
+    def __init__(self, weight: Tensor):
+        self.weight = weight
+        self.codes: list[Tensor] = []
+        self.chunks = [0]
+        self.esc_index: list[Tensor] = []
+        self.esc_values: list[Tensor] = []
+        self.flagged = 0
+
+    def block(self, start_flat: int, codes: Tensor | None, index: Tensor, values: Tensor,
+              flagged: int) -> None:
+        if codes is not None:
+            self.codes.append(codes)
+            self.chunks.append(self.chunks[-1] + codes.numel())
+        if index.numel():
+            self.esc_index.append(index + start_flat)
+            self.esc_values.append(values)
+        self.flagged += flagged
+
+    def record(self, shape: tuple[int, int]) -> MergeRecord:
+        w = self.weight
+        cat = lambda ts, dtype: torch.cat(ts) if ts else torch.empty(0, dtype=dtype, device=w.device)
+        return MergeRecord(
+            backend=BACKEND, dtype=w.dtype, device=w.device, shape=shape,
+            codes=cat(self.codes, torch.int32), chunks=torch.tensor(self.chunks, dtype=torch.int64),
+            escape_index=cat(self.esc_index, torch.int64), escape_values=cat(self.esc_values, w.dtype),
+            flagged=self.flagged,
+        )
 
 
 @torch.no_grad()
-def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> MergeRecord:
-    """Fold ``scale·B@A`` into the (rows, cols) contiguous matrix ``weight`` in place.
+def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float,
+           block_elements: int = BLOCK_ELEMENTS) -> MergeRecord:
+    """Fold ``scale·B@A`` into the (rows, cols) row-major matrix ``weight`` in place.
 
+    Returns:
+        The record that makes ``unmerge_`` bit-exact.
     Raises:
         NonFiniteMergeError: some merged value would be non-finite where W was finite; W is restored
             bit-exactly before raising.
     """
     rows, cols = weight.shape
-    flat_index, flat_values = [], []
-    index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
-    for start, stop in _blocks(rows, cols):
+    fmt = FORMATS.get(weight.dtype)
+    A, B = _factors(A, B)
+    out = _Builder(weight)
+    for start, stop in _blocks(rows, cols, block_elements):
         blk = weight[start:stop]
         d = _delta(A, B[start:stop], scale)
         orig = blk.clone()
-        blk.add_(d)  # computed in fp32, rounded once to W's dtype
-        bad = torch.isfinite(orig) & ~torch.isfinite(blk)
-        if bad.any():
-            blk.copy_(orig)
-            unmerge_(weight[:start], A, B[:start], scale, _record(weight[:start], flat_index, flat_values))
-            pos = int(bad.view(-1).nonzero()[0])
-            raise NonFiniteMergeError(
-                f"merging would make weight[{start + pos // cols}, {pos % cols}] non-finite "
-                f"({orig.view(-1)[pos].item()!r} + ΔW overflows {weight.dtype}); the weight is unchanged. "
-                "Lower the adapter scale or merge in a wider dtype"
-            )
-        back = torch.sub(blk, d).to(weight.dtype)  # what unmerge will compute
-        lost = (back != orig).view(-1).nonzero().view(-1)
-        if lost.numel():
-            flat_values.append(orig.view(-1)[lost])
-            flat_index.append((lost + start * cols).to(index_dtype))
-    return _record(weight, flat_index, flat_values, index_dtype)
-
-
-def _record(weight: Tensor, index: list, values: list, index_dtype=torch.int64) -> MergeRecord:
-    empty_i = torch.empty(0, dtype=index_dtype, device=weight.device)
-    empty_v = torch.empty(0, dtype=weight.dtype, device=weight.device)
-    return MergeRecord(
-        backend="torch", dtype=weight.dtype, device=weight.device, shape=tuple(weight.shape),
-        index=torch.cat(index) if index else empty_i, values=torch.cat(values) if values else empty_v,
-    )
+        blk.add_(d)  # in fp32, rounded once to W's dtype
+        if not bool(torch.isfinite(blk).all()):
+            bad = torch.isfinite(orig) & ~torch.isfinite(blk)
+            if bad.any():
+                blk.copy_(orig)
+                unmerge_(weight[:start], A, B[:start], scale, out.record((start, cols)), block_elements)
+                pos = int(bad.view(-1).nonzero()[0])
+                raise NonFiniteMergeError(
+                    f"merging would make weight[{start + pos // cols}, {pos % cols}] non-finite "
+                    f"({orig.view(-1)[pos].item()!r} + ΔW overflows {weight.dtype}); the weight is "
+                    "unchanged. Lower the adapter scale or merge in a wider dtype"
+                )
+        guess = unmerged_guess(blk, d).view(-1)
+        o = orig.view(-1)
+        if fmt is None:  # no codec for this dtype: every wrong guess is an escape
+            lost = (guess != o).nonzero().view(-1)
+            out.block(start * cols, None, lost, o[lost], 0)
+            continue
+        flag = may_lose(guess, blk, d, fmt)
+        plain = (~flag & (bits(guess) != bits(o))).nonzero().view(-1)
+        pos = flag.nonzero().view(-1)
+        codes, esc = _codec.encode(o[pos], blk.view(-1)[pos], d.view(-1)[pos], fmt)
+        lost = torch.cat([plain, pos[esc]]).sort().values
+        out.block(start * cols, codes, lost, o[lost], pos.numel())
+    return out.record((rows, cols))
 
 
 @torch.no_grad()
-def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRecord | None) -> None:
+def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRecord | None,
+             block_elements: int = BLOCK_ELEMENTS) -> None:
     """Take ``scale·B@A`` back out of ``weight`` in place; bit-exact given the merge's record.
 
     With ``record=None`` (merged state loaded from a state_dict) the result is ``round(W' - ΔW)``, which
@@ -83,10 +131,22 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
     if rows == 0:
         return
     if record is not None:
-        if record.backend != "torch":
-            raise RuntimeError(f"weight was merged by the {record.backend!r} backend; unmerge it with that backend")
-        record.check_matches(weight, "unmerge")
-    for start, stop in _blocks(rows, cols):
-        weight[start:stop].sub_(_delta(A, B[start:stop], scale))
-    if record is not None and record.index.numel():
-        weight.view(-1)[record.index.long()] = record.values
+        record.check_matches(weight, BACKEND, "unmerge")
+    fmt = FORMATS.get(weight.dtype)
+    A, B = _factors(A, B)
+    for i, (start, stop) in enumerate(_blocks(rows, cols, block_elements)):
+        blk = weight[start:stop]
+        d = _delta(A, B[start:stop], scale)
+        guess = unmerged_guess(blk, d)
+        if record is None or fmt is None:
+            blk.copy_(guess)
+            continue
+        flag = may_lose(guess, blk, d, fmt)
+        pos = flag.nonzero().view(-1)
+        merged = blk.view(-1)[pos]
+        blk.copy_(guess)
+        if pos.numel():
+            words = record.codes[int(record.chunks[i]):int(record.chunks[i + 1])]
+            blk.view(-1)[pos] = _codec.decode(words, merged, d.view(-1)[pos], fmt)
+    if record is not None and record.escape_index.numel():
+        weight.view(-1)[record.escape_index] = record.escape_values

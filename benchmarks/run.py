@@ -1,0 +1,301 @@
+"""peftlite vs HF PEFT on the same work, in one process, interleaved, medians; writes docs/performance.md.
+
+    PYTHONPATH=src python benchmarks/run.py [--quick] [--no-write]
+
+Every figure runs its contenders round-robin (so background load hits them alike) and reports medians.
+PEFT is optional (``pip install peft``, the ``bench`` extra); without it its columns read "n/a".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import peftlite
+
+try:
+    import peft
+except ImportError:  # benchmark-only extra
+    peft = None
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIO = 0.05  # std(scale·ΔW) / std(W) of the benchmark adapters: a trained adapter's typical size
+
+
+def timed(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn, run interleaved."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def randomize_adapters(model: nn.Module, ratio: float = RATIO) -> None:
+    """Give every adapter (peftlite or PEFT) a nonzero B with std(scale·ΔW) ≈ ratio·std(W)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if hasattr(m, "lora") and isinstance(m.lora, nn.ModuleDict):  # peftlite
+            p = m.lora[m._lora_state.adapter]
+            w = m._parameters["weight"]
+            B = torch.randn(p.B.shape, generator=g)
+            d = p.scale * (B @ p.A.detach().float())
+            p.B.data.copy_(B * (ratio * float(w.float().std()) / float(d.std())))
+        elif hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {}):  # PEFT
+            A, Bm = m.lora_A["default"].weight, m.lora_B["default"].weight
+            w = m.get_base_layer().weight
+            B = torch.randn(Bm.shape, generator=g)
+            a2 = A.detach().float().reshape(A.shape[0], -1)
+            d = m.scaling["default"] * (B.reshape(B.shape[0], -1) @ a2)
+            Bm.data.copy_(B * (ratio * float(w.float().std()) / float(d.std())))
+
+
+def peft_wrap(model: nn.Module, targets: list[str], r: int) -> nn.Module:
+    cfg = peft.LoraConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=0.0)
+    return peft.get_peft_model(model, cfg)
+
+
+# ---- figures ---------------------------------------------------------------------------------
+
+def merge_figure(dtype: torch.dtype, n: int, repeats: int) -> dict:
+    base = nn.Sequential(nn.Linear(n, n, bias=False)).to(dtype)
+    ours = peftlite.wrap(copy.deepcopy(base), targets="0", rank=16)
+    randomize_adapters(ours)
+    res = {"ours": lambda: (peftlite.merge(ours), peftlite.unmerge(ours))}
+    w = ours[0]._parameters["weight"].data
+    res["floor"] = lambda: (w.add_(0.0), w.sub_(0.0))
+    if peft:
+        theirs = peft_wrap(copy.deepcopy(base), ["0"], 16)
+        randomize_adapters(theirs)
+        res["peft"] = lambda: (theirs.merge_adapter(), theirs.unmerge_adapter())
+    t = timed(res, repeats)
+    w0 = copy.deepcopy(base)[0].weight
+    record = ours[0]._lora_state
+    peftlite.merge(ours)
+    held = sum(r.nbytes for r in record.records.values())
+    peftlite.unmerge(ours)
+    as_bytes = lambda t: t.reshape(-1).view(torch.uint8)
+    exact = torch.equal(as_bytes(ours[0]._parameters["weight"]), as_bytes(w0))
+    return {**t, "held_bits": 8 * held / w.numel(), "exact": exact}
+
+
+def linear_forward(repeats: int, n: int = 1024, d: int = 4096) -> dict:
+    base = nn.Sequential(nn.Linear(d, d))
+    x = torch.randn(n, d)
+    ours = peftlite.wrap(copy.deepcopy(base), targets="0", rank=16)
+    randomize_adapters(ours)
+    fns = {"base": lambda: base(x), "ours": lambda: ours(x)}
+    if peft:
+        theirs = peft_wrap(copy.deepcopy(base), ["0"], 16)
+        randomize_adapters(theirs)
+        fns["peft"] = lambda: theirs(x)
+    with torch.no_grad():
+        return timed(fns, repeats)
+
+
+def resnet(repeats: int, px: int, train: bool) -> dict:
+    from torchvision.models import resnet50
+    torch.manual_seed(0)
+    base = resnet50()
+    convs = [n for n, m in base.named_modules() if isinstance(m, nn.Conv2d)]
+    ours = peftlite.wrap(copy.deepcopy(base), targets=nn.Conv2d, rank=8)
+    randomize_adapters(ours)
+    models = {"base": base, "ours": ours}
+    if train:
+        full = copy.deepcopy(base)
+        models["full"] = full
+        for p in base.parameters():
+            p.requires_grad_(False)
+    if peft:
+        theirs = peft_wrap(copy.deepcopy(base), convs, 8)
+        randomize_adapters(theirs)
+        models["peft"] = theirs
+    x = torch.randn(8, 3, px, px)
+    if not train:
+        for m in models.values():
+            m.eval()
+        with torch.no_grad():
+            return timed({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats)
+
+    def step(m, needs_input_grad):
+        xi = x.clone().requires_grad_(needs_input_grad)
+        m(xi).square().mean().backward()
+        m.zero_grad(set_to_none=True)
+
+    for m in models.values():
+        m.train()
+    return timed({k: (lambda m=m, k=k: step(m, k == "base")) for k, m in models.items()}, repeats)
+
+
+def skeleton(device="meta") -> nn.Module:
+    """A 7B-shaped decoder skeleton: 32 blocks of q, k, v, o, gate, up, down (224 Linear)."""
+    d, f = 4096, 11008
+    with torch.device(device):
+        blocks = nn.ModuleList()
+        for _ in range(32):
+            blk = nn.Module()
+            for name in ("q", "k", "v", "o"):
+                setattr(blk, name, nn.Linear(d, d, bias=False))
+            blk.gate, blk.up = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+            blk.down = nn.Linear(f, d, bias=False)
+            blocks.append(blk)
+        return nn.Sequential(blocks)
+
+
+def wrap_figure(repeats: int) -> dict:
+    names = ["q", "k", "v", "o", "gate", "up", "down"]
+    fns = {"ours": lambda: peftlite.wrap(skeleton(), targets=nn.Linear, rank=16),
+           "skeleton": lambda: skeleton()}
+    if peft:
+        fns["peft"] = lambda: peft_wrap(skeleton(), names, 16)
+    t = timed(fns, repeats)
+    return {k: v - t["skeleton"] for k, v in t.items() if k != "skeleton"}  # wrapping only
+
+
+PEAK_SCRIPT = r"""
+import sys, copy, torch, torch.nn as nn
+sys.path.insert(0, {src!r})
+which, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+sys.path.insert(0, {bench!r})
+import run as R
+n = {n}
+base = nn.Sequential(nn.Linear(n, n, bias=False)).to(dtype)
+if which == "ours":
+    import peftlite
+    m = peftlite.wrap(base, targets="0", rank=16); R.randomize_adapters(m)
+    go = lambda: peftlite.merge(m)
+else:
+    m = R.peft_wrap(base, ["0"], 16); R.randomize_adapters(m)
+    go = lambda: m.merge_adapter()
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")
+before = rss("VmRSS:")
+go()
+print(rss("VmHWM:") - before)
+"""
+
+
+def peak_memory(dtype: torch.dtype, n: int) -> dict:
+    """Peak RSS growth during one merge, measured in a fresh process for each library."""
+    out = {}
+    for which in ("ours", "peft") if peft else ("ours",):
+        code = PEAK_SCRIPT.format(src=str(ROOT / "src"), bench=str(ROOT / "benchmarks"), n=n)
+        try:
+            proc = subprocess.run([sys.executable, "-c", code, which, str(dtype).split(".")[1]],
+                                  capture_output=True, text=True, timeout=600)
+            out[which] = int(proc.stdout.strip().splitlines()[-1])
+        except Exception as e:  # clear_refs unavailable, etc.
+            out[which] = f"n/a ({type(e).__name__})"
+    return out
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except Exception:
+        model = platform.processor() or "unknown CPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), "
+            f"PEFT {peft.__version__ if peft else 'not installed'}, Python {platform.python_version()}; "
+            f"1-min load average at the end: {load:.1f}")
+
+
+def fmt_ms(s) -> str:
+    return f"{1e3 * s:.1f} ms" if isinstance(s, float) else "n/a"
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) and b > 0 else "n/a"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (a smoke run)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = 3 if args.quick else 7
+    n = 1024 if args.quick else 4096
+    rows = []
+
+    def row(figure, ours, peft_value, goal, met):
+        rows.append((figure, ours, peft_value, goal, "yes" if met is True else "no" if met is False else "—"))
+        print(f"| {' | '.join(rows[-1])} |", flush=True)
+
+    print("| figure | peftlite | PEFT | goal | met |\n|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        m = merge_figure(dtype, n, reps)
+        speed = m["peft"] / m["ours"] if "peft" in m else None
+        row(f"merge+unmerge {n}² Linear r=16 {str(dtype)[6:]} (exact: {m['exact']}, held "
+            f"{m['held_bits']:.3f} bits/element)",
+            f"{fmt_ms(m['ours'])} ({m['ours'] / m['floor']:.0f}× floor {fmt_ms(m['floor'])})",
+            fmt_ms(m.get("peft")) + (f" ({m['peft'] / m['floor']:.0f}× floor)" if peft else ""),
+            "≥ 5× faster than PEFT" + (f"; is {speed:.2f}×" if speed else ""), speed >= 5 if speed else None)
+    f = linear_forward(reps, n=256 if args.quick else 1024)
+    row("unmerged Linear forward N=1024 d=4096 r=16, ÷ base", ratio(f["ours"], f["base"]),
+        ratio(f.get("peft"), f["base"]), "≤ 1.03", f["ours"] / f["base"] <= 1.03)
+    px_inf, px_train = (64, 64) if args.quick else (160, 128)
+    r = resnet(reps, px_inf, train=False)
+    row(f"ResNet-50 inference b8 {px_inf}px, every Conv2d r=8, ÷ base", ratio(r["ours"], r["base"]),
+        ratio(r.get("peft"), r["base"]), "≤ 1.10", r["ours"] / r["base"] <= 1.10)
+    t = resnet(max(3, reps - 2), px_train, train=True)
+    row(f"ResNet-50 training step b8 {px_train}px, ÷ frozen-base step", ratio(t["ours"], t["base"]),
+        ratio(t.get("peft"), t["base"]), "≤ 1.15", t["ours"] / t["base"] <= 1.15)
+    row(f"ResNet-50 training step b8 {px_train}px, ÷ full fine-tune step (frozen base: "
+        f"{ratio(t['base'], t['full'])})", ratio(t["ours"], t["full"]), ratio(t.get("peft"), t["full"]),
+        "≤ 0.80", t["ours"] / t["full"] <= 0.80)
+    w = wrap_figure(reps)
+    row("wrap of a 7B-shaped skeleton on meta (224 Linear)", fmt_ms(w["ours"]), fmt_ms(w.get("peft")),
+        "≤ 50 ms", w["ours"] <= 0.050)
+    for dtype in (torch.float32, torch.bfloat16):
+        pk = peak_memory(dtype, n)
+        wbytes = n * n * (4 if dtype == torch.float32 else 2)
+        show = lambda v, wb=wbytes: (f"{v / 2**20:.1f} MiB ({v / wb:.1%} of W)"
+                                     if isinstance(v, int) else str(v))
+        row(f"peak extra memory of merge, {n}² {str(dtype)[6:]} (RSS high-water growth)", show(pk["ours"]),
+            show(pk.get("peft", "n/a")), "≈ 0 beyond the unmerge code", None)
+    text = "\n".join(["| figure | peftlite | PEFT | goal | met |", "|---|---|---|---|---|"]
+                     + [f"| {' | '.join(r)} |" for r in rows])
+    flags = (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads else "")
+    header = f"Measured by `python benchmarks/run.py{flags}` on: {machine()}."
+    print("\n" + header)
+    if not args.no_write:
+        doc = ROOT / "docs" / "performance.md"
+        old = doc.read_text() if doc.exists() else ""
+        start, end = "<!-- run.py:begin -->", "<!-- run.py:end -->"
+        block = f"{start}\n{header}\n\n{text}\n{end}"
+        if start in old and end in old:
+            new = old[:old.index(start)] + block + old[old.index(end) + len(end):]
+        else:
+            new = "# Performance\n\n" + block + "\n" + old
+        doc.write_text(new)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

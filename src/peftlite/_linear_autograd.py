@@ -1,0 +1,60 @@
+"""The unmerged adapted Linear as one autograd function: base output, then the low-rank term in place.
+
+    y = x @ Wᵀ + b;   h = x @ Aᵀ  (..., r);   y += scale · h @ Bᵀ   (addmm_ into y: no output-sized temp)
+
+Backward, with g = ∂L/∂y and u = g @ B  (..., r):
+
+    ∂x = g @ W + scale · u @ A      ∂A = scale · uᵀ @ x      ∂B = scale · gᵀ @ h
+    ∂W = gᵀ @ x  (only if W trains)  ∂b = Σ g  (only if b trains)
+
+It saves x, h and references to the parameters; nothing output-sized. Under autocast the products run
+in the autocast dtype (as ``F.linear`` would), and ``h`` is kept in fp32 for ∂B. Dropout is not part of
+this function: the layer uses ``functional.lora_linear`` when dropout is active. The reference it must
+match is ``functional.lora_linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float):
+        y = F.linear(x, weight, bias)  # (..., out), in the autocast dtype when autocast is on
+        h = F.linear(x, A.to(x.dtype))  # (..., r)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), B.to(y.dtype).t(), alpha=scale)
+        ctx.save_for_backward(x, weight, A, B, h.float())
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, A, B, h = ctx.saved_tensors
+        scale = ctx.scale
+        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        u = g2 @ B.to(g2.dtype)  # (N, r)
+        gx = gw = gb = ga = gB = None
+        if need_x:
+            gx = g2 @ weight.to(g2.dtype)
+            gx.addmm_(u, A.to(g2.dtype), alpha=scale)
+            gx = gx.view(x.shape).to(x.dtype)
+        if need_w:
+            gw = (g2.t() @ x2.to(g2.dtype)).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            gb = g2.sum(0)
+        if need_a:
+            ga = (u.t() @ x2.to(u.dtype)).mul_(scale).to(A.dtype)
+        if need_bb:
+            gB = (g2.t().float() @ h.reshape(-1, h.shape[-1])).mul_(scale).to(B.dtype)
+        return gx, gw, gb, ga, gB, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``x @ Wᵀ + b + scale·(x @ Aᵀ) @ Bᵀ`` without dropout.  x: (..., in) -> (..., out)."""
+    return _LoraLinear.apply(x, weight, bias, A, B, scale)

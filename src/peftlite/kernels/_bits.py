@@ -1,0 +1,100 @@
+"""Float formats as integers: bit views, a total order on bit patterns, and the "may lose bits" flag.
+
+Pure tensor functions shared by every backend. ``ordinal`` maps the bit patterns of a float format
+one-to-one onto integers so that larger values get larger integers (-0.0 sits just below +0.0), so
+"the next representable value" is ``+1``. Everything compares bit patterns, never values, so the sign
+of zero and NaN payloads are restored exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Format:
+    """A float format's layout: ``bits`` wide, ``mantissa`` explicit fraction bits."""
+
+    dtype: torch.dtype
+    int_dtype: torch.dtype
+    bits: int
+    mantissa: int
+
+    @property
+    def magnitude_mask(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def mantissa_mask(self) -> int:
+        return (1 << self.mantissa) - 1
+
+    @property
+    def max_finite(self) -> int:
+        """The ordinal of the largest finite value (the ordinal of -max is ``-1 - max_finite``)."""
+        return ((1 << (self.bits - 1)) - 1) - (1 << self.mantissa)  # exponent all-ones minus one
+
+
+FORMATS = {
+    torch.float32: Format(torch.float32, torch.int32, 32, 23),
+    torch.bfloat16: Format(torch.bfloat16, torch.int16, 16, 7),
+    torch.float16: Format(torch.float16, torch.int16, 16, 10),
+}
+
+
+def bits(x: Tensor) -> Tensor:
+    """The bit patterns of ``x`` as signed integers of the same width (a view, no copy)."""
+    return x.view(FORMATS[x.dtype].int_dtype)
+
+
+def ordinal(b: Tensor, fmt: Format) -> Tensor:
+    """Bit patterns (signed ints) -> int64 ordinals, monotone in value; -0.0 -> -1, +0.0 -> 0."""
+    b = b.to(torch.int64)
+    return torch.where(b >= 0, b, -1 - (b & fmt.magnitude_mask))
+
+
+def from_ordinal(o: Tensor, fmt: Format) -> Tensor:
+    """int64 ordinals -> values of ``fmt.dtype`` (inverse of ``ordinal``)."""
+    b = torch.where(o >= 0, o, (-1 - o) - (1 << (fmt.bits - 1)))
+    return b.to(fmt.int_dtype).view(fmt.dtype)
+
+
+def merged_value(w: Tensor, d: Tensor) -> Tensor:
+    """``round(w + d)`` exactly as merge computes it: summed in fp32, rounded once to w's dtype."""
+    if w.dtype == torch.float32:
+        return w + d
+    return (w.float() + d).to(w.dtype)
+
+
+def unmerged_guess(wm: Tensor, d: Tensor) -> Tensor:
+    """``round(W' - d)``: the original weight wherever merging lost no bits."""
+    if wm.dtype == torch.float32:
+        return wm - d
+    return (wm.float() - d).to(wm.dtype)
+
+
+def may_lose(guess: Tensor, merged: Tensor, d: Tensor, fmt: Format) -> Tensor:
+    """Where the original may not be ``guess``, judged from (guess, merged, d) alone.  Flat bool.
+
+    Merging ``w -> round(w + d)`` is one-to-one near ``w`` unless the merged value lies in a coarser
+    binade than ``w``, or ``w`` is a power of two (or zero) whose lower neighbour is closer, or the
+    rounding was a tie. For 16-bit formats ``d`` (fp32) has many more bits than the weight, so ties
+    are negligible and the binade test is used: ``|W'|`` in a higher binade than the guess, or a guess
+    whose mantissa is all zeros or all ones (a power of two, or just below one). For fp32, where ties
+    are common, the exact test: the guess does not merge back to ``W'``, or a neighbour of it does.
+    Unflagged elements unmerge to the guess; merge checks that and records any exception verbatim.
+    """
+    g, m = bits(guess).view(-1), bits(merged).view(-1)
+    if fmt.bits == 32:
+        d = d.view(-1)
+        inf = torch.full_like(guess.view(-1), float("inf"))
+        flag = bits(merged_value(guess.view(-1), d)) != m
+        flag |= bits(merged_value(torch.nextafter(guess.view(-1), inf), d)) == m
+        flag |= bits(merged_value(torch.nextafter(guess.view(-1), -inf), d)) == m
+        return flag
+    mag_g = g & fmt.magnitude_mask
+    mag_m = m & fmt.magnitude_mask
+    mant = mag_g & fmt.mantissa_mask
+    return (mag_m > (mag_g | fmt.mantissa_mask)) | (mant == 0) | (mant == fmt.mantissa_mask)

@@ -1,0 +1,181 @@
+"""Kernel checks shared by the CPU tests and the Triton-interpreter subprocess.
+
+Run as ``python _kernel_checks.py NAME...``.
+
+Each ``check_*`` raises AssertionError on failure and returns a short summary. Run as a script it sets
+``TRITON_INTERPRET=1`` before Triton is imported, so the interpreter never leaks into the pytest process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from peftlite import functional as F_
+
+ULP_TOL = {torch.float32: 2.0**-22, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # relative, ~1 ulp
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    flat = lambda t: t.contiguous().reshape(-1).view(torch.uint8)
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(flat(a), flat(b))
+
+
+def problem(rows, cols, rank, dtype, ratio, seed=0, device="cpu"):
+    """W, A, B, scale with std(scale·ΔW) = ratio·std(W)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g).to(dtype)
+    A = torch.randn(rank, cols, generator=g)
+    B = torch.randn(rows, rank, generator=g)
+    scale = ratio / float((B @ A).std())
+    return W.to(device), A.to(device), B.to(device), scale
+
+
+def overflow_at(A, B, row, col, dtype):
+    """Make ΔW zero except a huge positive value at (row, col), enough to overflow W's max there."""
+    A.zero_()
+    B.zero_()
+    B[row] = 1.0 if dtype == torch.float16 else 1e29
+    A[:, col] = 1e5 if dtype == torch.float16 else 1e8
+
+
+def assert_close_to_oracle(merged, W0, A, B, scale):
+    """Merged weight within about one ulp of ``functional.effective_weight`` (dot order may differ)."""
+    ref = F_.effective_weight(W0, A, B, scale)
+    err = (merged.float() - ref.float()).abs()
+    # the dot's own rounding scales with its terms, not its result: bound by scale·|B|@|A|
+    size = W0.float().abs() + abs(scale) * F_.delta_weight(A.abs(), B.abs(), W0.shape)
+    tol = ULP_TOL[W0.dtype] * size + 1e-30
+    assert bool((err <= 2 * tol).all()), f"{W0.dtype}: merged differs from the oracle by {float(err.max())}"
+    return float((merged == ref).float().mean())
+
+
+def cycles(mod, dtype, n, rows=16, cols=24, rank=4, ratio=1.0):
+    """n merge/unmerge cycles through ``mod``; W must be bit-identical after every one."""
+    W, A, B, scale = problem(rows, cols, rank, dtype, ratio, seed=n)
+    W0 = W.clone()
+    for i in range(n):
+        rec = mod.merge_(W, A, B, scale)
+        if i == 0:
+            assert_close_to_oracle(W, W0, A, B, scale)
+        mod.unmerge_(W, A, B, scale, rec)
+        assert same_bits(W, W0), f"{dtype}: W changed after cycle {i + 1}"
+    return rec
+
+
+# ---- checks that need the Triton interpreter (run in a subprocess) --------------------------------
+
+def check_triton_rounding():
+    """The kernel's integer round-to-nearest-even matches torch's fp32 -> bf16/fp16 casts."""
+    import triton
+
+    from peftlite.kernels import _triton_kernels as K
+
+    g = torch.Generator().manual_seed(1)
+    scales = torch.tensor([1e-8, 6e-8, 3e-5, 6.1e-5, 1.0, 6e4, 6.6e4, 1e30])
+    x = torch.randn(4096, generator=g) * scales[torch.randint(0, len(scales), (4096,), generator=g)]
+    bits = torch.randint(-2**31, 2**31 - 1, (4096,), generator=g, dtype=torch.int64).to(torch.int32)
+    edge = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65520.0, 65519.99, 2.0**-24,
+                         2.0**-25, 1.5 * 2.0**-25, 2.0**-25 * (1 + 2.0**-20), 1 + 2.0**-8, 1 + 3 * 2.0**-8,
+                         1 + 2.0**-11])
+    x = torch.cat([x, bits.view(torch.float32), edge, -edge])
+    x = x[~torch.isnan(x)]
+    for kind, dtype in ((K.BF16, torch.bfloat16), (K.FP16, torch.float16)):
+        out = torch.empty(x.numel(), dtype=torch.int16)
+        K.round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), KIND=kind, BLOCK=1024)
+        ref = x.to(dtype).view(torch.int16)
+        bad = (out != ref).nonzero().view(-1)
+        assert bad.numel() == 0, f"{dtype}: {bad.numel()} casts differ, e.g. {x[bad[:3]].tolist()}"
+    return f"{x.numel()} values"
+
+
+def check_triton_cycles():
+    from peftlite.kernels import _triton
+    out = []
+    for dtype in DTYPES:
+        rec = cycles(_triton, dtype, 10, rows=40, cols=136, rank=20)
+        out.append(f"{dtype}: {rec.bits_per_element:.2f} bits/el")
+    return "; ".join(out)
+
+
+def check_triton_small_list():
+    """Tiles that find the element list full are run again, with the same exact result."""
+    from peftlite.kernels import _triton
+    _triton.MIN_CAPACITY, _triton.SCRATCH_FRACTION = 8, 10**9
+    for dtype in (torch.bfloat16, torch.float32):
+        cycles(_triton, dtype, 2, rows=70, cols=260, rank=8)
+    return "ok"
+
+
+def check_triton_nonfinite():
+    from peftlite.kernels import NonFiniteMergeError, _triton
+    for dtype in DTYPES:
+        W, A, B, scale = problem(40, 136, 4, dtype, 0.1)
+        W[3, 5] = torch.finfo(dtype).max
+        overflow_at(A, B, 3, 5, dtype)
+        W0 = W.clone()
+        try:
+            _triton.merge_(W, A, B, 1.0)
+        except NonFiniteMergeError:
+            pass
+        else:
+            raise AssertionError(f"{dtype}: an overflowing merge did not raise")
+        assert same_bits(W, W0), f"{dtype}: W changed by a refused merge"
+        A2 = A.clone()
+        A2[0, 0] = float("nan")
+        try:
+            _triton.merge_(W, A2, B, 0.1)
+        except NonFiniteMergeError:
+            pass
+        else:
+            raise AssertionError(f"{dtype}: a NaN adapter did not raise")
+        assert same_bits(W, W0)
+    return "ok"
+
+
+def check_triton_layouts():
+    """channels_last, grouped and transposed weights through as_matrix, merged by the Triton kernels."""
+    from peftlite import kernels
+    os.environ["PEFTLITE_KERNELS"] = "triton"
+    return layouts(kernels, expect="triton")
+
+
+def layouts(kernels, expect):
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    w = torch.randn(24, 6, 3, 3, generator=g).to(memory_format=torch.channels_last)  # channels_last conv
+    cases.append(("channels_last", w))
+    cases.append(("grouped", torch.randn(24, 2, 3, 3, generator=g)))  # groups=3 of 6 channels: fan_in 2*9
+    cases.append(("depthwise", torch.randn(16, 1, 5, 5, generator=g)))
+    cases.append(("transposed", torch.randn(40, 24, generator=g).t()))  # a (24, 40) weight stored as Vᵀ
+    for name, weight in cases:
+        for dtype in DTYPES:
+            W = weight.to(dtype)
+            A = torch.randn(4, W[0].numel(), generator=g)
+            B = torch.randn(W.shape[0], 4, generator=g)
+            W0 = W.clone(memory_format=torch.preserve_format)
+            ptr = W.data_ptr()
+            w2, a2, b2 = kernels.as_matrix(W, A, B)
+            assert w2.data_ptr() == ptr
+            rec = kernels.merge_(w2, a2, b2, 0.5)
+            assert rec.backend == expect, (rec.backend, expect)
+            assert_close_to_oracle(W, W0, A, B, 0.5)
+            kernels.unmerge_(w2, a2, b2, 0.5, rec)
+            assert same_bits(W, W0), f"{name} {dtype}: unmerge is not exact"
+            assert W.stride() == W0.stride(), f"{name}: layout changed"
+    return f"{len(cases)} layouts"
+
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "1"
+    failed = False
+    for name in sys.argv[1:]:
+        try:
+            print(f"{name}: {globals()[name]()}", flush=True)
+        except AssertionError as e:
+            failed = True
+            print(f"{name}: FAILED {e}", flush=True)
+    sys.exit(1 if failed else 0)
