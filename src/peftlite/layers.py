@@ -63,7 +63,6 @@ class LayerState:
     # slot -> record that makes unmerge bit-exact; missing when the merged state came from a state_dict
     records: dict = field(default_factory=dict)
     geometry: F_.ConvGeometry | None = None
-    conv_path: str = "activations"  # training path of a stock Conv2d: "activations" or "weight"
 
 
 class Adapted:
@@ -127,8 +126,7 @@ class _Conv2dForward(Adapted):
         if p.dropout > 0.0 and self.training:
             return F_.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, st.geometry, p.dropout, True)
         needs_grad = torch.is_grad_enabled() and (p.A.requires_grad or p.B.requires_grad)
-        pixels = _output_pixels(x, st.geometry)
-        if needs_grad and conv_training_path(st.geometry, p.rank, pixels) == "activations":
+        if needs_grad and conv_training_path(st.geometry, p.rank, _output_pixels(x, st.geometry)) == "activations":
             return F_.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, st.geometry)
         return F_.lora_conv2d_weight_path(x, w, self.bias, p.A, p.B, p.scale, st.geometry)
 
@@ -271,7 +269,6 @@ def attach(module: nn.Module, kind: Kind, *, rank: int, alpha: float, dropout: f
     state = LayerState(adapter=adapter)
     if kind.name == "conv2d":
         state.geometry = F_.ConvGeometry.of(module)
-        state.conv_path = conv_training_path(state.geometry, rank)
     module.__class__ = adapted_class(type(module), kind)
     module.lora = nn.ModuleDict({adapter: pairs["weight"] if list(pairs) == ["weight"] else nn.ModuleDict(pairs)})
     module._lora_state = state
