@@ -79,7 +79,7 @@ def test_merge_unmerge_unwrap(name, dtype):
         peftlite.merge(model)
         merged = model(x)
         assert rel_err(merged, adapted) < TOL[dtype]
-        for _ in range(5):
+        for _ in range(2):  # many cycles: test_merge_state, test_kernels
             peftlite.unmerge(model)
             peftlite.merge(model)
         peftlite.unmerge(model)
