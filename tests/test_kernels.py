@@ -212,6 +212,26 @@ def test_nan_weights_come_back_with_their_bits(dtype, fused):
     assert same_bits(W, W0)
 
 
+def test_fused_pass_falls_back_to_torch_ops_when_it_cannot_be_built(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "/bin/false")  # a "compiler" that always fails
+    monkeypatch.setenv("PEFTLITE_CACHE", str(tmp_path))
+    _cpu.library.cache_clear()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="peftlite.kernels"):
+            assert _cpu.library() is None
+        assert "_cpu.c failed" in caplog.text
+        W, A, B, scale = problem(16, 24, 2, torch.bfloat16, 1.0)
+        W0 = W.clone()
+        rec = _torch.merge_(W, A, B, scale)  # fused=None: the torch ops, same scheme
+        _torch.unmerge_(W, A, B, scale, rec)
+        assert same_bits(W, W0)
+        monkeypatch.setenv("PEFTLITE_CPU_FUSED", "0")
+        _cpu.library.cache_clear()
+        assert _cpu.library() is None
+    finally:
+        _cpu.library.cache_clear()  # later tests build (or find) the real library again
+
+
 @needs_fused
 def test_fused_refuses_what_it_cannot_run():
     W = torch.zeros(8, 8, dtype=torch.float64)
