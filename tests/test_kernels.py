@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from peftlite import kernels
-from peftlite.kernels import _backend, _codec, _torch
+from peftlite.kernels import _backend, _codec, _cpu, _torch
 from peftlite.kernels._bits import FORMATS, bits, from_ordinal, merged_value, ordinal
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,13 +33,16 @@ from _kernel_checks import (  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
+HAS_FUSED = _cpu.library() is not None
+needs_fused = pytest.mark.skipif(not HAS_FUSED, reason="the fused CPU pass needs a C compiler")
+FUSED = [pytest.param(False, id="ops"), pytest.param(True, id="fused", marks=needs_fused)]
 
 
 # ---- torch path --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_torch_unmerge_bit_exact_over_1000_cycles(dtype):
-    cycles(_torch, dtype, 1000, rows=12, cols=20, rank=4, ratio=1.0)
+    cycles(_torch, dtype, 1000, rows=12, cols=20, rank=4, ratio=1.0)  # fused where a C compiler is found
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -96,14 +99,18 @@ def test_float64_weights_use_plain_escapes_and_stay_exact():
     assert same_bits(W, W0)
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_overflow_raises_and_leaves_weight_bit_identical(dtype):
+def test_overflow_raises_and_leaves_weight_bit_identical(dtype, fused):
     W, A, B, scale = problem(64, 64, 4, dtype, 0.1)
     W[40, 7] = torch.finfo(dtype).max
     overflow_at(A, B, 40, 7, dtype)
+    others = torch.arange(64) != 40  # other rows change too, so the rollback has codes and escapes to undo
+    A[0, torch.arange(64) != 7] = torch.randn(63, generator=torch.Generator().manual_seed(4)) * 10
+    B[others, 0] = 1e-2
     W0 = W.clone()
     with pytest.raises(kernels.NonFiniteMergeError, match=r"weight\[40, 7\]"):
-        _torch.merge_(W, A, B, 1.0, block_elements=512)  # the bad row is in a later block
+        _torch.merge_(W, A, B, 1.0, block_elements=512, fused=fused)  # the bad row is in a later block
     assert same_bits(W, W0)
 
 
@@ -138,6 +145,98 @@ def test_wrapped_conv_model_merges_and_unmerges_exactly():
     peftlite.unmerge(model)
     for k, v in model.state_dict().items():
         assert same_bits(v, before[k]), k
+
+
+# ---- the fused CPU pass: the same scheme to the bit ----------------------------------------------
+
+def _adversarial(dtype, seed, nan=False):
+    """Weights with zeros of both signs, subnormals, powers of two, extremes, infinities (and NaN)."""
+    g = torch.Generator().manual_seed(seed)
+    fi = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, fi.tiny, -fi.tiny, fi.tiny / 8, -fi.tiny / 2, fi.smallest_normal * 3,
+                            1.0, -1.0, 2.0, 0.5, fi.max / 4, -fi.max / 4, float("inf"), float("-inf")]
+                           + [float("nan")] * nan).to(dtype)
+    W = (torch.randn(48, 80, generator=g) * 10.0 ** torch.randint(-6, 4, (48, 80), generator=g)).to(dtype)
+    pick = torch.rand(48, 80, generator=g) < 0.3
+    W[pick] = special[torch.randint(0, special.numel(), (int(pick.sum()),), generator=g)]
+    return W
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ratio", [0.0, 1e-3, 0.05, 1.0, 1e3])
+def test_fused_records_are_bit_identical_to_the_torch_ops(dtype, ratio):
+    """Random and adversarial weights: same merged W, same codes, same escapes; each decodes the other's."""
+    for case in ("random", "adversarial"):
+        W, A, B, scale = problem(48, 80, 4, dtype, max(ratio, 1e-30), seed=11)
+        if case == "adversarial":
+            W = _adversarial(dtype, 5)  # typical entries ~1 to 1e3; the extremes stay finite for ratio ≤ 1e3
+        W0, Wf = W.clone(), W.clone()
+        ops = _torch.merge_(W, A, B, scale, block_elements=1024, fused=False)
+        fus = _torch.merge_(Wf, A, B, scale, block_elements=1024, fused=True)
+        assert same_bits(W, Wf), case
+        assert torch.equal(ops.codes, fus.codes) and torch.equal(ops.chunks, fus.chunks), case
+        assert torch.equal(ops.escape_index, fus.escape_index) and ops.flagged == fus.flagged, case
+        assert same_bits(ops.escape_values, fus.escape_values), case
+        _torch.unmerge_(W, A, B, scale, fus, block_elements=1024, fused=False)
+        _torch.unmerge_(Wf, A, B, scale, ops, block_elements=1024, fused=True)
+        assert same_bits(W, W0) and same_bits(Wf, W0), case
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_huge_deltas_and_zero_weights_stay_exact_and_bounded(dtype):
+    for ratio in (1e2, 3e3):  # std(ΔW) up to 3e3·std(W), within fp16's range
+        W, A, B, scale = problem(32, 64, 4, dtype, ratio, seed=2)
+        W[:, :16] = 0.0  # a zero block: huge candidate runs
+        W[:, 16:20] = -0.0
+        W0 = W.clone()
+        rec = _torch.merge_(W, A, B, scale, fused=True)
+        assert rec.nbytes <= W.numel() * W.element_size() * 1.05  # never much beyond a raw copy
+        _torch.unmerge_(W, A, B, scale, rec, fused=True)
+        assert same_bits(W, W0), ratio
+
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_weights_come_back_with_their_bits(dtype, fused):
+    """A NaN weight stays NaN when merged (its payload may change: torch's own casts disagree on NaN
+    payloads between vectorised and scalar code), and unmerge restores its exact bits from an escape."""
+    W = _adversarial(dtype, 6, nan=True)
+    W.view(-1)[::97] = torch.tensor(float("nan")).to(dtype)
+    W0 = W.clone()
+    A, B = torch.randn(4, 80), torch.randn(48, 4)
+    rec = _torch.merge_(W, A, B, 0.1, block_elements=1024, fused=fused)
+    assert bool(torch.isnan(W[torch.isnan(W0)]).all())
+    _torch.unmerge_(W, A, B, 0.1, rec, block_elements=1024, fused=fused)
+    assert same_bits(W, W0)
+
+
+def test_fused_pass_falls_back_to_torch_ops_when_it_cannot_be_built(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "/bin/false")  # a "compiler" that always fails
+    monkeypatch.setenv("PEFTLITE_CACHE", str(tmp_path))
+    _cpu.library.cache_clear()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="peftlite.kernels"):
+            assert _cpu.library() is None
+        assert "_cpu.c failed" in caplog.text
+        W, A, B, scale = problem(16, 24, 2, torch.bfloat16, 1.0)
+        W0 = W.clone()
+        rec = _torch.merge_(W, A, B, scale)  # fused=None: the torch ops, same scheme
+        _torch.unmerge_(W, A, B, scale, rec)
+        assert same_bits(W, W0)
+        monkeypatch.setenv("PEFTLITE_CPU_FUSED", "0")
+        _cpu.library.cache_clear()
+        assert _cpu.library() is None
+    finally:
+        _cpu.library.cache_clear()  # later tests build (or find) the real library again
+
+
+@needs_fused
+def test_fused_refuses_what_it_cannot_run():
+    W = torch.zeros(8, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="fused=None"):
+        _torch.merge_(W, torch.zeros(2, 8), torch.zeros(8, 2), 1.0, fused=True)
 
 
 # ---- the codec --------------------------------------------------------------------------------

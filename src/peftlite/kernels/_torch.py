@@ -9,6 +9,9 @@ Per block of rows (about ``BLOCK_ELEMENTS`` elements, so the temporaries stay in
 
 ``d`` comes from the same function on the same blocks in both directions, so it is bit-identical.
 Weights of other float dtypes (fp64) keep a plain escape list: every element whose guess is wrong.
+
+On CPU tensors everything after ``d`` runs as one fused C loop per block (``_cpu``) when a C compiler is
+at hand; it produces the same records to the bit, so ``fused`` only changes the speed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _codec
+from . import _codec, _cpu
 from ._bits import FORMATS, bits, may_lose, unmerged_guess
 from ._record import MergeRecord, NonFiniteMergeError
 
@@ -73,9 +76,25 @@ class _Builder:
         )
 
 
+def _fused(weight: Tensor, fused: bool | None) -> bool:
+    if fused is None:
+        return FORMATS.get(weight.dtype) is not None and _cpu.usable(weight)
+    if fused and not _cpu.usable(weight):
+        raise RuntimeError(f"the fused CPU pass cannot run for a {weight.dtype} weight on {weight.device} "
+                           "(it needs a contiguous fp32/bf16/fp16 CPU weight and a C compiler); pass fused=None")
+    return fused
+
+
+def _overflow_error(weight: Tensor, row: int, col: int, value: float) -> NonFiniteMergeError:
+    return NonFiniteMergeError(
+        f"merging would make weight[{row}, {col}] non-finite ({value!r} + ΔW overflows {weight.dtype}); "
+        "the weight is unchanged. Lower the adapter scale or merge in a wider dtype"
+    )
+
+
 @torch.no_grad()
 def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float,
-           block_elements: int = BLOCK_ELEMENTS) -> MergeRecord:
+           block_elements: int = BLOCK_ELEMENTS, fused: bool | None = None) -> MergeRecord:
     """Fold ``scale·B@A`` into the (rows, cols) row-major matrix ``weight`` in place.
 
     Returns:
@@ -88,22 +107,28 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float,
     fmt = FORMATS.get(weight.dtype)
     A, B = _factors(A, B)
     out = _Builder(weight)
+    fused = _fused(weight, fused)
+    scratch = None
     for start, stop in _blocks(rows, cols, block_elements):
         blk = weight[start:stop]
         d = _delta(A, B[start:stop], scale)
+        if fused:
+            scratch = scratch or _cpu.Scratch(blk.numel(), weight.dtype)
+            bad, codes, index, values, flagged = _cpu.merge_block(blk, d, scratch)
+            if bad >= 0:  # the block is already restored
+                unmerge_(weight[:start], A, B[:start], scale, out.record((start, cols)), block_elements, True)
+                raise _overflow_error(weight, start + bad // cols, bad % cols, blk.view(-1)[bad].item())
+            out.block(start * cols, codes, index, values, flagged)
+            continue
         orig = blk.clone()
         blk.add_(d)  # in fp32, rounded once to W's dtype
         if not bool(torch.isfinite(blk).all()):
             bad = torch.isfinite(orig) & ~torch.isfinite(blk)
             if bad.any():
                 blk.copy_(orig)
-                unmerge_(weight[:start], A, B[:start], scale, out.record((start, cols)), block_elements)
+                unmerge_(weight[:start], A, B[:start], scale, out.record((start, cols)), block_elements, False)
                 pos = int(bad.view(-1).nonzero()[0])
-                raise NonFiniteMergeError(
-                    f"merging would make weight[{start + pos // cols}, {pos % cols}] non-finite "
-                    f"({orig.view(-1)[pos].item()!r} + ΔW overflows {weight.dtype}); the weight is "
-                    "unchanged. Lower the adapter scale or merge in a wider dtype"
-                )
+                raise _overflow_error(weight, start + pos // cols, pos % cols, orig.view(-1)[pos].item())
         guess = unmerged_guess(blk, d).view(-1)
         o = orig.view(-1)
         if fmt is None:  # no codec for this dtype: every wrong guess is an escape
@@ -121,7 +146,7 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float,
 
 @torch.no_grad()
 def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRecord | None,
-             block_elements: int = BLOCK_ELEMENTS) -> None:
+             block_elements: int = BLOCK_ELEMENTS, fused: bool | None = None) -> None:
     """Take ``scale·B@A`` back out of ``weight`` in place; bit-exact given the merge's record.
 
     With ``record=None`` (merged state loaded from a state_dict) the result is ``round(W' - ΔW)``, which
@@ -134,9 +159,13 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
         record.check_matches(weight, BACKEND, "unmerge")
     fmt = FORMATS.get(weight.dtype)
     A, B = _factors(A, B)
+    fused = record is not None and _fused(weight, fused)
     for i, (start, stop) in enumerate(_blocks(rows, cols, block_elements)):
         blk = weight[start:stop]
         d = _delta(A, B[start:stop], scale)
+        if fused:
+            _cpu.unmerge_block(blk, d, record.codes[int(record.chunks[i]):int(record.chunks[i + 1])])
+            continue
         guess = unmerged_guess(blk, d)
         if record is None or fmt is None:
             blk.copy_(guess)
