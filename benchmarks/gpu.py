@@ -97,6 +97,28 @@ def merge_row(dtype: torch.dtype, ceiling: float, n: int = 8192) -> str:
             f"{peak / 2**20:.1f} MiB ({peak / wbytes:.1%} of W; held {rec.nbytes / 2**20:.2f} MiB) |")
 
 
+def tile_sweep(ceiling: float, n: int = 8192) -> None:
+    """bf16 merge at a few tile shapes (each merges and unmerges with its own, so records stay consistent)."""
+    saved = _triton.BM, _triton.BN, _triton.WARPS
+    print("\n| tile (BM×BN, warps), bf16 | merge | % of copy bw | unmerge | exact |\n|---|---|---|---|---|")
+    W, A, B, scale = problem(n, torch.bfloat16)
+    W0 = W.clone()
+    for bm, bn, warps in ((32, 128, 8), (32, 64, 4), (64, 128, 8), (16, 256, 8), (32, 256, 16)):
+        _triton.BM, _triton.BN, _triton.WARPS = bm, bn, warps
+        rec = _triton.merge_(W, A, B, scale)
+        _triton.unmerge_(W, A, B, scale, rec)
+        t_m = cuda_time(lambda: _triton.unmerge_(W, A, B, scale, _triton.merge_(W, A, B, scale)),
+                        repeats=5, warmup=1)
+        rec = _triton.merge_(W, A, B, scale)
+        t_u = cuda_time(lambda rec=rec: _triton.unmerge_(W, A, B, scale, rec), repeats=1, warmup=0)
+        exact = torch.equal(W.view(torch.uint8), W0.view(torch.uint8))
+        W.copy_(W0)
+        print(f"| {bm}×{bn}, {warps} | {1e3 * (t_m - t_u):.2f} ms (cycle {1e3 * t_m:.2f}) | "
+              f"{100 * 2 * W.numel() * 2 / max(t_m - t_u, 1e-9) / ceiling:.0f}% | {1e3 * t_u:.2f} ms | {exact} |",
+              flush=True)
+    _triton.BM, _triton.BN, _triton.WARPS = saved
+
+
 def merge_report(ceiling: float) -> None:
     print("\n| W | peftlite merge | peftlite unmerge | % of copy bw (merge) | addmm_ | PEFT merge | "
           "held bits/el | max_memory_allocated during merge |\n|---|---|---|---|---|---|---|---|")
@@ -132,7 +154,11 @@ def main() -> None:
     ceiling = copy_bandwidth()
     print(f"copy bandwidth (dst.copy_(src), 1 GiB): {ceiling / 1e9:.0f} GB/s (read + write)")
     merge_report(ceiling)
+    if "--sweep" in sys.argv:
+        tile_sweep(ceiling)
     forward_report()
+    if "--no-tests" in sys.argv:
+        return
     print("\nCUDA tests:", flush=True)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
            str(ROOT / "tests" / "test_kernels.py")]

@@ -96,18 +96,52 @@ def check_triton_cycles():
     from peftlite.kernels import _triton
     out = []
     for dtype in DTYPES:
-        rec = cycles(_triton, dtype, 10, rows=40, cols=136, rank=20)
+        rec = cycles(_triton, dtype, 10, rows=32, cols=128, rank=20, ratio=0.3)  # one tile: the interpreter is slow
         out.append(f"{dtype}: {rec.bits_per_element:.2f} bits/el")
     return "; ".join(out)
 
 
-def check_triton_small_list():
-    """Tiles that find the element list full are run again, with the same exact result."""
+def check_triton_small_buffers():
+    """Tiles that find the code buffer or the escape list full write nothing and run again: same result."""
     from peftlite.kernels import _triton
-    _triton.MIN_CAPACITY, _triton.SCRATCH_FRACTION = 8, 10**9
+    _triton.MIN_CODE_BITS, _triton.CODE_FRACTION, _triton.MIN_ESCAPES = 64, 10**9, 2
     for dtype in (torch.bfloat16, torch.float32):
-        cycles(_triton, dtype, 2, rows=70, cols=260, rank=8)
+        W, A, B, scale = problem(40, 136, 8, dtype, 1.0)
+        W.view(-1)[::37] = float("inf")  # non-finite originals are escapes: more than the list holds
+        W.view(-1)[5::41] = float("nan")
+        W0 = W.clone()
+        rec = _triton.merge_(W, A, B, scale)
+        assert rec.escape_index.numel() == int((~torch.isfinite(W0)).sum()), rec.escape_index.numel()
+        assert rec.codes.numel() * 32 > 64  # the buffer grew
+        _triton.unmerge_(W, A, B, scale, rec)
+        assert same_bits(W, W0), f"{dtype}: not exact after reruns"
     return "ok"
+
+
+def check_triton_special_values():
+    """Zero tiles, ±0, subnormals, huge deltas; the memory bound where std(ΔW) ≤ std(W)."""
+    from peftlite.kernels import _triton
+    out = []
+    for dtype in DTYPES:
+        fi = torch.finfo(dtype)
+        for ratio in (1e3,):
+            W, A, B, scale = problem(36, 136, 4, dtype, ratio, seed=5)
+            W[:32, :128] = 0.0  # one whole tile of zeros: long candidate runs
+            W[32:, :64] = -0.0
+            W[:, 120:130] = torch.tensor([fi.tiny, -fi.tiny, fi.tiny / 4, -fi.tiny / 8, fi.smallest_normal * 3,
+                                          1.0, -2.0, 0.5, fi.max / 8, -fi.max / 8]).to(dtype)
+            W0 = W.clone()
+            rec = _triton.merge_(W, A, B, scale)
+            assert_close_to_oracle(W, W0, A, B, scale)
+            assert rec.nbytes <= W.numel() * W.element_size() * 1.05, f"{rec.bits_per_element:.2f} bits/el"
+            _triton.unmerge_(W, A, B, scale, rec)
+            assert same_bits(W, W0), f"{dtype} ratio {ratio}: not exact"
+            out.append(f"{rec.bits_per_element:.1f}")
+        W, A, B, scale = problem(32, 256, 8, dtype, 1.0, seed=8)
+        rec = _triton.merge_(W, A, B, scale)
+        assert rec.nbytes <= W.numel() * W.element_size() / 8, f"{dtype}: {rec.bits_per_element:.2f} bits/el"
+        out.append(f"bound {rec.bits_per_element:.2f}")
+    return "bits/el " + ", ".join(out)
 
 
 def check_triton_nonfinite():

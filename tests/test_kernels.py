@@ -309,7 +309,8 @@ def _interp(*names):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_interpreter_rounding_and_refusals():
-    _interp("check_triton_rounding", "check_triton_nonfinite", "check_triton_small_list")
+    _interp("check_triton_rounding", "check_triton_nonfinite", "check_triton_small_buffers",
+            "check_triton_special_values")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

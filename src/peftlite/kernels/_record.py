@@ -27,7 +27,7 @@ class MergeRecord:
     device: torch.device
     shape: tuple[int, int]
     codes: Tensor  # (words,) int32: candidate indices packed back-to-back, block by block
-    chunks: Tensor  # (blocks + 1,) int64 word offsets into codes (kept on the CPU)
+    chunks: Tensor  # torch: (blocks + 1,) int64 word offsets (CPU); triton: (tiles,) int64 bit offsets (device)
     escape_index: Tensor  # (n,) int64 flat indices into the matrix
     escape_values: Tensor  # (n,) original values, in W's dtype
     flagged: int = 0  # elements whose codes were computed (for reports)

@@ -1,8 +1,10 @@
-"""Host side of the Triton kernels: launch, finish the flagged elements with the codec, records.
+"""Host side of the Triton kernels: launch the one pass, rerun tiles that found a buffer full, records.
 
-The kernel (``_triton_kernels``) does the one pass over W; the few flagged elements it lists are
-encoded or decoded here with ``_codec`` (the same code as the torch backend), sorted by position so
-the result does not depend on the order in which tiles ran.
+The kernel (``_triton_kernels.codec_kernel``) decides every element's candidate run, code and escape in
+registers, so merge and unmerge are each one pass over W. A merge record holds the packed codes
+(``codes``: int32 words; each tile's codes start at the bit ``chunks[tile]``, an int64 offset kept on
+the device), and the escapes (non-finite originals). Code order follows the order in which tiles
+reserved their bits, so records of equal merges may differ in layout, never in what they decode to.
 """
 
 from __future__ import annotations
@@ -11,62 +13,45 @@ import torch
 import triton
 from torch import Tensor
 
-from . import _codec
 from . import _triton_kernels as K
-from ._bits import FORMATS
 from ._record import MergeRecord, NonFiniteMergeError
 
 BACKEND = "triton"
-BM, BN, BR = 32, 128, 16
+BM, BN, BR, WARPS = 32, 128, 16, 8
 KINDS = {torch.float32: K.FP32, torch.bfloat16: K.BF16, torch.float16: K.FP16}
-SCRATCH_FRACTION = 32  # first try a list of numel/32 entries; tiles that overflow it run again
-MIN_CAPACITY = 1024
-_HOLE = -(2**62)  # marks list slots no tile wrote
+CODE_FRACTION = 32  # the first code buffer holds W's bits / 32 (1 bit per fp32 element); tiles beyond rerun
+MIN_CODE_BITS = 1024  # ... but at least this many bits
+MIN_ESCAPES = 256  # the first escape list holds max(this, numel / 4096) entries
 
 
 def supports(weight: Tensor) -> bool:
     return weight.dtype in KINDS
 
 
-def _launch(weight: Tensor, A: Tensor, B: Tensor, scale: float, unmerge: bool, exact: bool,
-            capacity: int | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Run the kernel over every tile; returns the listed elements (code, bits, d) and the overflow count.
+def _factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    return A.to(torch.float32), B.to(torch.float32)
 
-    Index codes are the flat index for flagged elements and ``-1 - index`` for wrong unflagged guesses.
-    """
-    rows, cols = weight.shape
-    dev = weight.device
-    wbits = weight.view(torch.int32 if weight.dtype == torch.float32 else torch.int16)
+
+def _bits(weight: Tensor) -> Tensor:
+    return weight.view(torch.int32 if weight.dtype == torch.float32 else torch.int16)
+
+
+def _tiles(rows: int, cols: int) -> tuple[int, int]:
+    """(number of tiles, tiles per row of tiles)."""
     tiles_n = triton.cdiv(cols, BN)
-    tiles = torch.arange(triton.cdiv(rows, BM) * tiles_n, device=dev, dtype=torch.int32)
-    bad = torch.zeros(1, dtype=torch.int32, device=dev)
-    capacity = capacity or max(MIN_CAPACITY, weight.numel() // SCRATCH_FRACTION)
-    parts = []
-    while tiles.numel():
-        scr_idx = torch.full((capacity,), _HOLE, dtype=torch.int64, device=dev)
-        scr_orig = torch.empty(capacity, dtype=torch.int32, device=dev)
-        scr_d = torch.empty(capacity, dtype=torch.float32, device=dev)
-        counter = torch.zeros(1, dtype=torch.int32, device=dev)
-        status = torch.zeros(tiles.numel(), dtype=torch.int32, device=dev)
-        K.merge_kernel[(tiles.numel(),)](
-            wbits, A, B, float(scale), rows, cols, A.shape[0],
-            A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-            tiles, status, scr_idx, scr_orig, scr_d, counter, capacity, bad, tiles_n,
-            KIND=KINDS[weight.dtype], UNMERGE=unmerge, EXACT=exact, BM=BM, BN=BN, BR=BR,
-            enable_fp_fusion=False,
-        )
-        if not exact:
-            break
-        used = int(counter.item())
-        n = min(used, capacity)
-        written = scr_idx[:n] != _HOLE  # a tile that found the list full left its slots as holes
-        parts.append((scr_idx[:n][written], scr_orig[:n][written], scr_d[:n][written]))
-        tiles = tiles[status.nonzero().view(-1)]
-        capacity = max(used, MIN_CAPACITY)  # enough for every pending tile at once
-    idx, orig, d = (torch.cat(p) for p in zip(*parts, strict=True)) if parts else (
-        torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.int32, device=dev),
-        torch.empty(0, dtype=torch.float32, device=dev))
-    return idx, orig, d, int(bad.item())
+    return triton.cdiv(rows, BM) * tiles_n, tiles_n
+
+
+def _launch(weight, A, B, scale, tiles, tile_off, status, buf, cap_bits, esc_idx, esc_bits, ctr, *,
+            unmerge: bool, exact: bool) -> None:
+    rows, cols = weight.shape
+    K.codec_kernel[(tiles.numel(),)](
+        _bits(weight), A, B, float(scale), rows, cols, A.shape[0],
+        A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+        tiles, tile_off, status, buf, cap_bits, esc_idx, esc_bits, esc_idx.numel(), ctr, _tiles(rows, cols)[1],
+        KIND=KINDS[weight.dtype], UNMERGE=unmerge, EXACT=exact, BM=BM, BN=BN, BR=BR,
+        num_warps=WARPS, enable_fp_fusion=False,
+    )
 
 
 def _as_values(orig_bits: Tensor, dtype: torch.dtype) -> Tensor:
@@ -75,33 +60,62 @@ def _as_values(orig_bits: Tensor, dtype: torch.dtype) -> Tensor:
     return orig_bits.to(torch.int16).view(dtype)
 
 
-def _factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    return A.to(torch.float32), B.to(torch.float32)
-
-
 @torch.no_grad()
 def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> MergeRecord:
-    """Triton counterpart of ``_torch.merge_``; same contract, same record layout (one chunk)."""
+    """Triton counterpart of ``_torch.merge_``: same contract, its own record layout (per-tile offsets).
+
+    Raises:
+        NonFiniteMergeError: non-finite adapter (W untouched) or merged values (W restored exactly).
+    """
     if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
         raise NonFiniteMergeError("the adapter holds non-finite values; the weight is unchanged. Reload a "
                                   "good adapter or lower the learning rate")
     A, B = _factors(A, B)
-    fmt = FORMATS[weight.dtype]
-    idx, orig_bits, d, bad = _launch(weight, A, B, scale, unmerge=False, exact=True)
-    order = torch.argsort(torch.where(idx >= 0, idx, -1 - idx))
-    idx, orig_bits, d = idx[order], orig_bits[order], d[order]
-    flagged = idx >= 0
-    pos = idx[flagged]
-    orig = _as_values(orig_bits, weight.dtype)
-    codes, esc = _codec.encode(orig[flagged], weight.view(-1)[pos], d[flagged], fmt)
-    plain = ~flagged
-    esc_index = torch.cat([-1 - idx[plain], pos[esc]])
-    esc_values = torch.cat([orig[plain], orig[flagged][esc]])
-    order = torch.argsort(esc_index)
+    rows, cols = weight.shape
+    dev = weight.device
+    n_tiles, _ = _tiles(rows, cols)
+    tile_off = torch.zeros(n_tiles, dtype=torch.int64, device=dev)
+    cap_bits = max(MIN_CODE_BITS, weight.numel() * weight.element_size() * 8 // CODE_FRACTION)
+    buf = torch.zeros(triton.cdiv(cap_bits, 32), dtype=torch.int32, device=dev)
+    ctr = torch.zeros(5, dtype=torch.int64, device=dev)  # bits, escapes, coded elements, overflows, pending
+    tiles = torch.arange(n_tiles, dtype=torch.int32, device=dev)
+    esc_cap = max(MIN_ESCAPES, weight.numel() // 4096)
+    idx_parts, bit_parts = [], []
+    while tiles.numel():
+        esc_idx = torch.full((esc_cap,), -1, dtype=torch.int64, device=dev)
+        esc_bits = torch.empty(esc_cap, dtype=torch.int32, device=dev)
+        status = torch.zeros(2 * tiles.numel(), dtype=torch.int32, device=dev)
+        _launch(weight, A, B, scale, tiles, tile_off, status, buf, cap_bits, esc_idx, esc_bits, ctr,
+                unmerge=False, exact=True)
+        used, n_esc, _, _, pending = ctr.tolist()
+        n_esc = min(n_esc, esc_cap)
+        keep = esc_idx[:n_esc] != -1 if pending else slice(None)  # pending tiles leave holes
+        idx_parts.append(esc_idx[:n_esc][keep])
+        bit_parts.append(esc_bits[:n_esc][keep])
+        if not pending:
+            break
+        # rerun the pending tiles: bits from the first one that did not fit, room for all of them
+        waiting = status[0::2].nonzero().view(-1)
+        need = status[0::2][waiting].to(torch.int64) - 1
+        base = tile_off[tiles[waiting].long()]
+        short = base + need > cap_bits
+        restart = min(used, int(base[short].min())) if bool(short.any()) else used
+        new_cap = restart + int(need.sum())
+        if new_cap > cap_bits:
+            grown = torch.zeros(triton.cdiv(new_cap, 32), dtype=torch.int32, device=dev)
+            grown[:triton.cdiv(restart, 32)] = buf[:triton.cdiv(restart, 32)]
+            buf, cap_bits = grown, new_cap
+        ctr[0], ctr[1], ctr[4] = restart, 0, 0
+        esc_cap = max(esc_cap, int(status[1::2].sum()))
+        tiles = tiles[waiting]
+    used, _, coded, bad, _ = ctr.tolist()
+    words = triton.cdiv(used, 32)
+    codes = buf[:words].clone() if words < buf.numel() else buf
+    del buf
+    esc_index = torch.cat(idx_parts)
     record = MergeRecord(
-        backend=BACKEND, dtype=weight.dtype, device=weight.device, shape=tuple(weight.shape), codes=codes,
-        chunks=torch.tensor([0, codes.numel()], dtype=torch.int64), escape_index=esc_index[order],
-        escape_values=esc_values[order], flagged=int(pos.numel()),
+        backend=BACKEND, dtype=weight.dtype, device=dev, shape=(rows, cols), codes=codes, chunks=tile_off,
+        escape_index=esc_index, escape_values=_as_values(torch.cat(bit_parts), weight.dtype), flagged=coded,
     )
     if bad:
         unmerge_(weight, A, B, scale, record)
@@ -114,21 +128,21 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> MergeRecord:
 
 @torch.no_grad()
 def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRecord | None) -> None:
-    """Triton counterpart of ``_torch.unmerge_``."""
+    """Triton counterpart of ``_torch.unmerge_``: one pass; then the escapes are written."""
     if record is not None:
         record.check_matches(weight, BACKEND, "unmerge")
     if weight.numel() == 0:
         return
     A, B = _factors(A, B)
-    fmt = FORMATS[weight.dtype]
-    idx, merged_bits, d, _ = _launch(weight, A, B, scale, unmerge=True, exact=record is not None)
+    rows, cols = weight.shape
+    dev = weight.device
+    n_tiles, _ = _tiles(rows, cols)
+    tiles = torch.arange(n_tiles, dtype=torch.int32, device=dev)
+    i64, i32 = (torch.zeros(1, dtype=t, device=dev) for t in (torch.int64, torch.int32))  # unused arguments
     if record is None:
+        _launch(weight, A, B, scale, tiles, i64, i32, i32, 0, i64, i32, i64, unmerge=True, exact=False)
         return
-    order = torch.argsort(idx)
-    idx, merged, d = idx[order], _as_values(merged_bits[order], weight.dtype), d[order]
-    if idx.numel():
-        weight.view(-1)[idx] = _codec.decode(record.codes, merged, d, fmt)
+    codes = record.codes if record.codes.numel() else i32
+    _launch(weight, A, B, scale, tiles, record.chunks, i32, codes, 0, i64, i32, i64, unmerge=True, exact=True)
     if record.escape_index.numel():
         weight.view(-1)[record.escape_index] = record.escape_values
-
-
