@@ -78,7 +78,9 @@ def check_layer(name: str, module: nn.Module | None, entry: dict[str, Any]) -> N
         raise ValueError(f"{name}: the file adapts a {entry.get('kind')} layer, but the model's {name} is a "
                          f"{type(module).__name__}")
     mine = layer_geometry(module)
-    theirs = {k: entry.get(k) for k in mine}
+    # null: not recorded (a conv converted from a PEFT file has no stride/padding/dilation/padding_mode)
+    theirs = {k: entry.get(k, "missing") for k in mine}
+    theirs = {k: mine[k] if v is None else v for k, v in theirs.items()}
     if mine != theirs:
         diff = ", ".join(f"{k}: file {theirs[k]!r}, model {mine[k]!r}" for k in mine if mine[k] != theirs[k])
         raise ValueError(f"{name}: the file's layer geometry differs from the model's ({diff})")

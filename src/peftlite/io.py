@@ -62,17 +62,23 @@ def _file_config(model: nn.Module, state: WrapState, partial: bool) -> dict[str,
 
 
 def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
-         include: str | Sequence[str] | None = None) -> str:
+         include: str | Sequence[str] | None = None, format: str = "peftlite") -> str:
     """Write the model's adapters, heads and trainable modules to ONE ``.safetensors`` file, atomically.
 
     Args:
-        path: the file to write (its folder must exist); replaced atomically.
+        path: the file to write (its folder must exist); replaced atomically. With ``format="peft"``, a
+            directory (see below).
         dtype: store floating tensors in this dtype (``torch.bfloat16`` halves the file).
         include: glob(s) on tensor keys; save only those (e.g. ``"heads.cls*"``). The file is then marked
             partial, and a strict load does not require the keys it leaves out.
+        format: ``"peftlite"`` (one file) or ``"peft"``: a Hugging Face PEFT LoRA adapter directory
+            (``adapter_config.json`` + ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained``
+            loads; layers PEFT cannot compute exactly are refused (see peftlite.peft_format).
     Returns:
         the path written.
     """
+    if format not in ("peftlite", "peft"):
+        raise ValueError(f"save: format must be 'peftlite' or 'peft', got {format!r}")
     state = wrap_state(model)
     if state is None:
         raise ValueError("save: the model is not wrapped; call peftlite.wrap(model, ...) first")
@@ -88,6 +94,18 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
         tensors = {k: t for k, t in tensors.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
     if not tensors:
         raise ValueError("save: nothing to save (no adapters, heads or trainable modules)")
+    config = _file_config(model, state, bool(patterns))
+    if format == "peft":
+        from . import peft_format
+
+        peft_tensors, adapter_config = peft_format.to_peft(tensors, config)
+        return peft_format.write(path, peft_tensors, adapter_config, dtype)
+    return write(path, tensors, config, dtype)
+
+
+def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict[str, Any],
+          dtype: torch.dtype | None = None) -> str:
+    """Write tensors and a peftlite config as one safetensors file: temporary file, then ``os.replace``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -102,7 +120,7 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         out[key] = t
-    meta = {"format": "pt", "peftlite": json.dumps(_file_config(model, state, bool(patterns)), separators=(",", ":"))}
+    meta = {"format": "pt", "peftlite": json.dumps(config, separators=(",", ":"))}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".peftlite-", suffix=".tmp")
     os.close(fd)
     try:
@@ -232,6 +250,9 @@ def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Modul
          strict: bool = True) -> nn.Module:
     """Load an adapter file into ``model`` and return the model.
 
+    ``path`` may also be a Hugging Face PEFT LoRA adapter directory (see peftlite.peft_format); its
+    ``modules_to_save`` become peftlite ``trainable`` modules.
+
     Into an unwrapped base model, it wraps the model as the file says (re-creating Linear/Conv2d heads;
     other head types are passed again with ``heads=``). Into a model wrapped the same way, it loads the
     values. Tensors are cast to the device and dtype of the tensors they replace.
@@ -240,7 +261,12 @@ def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Modul
         FileNotFoundError / AdapterFileError: the file cannot be read (the model is unchanged).
         ValueError: keys, shapes or dtypes do not fit the model (names the key, expected and found shapes).
     """
-    tensors, config = read(path)
+    if os.path.isdir(path):  # a Hugging Face PEFT adapter directory
+        from . import peft_format
+
+        tensors, config = peft_format.read(path, model)
+    else:
+        tensors, config = read(path)
     partial = bool(config.get("partial", False))
     for name, entry in config["layers"].items():
         if not isinstance(entry, dict) or "rank" not in entry or "kind" not in entry:
