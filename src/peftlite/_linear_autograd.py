@@ -24,6 +24,10 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float):
         y = F.linear(x, weight, bias)  # (..., out), in the autocast dtype when autocast is on
+        # F.linear with a bias on (N, ..., in) returns a view of a 2-D result. Returned as such, autograd
+        # forbids in-place changes of the output (ReLU(inplace=True) after a Linear, as in torchvision's
+        # swin_v2). _unsafe_view, as aten::matmul uses, gives the same storage as a non-view: no copy.
+        y = torch.ops.aten._unsafe_view(y, y.shape)
         h = F.linear(x, A.to(x.dtype))  # (..., r)
         y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), B.to(y.dtype).t(), alpha=scale)
         ctx.save_for_backward(x, weight, A, B, h.float())
