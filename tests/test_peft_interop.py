@@ -316,3 +316,31 @@ def test_save_bad_format_and_path(tmp_path):
         peftlite.save(model, tmp_path / "file", format="peft")
     with pytest.raises(FileNotFoundError):
         peftlite.save(model, tmp_path / "no" / "dir", format="peft")
+
+
+def test_save_refuses_layers_whose_parent_reads_the_weight(tmp_path):
+    class Reader(nn.Module):  # like torchvision's Swin attention: F.linear(x, self.qkv.weight)
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.out(torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias))
+
+    model = nn.Sequential(Reader())
+    peftlite.wrap(model, "0.out", rank=2)
+    peftlite.save(model, tmp_path / "ok", format="peft")  # out is called, so PEFT applies its adapter
+    model = nn.Sequential(Reader())
+    peftlite.wrap(model, "0.qkv", rank=2)
+    with pytest.raises(PeftFormatError, match="reads qkv.weight directly"):
+        peftlite.save(model, tmp_path / "bad", format="peft")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_save_refuses_swin_qkv(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.swin_t(num_classes=3)
+    peftlite.wrap(model, "*.attn.qkv", rank=2)
+    with pytest.raises(PeftFormatError, match="ShiftedWindowAttention.forward reads qkv.weight"):
+        peftlite.save(model, tmp_path / "swin", format="peft")

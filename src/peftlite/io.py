@@ -99,6 +99,7 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
         from . import peft_format
 
         peft_tensors, adapter_config = peft_format.to_peft(tensors, config)
+        peft_format.check_direct_reads(model, list(config["layers"]))
         return peft_format.write(path, peft_tensors, adapter_config, dtype)
     return write(path, tensors, config, dtype)
 

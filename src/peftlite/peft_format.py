@@ -22,6 +22,7 @@ non-LoRA methods, ``fan_in_fan_out``, ``lora_bias``, trained biases and other Lo
 
 from __future__ import annotations
 
+import dis
 import json
 import math
 import os
@@ -305,6 +306,31 @@ def read(path: str | os.PathLike, model: nn.Module | None = None
 
 
 # ---- writing a PEFT directory -------------------------------------------------------------------
+
+def _reads_weight(cls: type, attr: str) -> bool:
+    """Does ``cls.forward`` read ``self.<attr>.weight`` directly (``F.linear(x, self.qkv.weight)``)?"""
+    fwd = getattr(cls, "forward", None)
+    code = getattr(fwd, "__code__", None)
+    if code is None:
+        return False
+    ops = [(i.opname, i.argval) for i in dis.get_instructions(code)]
+    return any(a[0].startswith("LOAD_ATTR") and a[1] == attr and b[0].startswith("LOAD_ATTR") and b[1] == "weight"
+               for a, b in zip(ops, ops[1:]))
+
+
+def check_direct_reads(model: nn.Module, names: list[str], where: str = "save") -> None:
+    """Refuse layers whose parent reads their weight directly: PEFT's LoRA would be bypassed there.
+
+    torchvision's Swin passes ``qkv.weight`` and ``proj.weight`` to a function; with PEFT those adapters
+    have no effect and get no gradient, so a PEFT directory would not reproduce peftlite's outputs.
+    """
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if _reads_weight(type(parent), leaf):
+            raise PeftFormatError(f"{where}: {type(parent).__name__}.forward reads {leaf}.weight directly, so "
+                                  f"PEFT would bypass the adapter on {name}; save this model in peftlite format")
+
 
 def _anchored(name: str) -> str:
     """A rank/alpha_pattern key that PEFT matches to exactly this module (its keys match dotted suffixes)."""
