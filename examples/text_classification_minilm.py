@@ -12,6 +12,7 @@ accuracies, the trainable parameters and the adapter file size; about a minute o
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import os
 import random
@@ -25,8 +26,7 @@ from torch import nn
 import peftlite
 
 SUBJECTS = ["the movie", "this restaurant", "the service", "our hotel room", "the new phone", "that book",
-            "the concert", "his latest album", "the customer support", "this laptop", "the food",
-            "the ending"]
+            "the concert", "his latest album"]
 POSITIVE = ["good", "great", "excellent", "wonderful", "delightful", "enjoyable", "impressive", "pleasant",
             "fantastic", "superb"]
 NEGATIVE = ["bad", "terrible", "awful", "boring", "disappointing", "dreadful", "mediocre", "unpleasant",
@@ -38,7 +38,7 @@ TEMPLATES = [  # (template, negated)
 
 
 def dataset(seed: int = 0):
-    """960 short reviews; label 1 = positive. A positive word under negation is a negative review."""
+    """640 short reviews; label 1 = positive. A positive word under negation is a negative review."""
     rows = []
     for s, (adj, positive), (template, negated) in itertools.product(
             SUBJECTS, [(a, True) for a in POSITIVE] + [(a, False) for a in NEGATIVE], TEMPLATES):
@@ -113,13 +113,13 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     train, test = dataset(args.seed)
-    tokenizer, _ = load_minilm()
+    tokenizer, pretrained = load_minilm()
     print(f"{len(train)} training and {len(test)} test reviews, e.g. {test[0]!r}")
 
     results = {}
     for method in ("head only", "LoRA q,v (r=8) + head"):
         torch.manual_seed(args.seed)
-        model = Classifier(load_minilm()[1])
+        model = Classifier(copy.deepcopy(pretrained))
         head = {"head": nn.Linear(model.head.in_features, 2)}
         if method == "head only":
             peftlite.wrap(model, None, heads=head)
@@ -143,7 +143,7 @@ def main() -> None:
     print(f"adapter: {path} ({os.path.getsize(path) / 1024:.0f} KiB; the encoder is "
           f"{encoder_bytes / 2**20:.0f} MiB); as a PEFT directory: {peft_dir}")
 
-    fresh = peftlite.load(Classifier(load_minilm()[1]), path)
+    fresh = peftlite.load(Classifier(copy.deepcopy(pretrained)), path)
     x, _ = next(batches(test, tokenizer, 64, False, 0))
     with torch.no_grad():
         same = torch.equal(fresh.eval()(x), model.eval()(x))

@@ -100,7 +100,7 @@ def test_zoo_architecture(name):
     _reinit_zero_weights(model)
     original_keys = list(model.state_dict())
     size = _size(name)
-    x = torch.randn(2 if size < 200 else 1, 3, size, size)
+    x = torch.randn(1, 3, size, size)  # frozen BatchNorm: batch 1 works in train mode too
 
     peftlite.wrap(model, (nn.Conv2d, nn.Linear), rank=4)
     adapters = {n: p for n, p in model.named_parameters() if ".lora." in f".{n}"}
