@@ -6,7 +6,7 @@
 Sentence embeddings from a frozen encoder know the words of a review well, and its negation less well
 ("was not great"). A linear head on the frozen, mean-pooled embedding (head only) is compared with LoRA
 (rank 8) on the query/value Linear layers of all 6 attention blocks plus the same head. Prints the
-accuracies, the trainable parameters and the adapter file size; about a minute on 2 CPU cores.
+accuracies, the trainable parameters and the adapter file size; about 30 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def batches(rows, tokenizer, size: int, shuffle: bool, seed: int):
         random.Random(seed).shuffle(order)
     for i in range(0, len(order), size):
         chunk = [rows[j] for j in order[i:i + size]]
-        enc = tokenizer([t for t, _ in chunk], padding=True, return_tensors="pt")
+        # one fixed length (every review fits in 16 tokens): the same shapes in every batch
+        enc = tokenizer([t for t, _ in chunk], padding="max_length", max_length=16, truncation=True,
+                        return_tensors="pt")
         yield dict(enc), torch.tensor([y for _, y in chunk])
 
 

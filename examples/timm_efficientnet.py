@@ -7,7 +7,7 @@ The model is built with random weights (no download): the point is the mechanics
 architecture. It has 5 ``Conv2dSame`` layers (a Conv2d subclass with TensorFlow 'same' padding in its
 own forward), 16 depthwise convs and timm's ``BatchNormAct2d``. peftlite adapts all of them exactly,
 trains a few steps on digits, then checks merged == unmerged, bit-exact unmerge, and save -> load into a
-fresh model. Saving it as a PEFT directory is refused, with the reason. About 30 s on 2 CPU cores.
+fresh model. Saving it as a PEFT directory is refused, with the reason. About 15 s on 2 CPU cores.
 """
 
 from __future__ import annotations
