@@ -104,13 +104,8 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
     return write(path, tensors, config, dtype)
 
 
-def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict[str, Any],
-          dtype: torch.dtype | None = None) -> str:
-    """Write tensors and a peftlite config as one safetensors file: temporary file, then ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"save: folder {folder!r} does not exist; create it first")
+def file_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors as safetensors stores them: detached, on the CPU, contiguous, unaliased, floats in ``dtype``."""
     out, seen = {}, set()
     for key, t in tensors.items():
         t = t.detach()
@@ -121,6 +116,17 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: 
             t = t.clone()
         seen.add(t.untyped_storage().data_ptr())
         out[key] = t
+    return out
+
+
+def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict[str, Any],
+          dtype: torch.dtype | None = None) -> str:
+    """Write tensors and a peftlite config as one safetensors file: temporary file, then ``os.replace``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"save: folder {folder!r} does not exist; create it first")
+    out = file_tensors(tensors, dtype)
     meta = {"format": "pt", "peftlite": json.dumps(config, separators=(",", ":"))}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".peftlite-", suffix=".tmp")
     os.close(fd)

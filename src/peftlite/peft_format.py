@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import _config
+from .io import file_tensors
 from .layers import DEFAULT_ADAPTER
 
 CONFIG_NAME = "adapter_config.json"
@@ -443,16 +444,7 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], adapter_con
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"save: {path!r} is a file; a PEFT adapter is a directory, so give a "
                               "folder path")
-    out, seen = {}, set()
-    for key, t in tensors.items():
-        t = t.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        t = t.to("cpu").contiguous()
-        if t.untyped_storage().data_ptr() in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[key] = t
+    out = file_tensors(tensors, dtype)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".peftlite-")
     try:
         save_file(out, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
