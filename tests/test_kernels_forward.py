@@ -9,7 +9,7 @@ from torch import nn
 import peftlite
 from peftlite import _linear_autograd
 from peftlite import functional as F_
-from peftlite.layers import conv_training_path
+from peftlite.layers import conv_inference_path, conv_training_path
 
 
 def _linear_case(dtype=torch.float64, shape=(3, 5, 12), out=7, rank=3, bias=True):
@@ -128,3 +128,11 @@ def test_torch_compile_fullgraph_on_wrapped_model():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_conv_inference_path_follows_the_feature_map_size():
+    late = F_.ConvGeometry(512, 512, (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros")
+    assert conv_inference_path(late, 8, pixels=8 * 5 * 5) == "activations"  # ResNet-50 layer4 at 160 px
+    assert conv_inference_path(late, 8, pixels=8 * 56 * 56) == "weight"
+    depthwise = F_.ConvGeometry(64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 64, "zeros")
+    assert conv_inference_path(depthwise, 8, pixels=64) == "weight"

@@ -126,7 +126,8 @@ class _Conv2dForward(Adapted):
         if p.dropout > 0.0 and self.training:
             return F_.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, st.geometry, p.dropout, True)
         needs_grad = torch.is_grad_enabled() and (p.A.requires_grad or p.B.requires_grad)
-        if needs_grad and conv_training_path(st.geometry, p.rank, _output_pixels(x, st.geometry)) == "activations":
+        choose = conv_training_path if needs_grad else conv_inference_path
+        if choose(st.geometry, p.rank, _output_pixels(x, st.geometry)) == "activations":
             return F_.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, st.geometry)
         return F_.lora_conv2d_weight_path(x, w, self.bias, p.A, p.B, p.scale, st.geometry)
 
@@ -140,6 +141,24 @@ def _output_pixels(x: Tensor, geom: F_.ConvGeometry) -> int:
     for n, k, s, p, d in dims:
         size *= (n + 2 * p - d * (k - 1) - 1) // s + 1
     return x.shape[0] * size
+
+
+# Forming W + scale·ΔW touches W about three times (read, temporary write, read by the conv); counted as
+# this many multiply-adds per weight element, since those passes are memory-bound.
+WEIGHT_PASS_COST = 8
+
+
+def conv_inference_path(geom: F_.ConvGeometry, rank: int, pixels: int) -> str:
+    """Which path runs an adapted conv more cheaply when no adapter gradient is needed.
+
+    Activations: the A and B convs, ``r·(groups·fan_in + out)`` multiply-adds per output pixel.
+    Weight: ΔW (``r·out·fan_in``) plus the memory-bound passes over W. Large feature maps (early layers,
+    depthwise convs) take the weight path; small ones (late layers, small batches of large channels)
+    the activations.
+    """
+    activations = pixels * rank * (geom.groups * geom.fan_in + geom.out_channels)
+    weight = geom.out_channels * geom.fan_in * (rank + WEIGHT_PASS_COST)
+    return "activations" if activations < weight else "weight"
 
 
 def conv_training_path(geom: F_.ConvGeometry, rank: int, pixels: int | None = None) -> str:
