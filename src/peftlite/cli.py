@@ -17,7 +17,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from typing import Any
 
@@ -166,26 +165,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def _write_state_dict(path: str, state: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder {folder!r} does not exist")
-    out, seen = {}, set()
-    for key, t in state.items():
-        t = t.detach().cpu().contiguous()
-        if t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors refuses shared storage
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[key] = t
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".peftlite-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    io.write_safetensors(path, io.file_tensors(state), {"format": "pt"}, "merge")
 
 
 def cmd_merge(args) -> int:

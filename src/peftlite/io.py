@@ -121,17 +121,25 @@ def file_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict[str, Any],
           dtype: torch.dtype | None = None) -> str:
-    """Write tensors and a peftlite config as one safetensors file: temporary file, then ``os.replace``."""
+    """Write tensors and a peftlite config as one safetensors file, atomically."""
+    meta = {"format": "pt", "peftlite": json.dumps(config, separators=(",", ":"))}
+    return write_safetensors(path, file_tensors(tensors, dtype), meta, "save")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str],
+                      what: str) -> str:
+    """Save ``tensors`` (as ``file_tensors`` prepares them) to a temporary file, fsync, then ``os.replace``.
+
+    A crash never leaves a half-written file under ``path``. ``what`` names the caller in errors.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"save: folder {folder!r} does not exist; create it first")
-    out = file_tensors(tensors, dtype)
-    meta = {"format": "pt", "peftlite": json.dumps(config, separators=(",", ":"))}
+        raise FileNotFoundError(f"{what}: folder {folder!r} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".peftlite-", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(out, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
