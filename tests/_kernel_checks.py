@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import torch
 
 from peftlite import functional as F_
@@ -32,6 +33,16 @@ def problem(rows, cols, rank, dtype, ratio, seed=0, device="cpu"):
     B = torch.randn(rows, rank, generator=g)
     scale = ratio / float((B @ A).std())
     return W.to(device), A.to(device), B.to(device), scale
+
+
+def sequential_delta(A, B, scale):
+    """ΔW = scale·(B @ A) as the torch backend defines it, computed independently in numpy fp32: products
+    and sums over the rank in order (k = 0..r-1), each rounded on its own, then the scale.  (out, fan_in)"""
+    a, b = A.detach().numpy().astype(np.float32), B.detach().numpy().astype(np.float32)
+    d = b[:, :1] * a[:1]
+    for k in range(1, a.shape[0]):
+        d = d + b[:, k:k + 1] * a[k:k + 1]
+    return torch.from_numpy(d * np.float32(scale))
 
 
 def overflow_at(A, B, row, col, dtype):

@@ -18,17 +18,18 @@ typedef uint64_t u64;
 static inline float f_of(u32 b) { float f; memcpy(&f, &b, 4); return f; }
 static inline u32 b_of(float f) { u32 b; memcpy(&b, &f, 4); return b; }
 
-static float h2f(u32 h) { /* fp16 bits -> fp32, exact */
+static inline float h2f(u32 h) { /* fp16 bits -> fp32, exact; branch-free so that loops vectorise */
     u32 s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-    if (e == 0x1F) return f_of(s | 0x7F800000u | (m << 13));
-    if (e == 0) return f_of(s | b_of((float)m * 0x1p-24f)); /* zero or subnormal: m·2^-24 is exact */
-    return f_of(s | ((e + 112) << 23) | (m << 13));
+    u32 special = s | 0x7F800000u | (m << 13);                 /* inf or NaN */
+    u32 small = s | b_of((float)m * 0x1p-24f);                 /* zero or subnormal: m·2^-24 is exact */
+    u32 normal = s | ((e + 112) << 23) | (m << 13);
+    return f_of(e == 0x1F ? special : e == 0 ? small : normal);
 }
 
-static u32 f2h(float f) { /* fp32 -> fp16 bits, round to nearest even (the FP16 library's method, as torch) */
+static inline u32 f2h(float f) { /* fp32 -> fp16 bits, round to nearest even (the FP16 library's method, as torch) */
     float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
     u32 w = b_of(f), shl1 = w + w, sign = w & 0x80000000u, bias = shl1 & 0xFF000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
     base = f_of((bias >> 1) + 0x07800000u) + base;
     u32 b = b_of(base), nonsign = ((b >> 13) & 0x7C00u) + (b & 0x0FFFu);
     return (sign >> 16) | (shl1 > 0xFF000000u ? 0x7E00u : nonsign);
@@ -124,19 +125,17 @@ static inline int plainly_exact(u32 m, u32 g, float d) {
     return (b_of(err) & 0x7FFFFFFFu) < ((em - 24) << 23); /* |err| < 2^(em - 127 - 24) = ulp(m)/2 */
 }
 
-/* The flag (_bits.may_lose) and, where it is set, the run (_codec.candidates), for merged value mb.
- * Most runs hold the guess g: the evaluations at g's neighbours then settle both ends, and a search
- * runs only for long runs. Returns the flag; first/count are set where it is 1. */
+/* The flag (_bits.may_lose) and, where it is set, the run (_codec.candidates), for merged value mb: the
+ * scalar path, for the lanes settle() leaves (zero, extreme or non-finite guesses, and long runs, whose
+ * ends candidates() finds from estimates in a few evaluations). Returns the flag; first/count are set
+ * where it is 1. */
 static int classify(u32 mb, u32 g, float d, int kind, i64 *first, i64 *count) {
-    i64 high = max_finite(kind), low = -1 - high, target = ordinal(mb, kind), o = ordinal(g, kind);
-    int inner = o - 1 >= low && o + 1 <= high && (g << (33 - nbits(kind))) != 0; /* finite, nonzero */
-    i64 fm = 0, f0 = 0, fp = 0;
     int flag;
     if (kind == 0) {
+        i64 high = max_finite(kind), low = -1 - high, target = ordinal(mb, kind), o = ordinal(g, kind);
         if (plainly_exact(mb, g, d)) return 0;
-        if (inner) { /* nextafter(g, ±inf) is ordinal o ± 1 away from zero */
-            fm = f_ord(o - 1, d, kind); f0 = f_ord(o, d, kind); fp = f_ord(o + 1, d, kind);
-            flag = f0 != target || fm == target || fp == target;
+        if (o - 1 >= low && o + 1 <= high && (g << 1) != 0) { /* nextafter(g, ±inf) is ordinal o ± 1 */
+            flag = f_ord(o, d, kind) != target || f_ord(o - 1, d, kind) == target || f_ord(o + 1, d, kind) == target;
         } else {
             float gv = f_of(g);
             flag = merged(g, d, 0) != mb || merged(b_of(nextafterf(gv, INFINITY)), d, 0) == mb ||
@@ -146,20 +145,13 @@ static int classify(u32 mb, u32 g, float d, int kind, i64 *first, i64 *count) {
         u32 mm = kind == 1 ? 0x7Fu : 0x3FFu;
         u32 mag_g = g & 0x7FFFu, mag_m = mb & 0x7FFFu, mant = mag_g & mm;
         flag = mag_m > (mag_g | mm) || mant == 0 || mant == mm;
-        if (flag && inner) { fm = f_ord(o - 1, d, kind); f0 = f_ord(o, d, kind); fp = f_ord(o + 1, d, kind); }
     }
-    if (!flag) return 0;
-    if (!inner || f0 != target) { candidates(mb, d, kind, first, count); return 1; }
-    *first = fm < target ? o : first_true(o - 1, d, target, 0, kind, low, high);
-    i64 end = fp > target ? o + 1 : first_true(o + 1, d, target, 1, kind, low, high);
-    *count = end - *first;
-    return 1;
+    if (flag) candidates(mb, d, kind, first, count);
+    return flag;
 }
 
 static inline int width_of(i64 count) { /* ceil(log2 count), 0 for count <= 1 */
-    int w = 0;
-    while (count > 1 && ((i64)1 << w) < count) w++;
-    return w;
+    return count <= 1 ? 0 : 64 - __builtin_clzll((u64)(count - 1));
 }
 
 static inline u32 load(const void *w, i64 i, int kind) {
@@ -175,87 +167,126 @@ static inline int finite(u32 b, int kind) {
          : kind == 1 ? (b & 0x7F80u) != 0x7F80u : (b & 0x7C00u) != 0x7C00u;
 }
 
-#define CHUNK 64
+/* ---- the fast pass: ΔW per row segment, then branch-free loops over CHUNK lanes ------------------ */
+
+#define CHUNK 256
 #define INLINE static inline __attribute__((always_inline))
+typedef int32_t i32;
 
-/* A cheap superset of the elements that need more than "W' written, guess right, not flagged": the
- * 16-bit flag itself, or for fp32 the failure of plainly_exact. Branch-free, for the first pass. */
-INLINE int maybe_flagged(u32 m, u32 g, float d, int kind) {
+/* ΔW for elements [j0, j0 + len) of one row: scale·Σ_k b[k]·A[k, j0 + j], summed k = 0..r-1 in that order,
+ * every product and sum rounded to fp32 (no fused multiply-add). _torch.delta computes the same op by op. */
+INLINE void delta(const float *restrict A, i64 cols, const float *restrict b, i64 r, float scale, i64 j0,
+                  i64 len, float *restrict d) {
+    const float *a = A + j0;
+    float b0 = b[0];
+    for (i64 j = 0; j < len; j++) d[j] = b0 * a[j];
+    for (i64 k = 1; k < r; k++) {
+        const float *restrict ak = A + k * cols + j0;
+        float bk = b[k];
+        for (i64 j = 0; j < len; j++) d[j] = d[j] + bk * ak[j];
+    }
+    for (i64 j = 0; j < len; j++) d[j] = d[j] * scale;
+}
+
+/* ordinal() in 32 bits (every format's ordinals fit), and its inverse */
+INLINE i32 ord32(u32 b, int kind) {
+    if (kind == 0) { i32 s = (i32)b; return s ^ ((s >> 31) & 0x7FFFFFFF); }
+    i32 s = (i32)(int16_t)(uint16_t)b;
+    return s ^ ((s >> 15) & 0x7FFF);
+}
+
+INLINE u32 bits32(i32 o, int kind) {
+    if (kind == 0) return (u32)(o ^ ((o >> 31) & 0x7FFFFFFF));
+    return (u32)(o ^ ((o >> 31) & 0x7FFF)) & 0xFFFFu;
+}
+
+INLINE i32 f32ord(i32 o, float d, int kind) { return ord32(merged(bits32(o, kind), d, kind), kind); }
+
+/* What classify() decides, for the common case, from five evaluations around the guess, branch-free:
+ * FLAG as _bits.may_lose; where flagged, the run [o - DOWN, o - DOWN + count) when it is settled by them.
+ * SLOW where they cannot tell (a zero or extreme guess, a guess that does not merge back, a run of 4+):
+ * the lane then goes through classify(). */
+enum { FLAG = 1, SLOW = 2, DOWN = 4, WRONG = 8, COUNT_SHIFT = 4 };
+
+INLINE i32 settle(u32 m, u32 g, float d, int kind) {
+    i32 high = (i32)max_finite(kind), low = -1 - high, t = ord32(m, kind), o = ord32(g, kind);
+    i32 lo2 = o - 2 < low ? low : o - 2, hi2 = o + 2 > high ? high : o + 2; /* clamped: inner decides */
+    i32 lo1 = o - 1 < low ? low : o - 1, hi1 = o + 1 > high ? high : o + 1;
+    int inner = (o - 2 >= low) & (o + 2 <= high) & ((g << (33 - nbits(kind))) != 0);
+    i32 fl2 = f32ord(lo2, d, kind), fl1 = f32ord(lo1, d, kind), f0 = f32ord(o, d, kind);
+    i32 fh1 = f32ord(hi1, d, kind), fh2 = f32ord(hi2, d, kind);
+    int down = fl1 == t, up = fh1 == t, flag, unknown;
     if (kind == 0) {
-        u32 em = (m >> 23) & 0xFFu, eg = (g >> 23) & 0xFFu;
-        float a = f_of(m), b = -d, s = a + b, bb = s - a, err = (a - (s - bb)) + (b - bb);
-        int ok = (em >= 26) & (em <= 253) & (eg >= em) & (eg <= 253) & ((m & 0x7FFFFFu) != 0) &
-                 ((g & 0x7FFFFFu) != 0) & ((b_of(err) & 0x7FFFFFFFu) < ((em - 24) << 23));
-        return !ok;
+        flag = (f0 != t) | down | up;
+        unknown = !inner;
+    } else {
+        u32 mm = kind == 1 ? 0x7Fu : 0x3FFu, mag_g = g & 0x7FFFu, mag_m = m & 0x7FFFu, mant = mag_g & mm;
+        flag = (mag_m > (mag_g | mm)) | (mant == 0) | (mant == mm);
+        unknown = 0;
     }
-    u32 mm = kind == 1 ? 0x7Fu : 0x3FFu;
-    u32 mag_g = g & 0x7FFFu, mag_m = m & 0x7FFFu, mant = mag_g & mm;
-    return (mag_m > (mag_g | mm)) | (mant == 0) | (mant == mm);
+    int slow = unknown | (flag & (!inner | (f0 != t) | (down & (fl2 == t)) | (up & (fh2 == t))));
+    return flag | (slow << 1) | (down << 2) | ((1 + down + up) << COUNT_SHIFT);
 }
 
-typedef struct { u64 off; i64 n_esc, n_flag, zeroed; } State;
-
-/* Unmerge one element whose guess g may be wrong: decode it if flagged. */
-INLINE u32 unmerge_one(u32 m, u32 g, float d, int kind, const u32 *words, i64 n_words, u64 *off) {
-    i64 first, count;
-    if (!classify(m, g, d, kind, &first, &count)) return g;
-    int width = width_of(count);
-    u64 code = 0;
-    if (width) {
-        i64 word = (i64)(*off >> 5);
-        int shift = (int)(*off & 31);
-        u64 both = (word < n_words ? words[word] : 0) | ((u64)(word + 1 < n_words ? words[word + 1] : 0) << 32);
-        code = (both >> shift) & ((((u64)1) << width) - 1);
-        *off += (u64)width;
-    }
-    return from_ordinal(first + (i64)code, kind);
+/* Bit j of the result: lane base + j has any of the mask's bits (64 lanes). Iterating its set bits replaces
+ * a data-dependent branch per lane, which for ~10% taken lanes would be mispredicted on every other one. */
+INLINE u64 lanes_with(const i32 *info, i64 len, i32 mask) {
+    u64 bits = 0;
+    for (i64 j = 0; j < len; j++) bits |= (u64)((info[j] & mask) != 0) << j;
+    return bits;
 }
 
-INLINE void unmerge_impl(const int kind, void *w, const float *d, i64 n, const u32 *words, i64 n_words) {
-    u64 off = 0;
-    for (i64 c = 0; c < n; c += CHUNK) {
-        i64 len = n - c < CHUNK ? n - c : CHUNK;
-        u32 gv[CHUNK];
-        unsigned char maybe[CHUNK];
-        for (i64 j = 0; j < len; j++) { /* first pass: the guess everywhere, branch-free */
-            u32 m = load(w, c + j, kind);
-            gv[j] = guess_of(m, d[c + j], kind);
-            maybe[j] = (unsigned char)maybe_flagged(m, gv[j], d[c + j], kind);
-        }
-        for (i64 j = 0; j < len; j++) {
-            if (maybe[j]) gv[j] = unmerge_one(load(w, c + j, kind), gv[j], d[c + j], kind, words, n_words, &off);
-        }
-        for (i64 j = 0; j < len; j++) store(w, c + j, gv[j], kind);
+/* Codes are packed back-to-back, least significant bit first, in 32-bit words (as _codec.pack). */
+typedef struct { u64 acc; int n_acc; i64 n_words, n_esc, n_flag; } State;
+
+INLINE void put_bits(u32 *words, State *st, u64 v, int width) { /* v < 2^width, width <= 32 */
+    st->acc |= v << st->n_acc;
+    st->n_acc += width;
+    if (st->n_acc >= 32) {
+        words[st->n_words++] = (u32)st->acc;
+        st->acc >>= 32;
+        st->n_acc -= 32;
     }
 }
 
-/* Unmerge elements [0, n) of a block in place from its code words (escapes are the caller's). */
-void pl_unmerge(int kind, void *w, const float *d, i64 n, const u32 *words, i64 n_words) {
-    switch (kind) {
-    case 0: unmerge_impl(0, w, d, n, words, n_words); break;
-    case 1: unmerge_impl(1, w, d, n, words, n_words); break;
-    default: unmerge_impl(2, w, d, n, words, n_words); break;
-    }
+INLINE i64 flush_bits(u32 *words, const State *st) { /* the words used, the last one partial */
+    if (st->n_acc > 0) words[st->n_words] = (u32)st->acc;
+    return st->n_words + (st->n_acc > 0);
 }
 
-/* Codes and escapes for one merged element (original wb, merged m, guess g), in element order. */
-INLINE void encode_one(i64 i, u32 wb, u32 m, u32 g, float d, int kind, u32 *words, i64 *esc_index,
+typedef struct { const u32 *words; i64 n_words, next; u64 buf; int n_buf; } Reader;
+
+INLINE u64 get_bits(Reader *rd, int width) {
+    if (rd->n_buf < width) {
+        rd->buf |= (u64)(rd->next < rd->n_words ? rd->words[rd->next] : 0) << rd->n_buf;
+        rd->next++;
+        rd->n_buf += 32;
+    }
+    u64 v = rd->buf & ((((u64)1) << width) - 1);
+    rd->buf >>= width;
+    rd->n_buf -= width;
+    return v;
+}
+
+/* The run of a lane from its settle() info: 1 if flagged (first, count set), else 0. */
+INLINE int run_of(i32 info, u32 m, u32 g, float d, int kind, i64 *first, i64 *count) {
+    if (info & SLOW) return classify(m, g, d, kind, first, count);
+    if (!(info & FLAG)) return 0;
+    *first = (i64)ord32(g, kind) - ((info & DOWN) ? 1 : 0);
+    *count = info >> COUNT_SHIFT;
+    return 1;
+}
+
+/* Codes and escapes of one merged element (original wb, merged m, guess g), in element order. */
+INLINE void encode_one(i64 i, i32 info, u32 wb, u32 m, u32 g, float d, int kind, u32 *words, i64 *esc_index,
                        void *esc_bits, State *st) {
-    int escape;
     i64 first, count;
-    if (classify(m, g, d, kind, &first, &count)) {
+    int escape;
+    if (run_of(info, m, g, d, kind, &first, &count)) {
         i64 index = ordinal(wb, kind) - first;
         escape = index < 0 || index >= count;
         int width = width_of(count);
-        if (width) {
-            u64 v = escape ? 0 : (u64)index;
-            i64 word = (i64)(st->off >> 5);
-            int shift = (int)(st->off & 31);
-            while (st->zeroed <= word + 1) words[st->zeroed++] = 0;
-            words[word] |= (u32)(v << shift);
-            if (width > 32 - shift) words[word + 1] |= (u32)(v >> (32 - shift));
-            st->off += (u64)width;
-        }
+        if (width) put_bits(words, st, escape ? 0 : (u64)index, width);
         st->n_flag++;
     } else {
         escape = g != wb;
@@ -267,52 +298,102 @@ INLINE void encode_one(i64 i, u32 wb, u32 m, u32 g, float d, int kind, u32 *word
     }
 }
 
-INLINE i64 merge_impl(const int kind, void *w, const float *d, i64 n, u32 *words, i64 *esc_index,
-                      void *esc_bits, i64 *out) {
-    State st = {0, 0, 0, 0};
-    for (i64 c = 0; c < n; c += CHUNK) {
-        i64 len = n - c < CHUNK ? n - c : CHUNK;
-        u32 wv[CHUNK], mv[CHUNK], gv[CHUNK];
-        unsigned char maybe[CHUNK];
-        int bad = 0;
-        for (i64 j = 0; j < len; j++) { /* first pass: merged values and the cheap test, branch-free */
-            u32 wb = load(w, c + j, kind), m = merged(wb, d[c + j], kind);
-            wv[j] = wb;
-            mv[j] = m;
-            gv[j] = guess_of(m, d[c + j], kind);
-            bad |= (!finite(m, kind)) & finite(wb, kind);
-            maybe[j] = (unsigned char)(maybe_flagged(m, gv[j], d[c + j], kind) | (gv[j] != wb));
-        }
-        if (bad) { /* some element would overflow: restore what this block merged so far, report it */
-            i64 j = 0;
-            while (finite(mv[j], kind) || !finite(wv[j], kind)) j++;
-            for (i64 k = 0; k < j; k++) { /* the chunk's elements before it, as if merged */
-                store(w, c + k, mv[k], kind);
-                if (maybe[k]) encode_one(c + k, wv[k], mv[k], gv[k], d[c + k], kind, words, esc_index, esc_bits, &st);
+/* Unmerge elements [0, n) of a (rows, cols) block in place from its code words (escapes are the caller's). */
+INLINE void unmerge_impl(const int kind, void *w, i64 cols, const float *A, const float *B, i64 r, float scale,
+                         i64 n, const u32 *words, i64 n_words) {
+    Reader rd = {words, n_words, 0, 0, 0};
+    float d[CHUNK];
+    u32 mv[CHUNK], gv[CHUNK];
+    i32 info[CHUNK];
+    for (i64 row = 0; row * cols < n; row++) {
+        for (i64 j0 = 0; j0 < cols && row * cols + j0 < n; j0 += CHUNK) {
+            i64 base = row * cols + j0, len = cols - j0 < CHUNK ? cols - j0 : CHUNK;
+            if (n - base < len) len = n - base;
+            delta(A, cols, B + row * r, r, scale, j0, len, d);
+            for (i64 j = 0; j < len; j++) {
+                mv[j] = load(w, base + j, kind);
+                gv[j] = guess_of(mv[j], d[j], kind);
             }
-            unmerge_impl(kind, w, d, c + j, words, (i64)((st.off + 31) >> 5));
-            for (i64 k = 0; k < st.n_esc; k++) store(w, esc_index[k], load(esc_bits, k, kind), kind);
-            return c + j;
-        }
-        for (i64 j = 0; j < len; j++) store(w, c + j, mv[j], kind);
-        for (i64 j = 0; j < len; j++) {
-            if (maybe[j]) encode_one(c + j, wv[j], mv[j], gv[j], d[c + j], kind, words, esc_index, esc_bits, &st);
+            for (i64 j = 0; j < len; j++) info[j] = settle(mv[j], gv[j], d[j], kind);
+            for (i64 j64 = 0; j64 < len; j64 += 64) {
+                for (u64 todo = lanes_with(info + j64, len - j64 < 64 ? len - j64 : 64, FLAG | SLOW); todo;
+                     todo &= todo - 1) {
+                    i64 first, count, j = j64 + __builtin_ctzll(todo);
+                    if (!run_of(info[j], mv[j], gv[j], d[j], kind, &first, &count)) continue;
+                    int width = width_of(count);
+                    gv[j] = from_ordinal(first + (i64)(width ? get_bits(&rd, width) : 0), kind);
+                }
+            }
+            for (i64 j = 0; j < len; j++) store(w, base + j, gv[j], kind);
         }
     }
-    out[0] = (i64)((st.off + 31) >> 5);
+}
+
+INLINE i64 merge_impl(const int kind, void *w, i64 rows, i64 cols, const float *A, const float *B, i64 r,
+                      float scale, u32 *words, i64 *esc_index, void *esc_bits, i64 *out) {
+    State st = {0, 0, 0, 0, 0};
+    float d[CHUNK];
+    u32 wv[CHUNK], mv[CHUNK], gv[CHUNK];
+    i32 info[CHUNK];
+    for (i64 row = 0; row < rows; row++) {
+        for (i64 j0 = 0; j0 < cols; j0 += CHUNK) {
+            i64 base = row * cols + j0, len = cols - j0 < CHUNK ? cols - j0 : CHUNK;
+            int bad = 0;
+            delta(A, cols, B + row * r, r, scale, j0, len, d);
+            for (i64 j = 0; j < len; j++) wv[j] = load(w, base + j, kind);
+            for (i64 j = 0; j < len; j++) mv[j] = merged(wv[j], d[j], kind);
+            for (i64 j = 0; j < len; j++) gv[j] = guess_of(mv[j], d[j], kind);
+            for (i64 j = 0; j < len; j++) bad |= (!finite(mv[j], kind)) & finite(wv[j], kind);
+            for (i64 j = 0; j < len; j++) info[j] = settle(mv[j], gv[j], d[j], kind) | ((gv[j] != wv[j]) * WRONG);
+            if (bad) { /* some element would overflow: restore what this block merged so far, report it */
+                i64 j = 0;
+                while (finite(mv[j], kind) || !finite(wv[j], kind)) j++;
+                for (i64 k = 0; k < j; k++) { /* the segment's elements before it, as if merged */
+                    store(w, base + k, mv[k], kind);
+                    if (info[k] & (FLAG | SLOW | WRONG))
+                        encode_one(base + k, info[k], wv[k], mv[k], gv[k], d[k], kind, words, esc_index, esc_bits, &st);
+                }
+                unmerge_impl(kind, w, cols, A, B, r, scale, base + j, words, flush_bits(words, &st));
+                for (i64 k = 0; k < st.n_esc; k++) store(w, esc_index[k], load(esc_bits, k, kind), kind);
+                return base + j;
+            }
+            for (i64 j = 0; j < len; j++) store(w, base + j, mv[j], kind);
+            for (i64 j64 = 0; j64 < len; j64 += 64) {
+                for (u64 todo = lanes_with(info + j64, len - j64 < 64 ? len - j64 : 64, FLAG | SLOW | WRONG); todo;
+                     todo &= todo - 1) {
+                    i64 j = j64 + __builtin_ctzll(todo);
+                    encode_one(base + j, info[j], wv[j], mv[j], gv[j], d[j], kind, words, esc_index, esc_bits, &st);
+                }
+            }
+        }
+    }
+    out[0] = flush_bits(words, &st);
     out[1] = st.n_esc;
     out[2] = st.n_flag;
     return -1;
 }
 
-/* Merge a block in place: W' = round(w + d), codes into words (n + 2 words at least), escapes into
- * esc_index / esc_bits (n entries at least). Returns -1, or the index of the first element whose merged
- * value would be non-finite (W finite): then the block is restored bit-exactly before returning.
- * out[0] = words used, out[1] = escapes, out[2] = flagged elements. */
-i64 pl_merge(int kind, void *w, const float *d, i64 n, u32 *words, i64 *esc_index, void *esc_bits, i64 *out) {
+/* Merge a (rows, cols) block in place: W' = round(w + d) with d = ΔW of the block (see delta(); A is
+ * (r, cols), B the block's (rows, r) rows, both fp32 and contiguous). Codes go into words (n + 2 words at
+ * least), escapes into esc_index / esc_bits (n entries at least), n = rows·cols. Returns -1, or the index of
+ * the first element whose merged value would be non-finite (W finite): the block is then restored
+ * bit-exactly before returning. out[0] = words used, out[1] = escapes, out[2] = flagged elements. */
+i64 pl_merge(int kind, void *w, i64 rows, i64 cols, const float *A, const float *B, i64 r, float scale,
+             u32 *words, i64 *esc_index, void *esc_bits, i64 *out) {
     switch (kind) {
-    case 0: return merge_impl(0, w, d, n, words, esc_index, esc_bits, out);
-    case 1: return merge_impl(1, w, d, n, words, esc_index, esc_bits, out);
-    default: return merge_impl(2, w, d, n, words, esc_index, esc_bits, out);
+    case 0: return merge_impl(0, w, rows, cols, A, B, r, scale, words, esc_index, esc_bits, out);
+    case 1: return merge_impl(1, w, rows, cols, A, B, r, scale, words, esc_index, esc_bits, out);
+    default: return merge_impl(2, w, rows, cols, A, B, r, scale, words, esc_index, esc_bits, out);
+    }
+}
+
+/* Unmerge a (rows, cols) block in place from its code words (the caller writes the escapes). */
+void pl_unmerge(int kind, void *w, i64 rows, i64 cols, const float *A, const float *B, i64 r, float scale,
+                const u32 *words, i64 n_words) {
+    i64 n = rows * cols;
+    switch (kind) {
+    case 0: unmerge_impl(0, w, cols, A, B, r, scale, n, words, n_words); break;
+    case 1: unmerge_impl(1, w, cols, A, B, r, scale, n, words, n_words); break;
+    default: unmerge_impl(2, w, cols, A, B, r, scale, n, words, n_words); break;
     }
 }

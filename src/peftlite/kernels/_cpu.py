@@ -18,16 +18,21 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger("peftlite.kernels")
 SOURCE = Path(__file__).with_name("_cpu.c")
-FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math"]
+FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"]
+ARCH = {"AVX512": "-march=x86-64-v4", "AVX2": "-march=x86-64-v3"}  # torch's CPU capability -> gcc/clang
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
+T, R = TypeVar("T"), TypeVar("R")
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,8 +45,31 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         log.debug("peftlite kernels: no C compiler found; CPU merges use torch ops (slower, same result)")
         return None
+    lib = None
+    for flags in _flag_sets():  # the vector ISA torch detected first, then the portable baseline
+        lib = _build(cc, flags)
+        if lib is not None:
+            break
+    if lib is None:
+        log.debug("peftlite kernels: %s failed to build; CPU merges use torch ops (slower, same result)", SOURCE.name)
+        return None
+    lib.pl_merge.argtypes = [ctypes.c_int, _p, _i64, _i64, _p, _p, _i64, ctypes.c_float, _p, _p, _p, _p]
+    lib.pl_merge.restype = _i64
+    lib.pl_unmerge.argtypes = [ctypes.c_int, _p, _i64, _i64, _p, _p, _i64, ctypes.c_float, _p, _i64]
+    lib.pl_unmerge.restype = None
+    return lib
+
+
+def _flag_sets() -> list[list[str]]:
+    """Compiler flags to try: with the vector ISA torch detected on this CPU (the loops are written to
+    vectorise; -ffp-contract=off keeps every result bit-identical to scalar code), then without."""
+    arch = ARCH.get(torch.backends.cpu.get_cpu_capability())
+    return [FLAGS + [arch], FLAGS] if arch else [FLAGS]
+
+
+def _build(cc: str, flags: list[str]) -> ctypes.CDLL | None:
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + cc.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PEFTLITE_CACHE", Path.home() / ".cache" / "peftlite"))
     target = cache / f"cpu-{key}.so"
     try:
@@ -49,55 +77,64 @@ def library() -> ctypes.CDLL | None:
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 out = Path(tmp) / target.name
-                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True,
+                subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], check=True,
                                capture_output=True, text=True, timeout=120)
                 os.replace(out, target)  # atomic: concurrent builders both end with a whole file
-        lib = ctypes.CDLL(str(target))
+        return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or e
-        log.debug("peftlite kernels: building %s failed (%s); CPU merges use torch ops", SOURCE.name, detail)
+        log.debug("peftlite kernels: building %s failed with %s (%s)", SOURCE.name, " ".join(flags), detail)
         return None
-    lib.pl_merge.argtypes = [ctypes.c_int, _p, _p, _i64, _p, _p, _p, _p]
-    lib.pl_merge.restype = _i64
-    lib.pl_unmerge.argtypes = [ctypes.c_int, _p, _p, _i64, _p, _i64]
-    lib.pl_unmerge.restype = None
-    return lib
 
 
-def usable(weight: Tensor) -> bool:
+def usable(weight: Tensor, factors: torch.dtype = torch.float32) -> bool:
     return weight.device.type == "cpu" and weight.dtype in KINDS and weight.is_contiguous() \
-        and library() is not None
+        and factors == torch.float32 and library() is not None
 
 
-class Scratch:
-    """Per-merge output buffers for one block of up to ``n`` elements (worst case: every element escapes)."""
+class Block(NamedTuple):
+    """One merged block: ``overflow`` is the flat index of the first element that would have become
+    non-finite (the block is then restored exactly and the rest is empty), or -1."""
 
-    def __init__(self, n: int, dtype: torch.dtype):
-        self.words = torch.empty(n + 2, dtype=torch.int32)
-        self.esc_index = torch.empty(n, dtype=torch.int64)
-        self.esc_values = torch.empty(n, dtype=dtype)
-        self.out = torch.zeros(3, dtype=torch.int64)
+    overflow: int
+    codes: Tensor  # (words,) int32
+    esc_index: Tensor  # (n,) int64, within the block
+    esc_values: Tensor  # (n,) W's dtype
+    flagged: int
 
 
-def merge_block(blk: Tensor, d: Tensor, s: Scratch) -> tuple[int, Tensor, Tensor, Tensor, int]:
-    """Merge one contiguous block in place.
+def merge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float) -> Block:
+    """Merge ``scale·B_rows@A`` (see ``_torch.delta``) into the contiguous (rows, cols) block in place.
 
-    Returns:
-        (overflow, codes, escape index within the block, escape values, flagged): ``overflow`` is the
-        flat index of the first element that would become non-finite (the block is then restored
-        exactly and the other outputs are empty), or -1.
+    A: (r, cols) and B_rows: (rows, r), contiguous fp32.
     """
+    rows, cols = blk.shape
     n = blk.numel()
-    bad = library().pl_merge(KINDS[blk.dtype], blk.data_ptr(), d.data_ptr(), n, s.words.data_ptr(),
-                             s.esc_index.data_ptr(), s.esc_values.data_ptr(), s.out.data_ptr())
+    words = torch.empty(n + 2, dtype=torch.int32)  # worst case: every element coded or escaped
+    esc_index = torch.empty(n, dtype=torch.int64)
+    esc_values = torch.empty(n, dtype=blk.dtype)
+    out = torch.zeros(3, dtype=torch.int64)
+    bad = library().pl_merge(KINDS[blk.dtype], blk.data_ptr(), rows, cols, A.data_ptr(), B_rows.data_ptr(),
+                             A.shape[0], scale, words.data_ptr(), esc_index.data_ptr(), esc_values.data_ptr(),
+                             out.data_ptr())
     if bad >= 0:
-        return bad, s.words[:0], s.esc_index[:0], s.esc_values[:0], 0
-    n_words, n_esc, n_flag = s.out.tolist()
-    return -1, s.words[:n_words].clone(), s.esc_index[:n_esc].clone(), s.esc_values[:n_esc].clone(), n_flag
+        return Block(bad, words[:0], esc_index[:0], esc_values[:0], 0)
+    n_words, n_esc, n_flag = out.tolist()
+    return Block(-1, words[:n_words].clone(), esc_index[:n_esc].clone(), esc_values[:n_esc].clone(), n_flag)
 
 
-def unmerge_block(blk: Tensor, d: Tensor, words: Tensor) -> None:
+def unmerge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float, words: Tensor) -> None:
     """Unmerge one contiguous block in place from its code words (the caller writes the escapes)."""
+    rows, cols = blk.shape
     words = words.contiguous()
-    library().pl_unmerge(KINDS[blk.dtype], blk.data_ptr(), d.data_ptr(), blk.numel(), words.data_ptr(),
-                         words.numel())
+    library().pl_unmerge(KINDS[blk.dtype], blk.data_ptr(), rows, cols, A.data_ptr(), B_rows.data_ptr(),
+                         A.shape[0], scale, words.data_ptr(), words.numel())
+
+
+def run_blocks(fn: Callable[[T], R], items: list[T]) -> list[R]:
+    """``[fn(x) for x in items]`` on up to ``torch.get_num_threads()`` threads (ctypes calls drop the GIL)."""
+    threads = min(torch.get_num_threads(), len(items))
+    if threads <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, items))

@@ -39,9 +39,17 @@ def _factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return A.to(dtype), B.to(dtype)
 
 
-def _delta(A: Tensor, B_rows: Tensor, scale: float) -> Tensor:
-    """scale·(B_rows @ A): the one definition both directions use.  (rows_blk, cols)"""
-    return torch.mm(B_rows, A).mul_(scale)
+def delta(A: Tensor, B_rows: Tensor, scale: float) -> Tensor:
+    """scale·(B_rows @ A), the one definition both directions (and the fused C pass) use.  (rows_blk, cols)
+
+    The rank is summed in order, k = 0..r-1, every product and sum rounded on its own (no fused
+    multiply-add, no blocked reduction), then scaled: a matmul library's order is its own and may change
+    with the thread count, and exact unmerge needs the merge's ΔW to the bit.
+    """
+    d = B_rows[:, :1] * A[:1]
+    for k in range(1, A.shape[0]):
+        d += B_rows[:, k:k + 1] * A[k:k + 1]
+    return d.mul_(torch.tensor(scale, dtype=d.dtype))
 
 
 class _Builder:
@@ -76,13 +84,39 @@ class _Builder:
         )
 
 
-def _fused(weight: Tensor, fused: bool | None) -> bool:
+def _fused(weight: Tensor, factors: torch.dtype, fused: bool | None) -> bool:
     if fused is None:
-        return FORMATS.get(weight.dtype) is not None and _cpu.usable(weight)
-    if fused and not _cpu.usable(weight):
+        return FORMATS.get(weight.dtype) is not None and _cpu.usable(weight, factors)
+    if fused and not _cpu.usable(weight, factors):
         raise RuntimeError(f"the fused CPU pass cannot run for a {weight.dtype} weight on {weight.device} "
-                           "(it needs a contiguous fp32/bf16/fp16 CPU weight and a C compiler); pass fused=None")
+                           f"with {factors} adapters (it needs a contiguous fp32/bf16/fp16 CPU weight, fp32 "
+                           "adapters and a C compiler); pass fused=None")
     return fused
+
+
+def _merge_fused(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: int) -> MergeRecord:
+    """``merge_`` by the fused C pass, blocks on all of torch's threads."""
+    rows, cols = weight.shape
+    spans = list(_blocks(rows, cols, block_elements))
+    done = _cpu.run_blocks(lambda s: _cpu.merge_block(weight[s[0]:s[1]], A, B[s[0]:s[1]], scale), spans)
+    failed = [(start, blk) for (start, _), blk in zip(spans, done) if blk.overflow >= 0]
+    if failed:  # an overflowing block restored itself; take the others back out, then report the first
+        _cpu.run_blocks(lambda i: _unmerge_block(weight, A, B, scale, spans[i], done[i]),
+                        [i for i, blk in enumerate(done) if blk.overflow < 0])
+        start, blk = failed[0]
+        row, col = start + blk.overflow // cols, blk.overflow % cols
+        raise _overflow_error(weight, row, col, weight[row, col].item())
+    out = _Builder(weight)
+    for (start, _), blk in zip(spans, done):
+        out.block(start * cols, blk.codes, blk.esc_index, blk.esc_values, blk.flagged)
+    return out.record((rows, cols))
+
+
+def _unmerge_block(weight: Tensor, A: Tensor, B: Tensor, scale: float, span: tuple[int, int],
+                   blk: _cpu.Block) -> None:
+    start, stop = span
+    _cpu.unmerge_block(weight[start:stop], A, B[start:stop], scale, blk.codes)
+    weight[start:stop].view(-1)[blk.esc_index] = blk.esc_values
 
 
 def _overflow_error(weight: Tensor, row: int, col: int, value: float) -> NonFiniteMergeError:
@@ -107,19 +141,11 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float,
     fmt = FORMATS.get(weight.dtype)
     A, B = _factors(A, B)
     out = _Builder(weight)
-    fused = _fused(weight, fused)
-    scratch = None
+    if _fused(weight, A.dtype, fused):
+        return _merge_fused(weight, A.contiguous(), B.contiguous(), scale, block_elements)
     for start, stop in _blocks(rows, cols, block_elements):
         blk = weight[start:stop]
-        d = _delta(A, B[start:stop], scale)
-        if fused:
-            scratch = scratch or _cpu.Scratch(blk.numel(), weight.dtype)
-            bad, codes, index, values, flagged = _cpu.merge_block(blk, d, scratch)
-            if bad >= 0:  # the block is already restored
-                unmerge_(weight[:start], A, B[:start], scale, out.record((start, cols)), block_elements, True)
-                raise _overflow_error(weight, start + bad // cols, bad % cols, blk.view(-1)[bad].item())
-            out.block(start * cols, codes, index, values, flagged)
-            continue
+        d = delta(A, B[start:stop], scale)
         orig = blk.clone()
         blk.add_(d)  # in fp32, rounded once to W's dtype
         if not bool(torch.isfinite(blk).all()):
@@ -159,13 +185,24 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
         record.check_matches(weight, BACKEND, "unmerge")
     fmt = FORMATS.get(weight.dtype)
     A, B = _factors(A, B)
-    fused = record is not None and _fused(weight, fused)
+    if record is not None and _fused(weight, A.dtype, fused):
+        A, B = A.contiguous(), B.contiguous()
+        spans = list(_blocks(rows, cols, block_elements))
+        chunks = record.chunks.tolist()
+        _cpu.run_blocks(lambda i: _cpu.unmerge_block(weight[spans[i][0]:spans[i][1]], A, B[spans[i][0]:spans[i][1]],
+                                                     scale, record.codes[chunks[i]:chunks[i + 1]]), range(len(spans)))
+    else:
+        _unmerge_ops(weight, A, B, scale, record, fmt, block_elements)
+    if record is not None and record.escape_index.numel():
+        weight.view(-1)[record.escape_index] = record.escape_values
+
+
+def _unmerge_ops(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRecord | None, fmt,
+                 block_elements: int) -> None:
+    rows, cols = weight.shape
     for i, (start, stop) in enumerate(_blocks(rows, cols, block_elements)):
         blk = weight[start:stop]
-        d = _delta(A, B[start:stop], scale)
-        if fused:
-            _cpu.unmerge_block(blk, d, record.codes[int(record.chunks[i]):int(record.chunks[i + 1])])
-            continue
+        d = delta(A, B[start:stop], scale)
         guess = unmerged_guess(blk, d)
         if record is None or fmt is None:
             blk.copy_(guess)
@@ -177,5 +214,3 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
         if pos.numel():
             words = record.codes[int(record.chunks[i]):int(record.chunks[i + 1])]
             blk.view(-1)[pos] = _codec.decode(words, merged, d.view(-1)[pos], fmt)
-    if record is not None and record.escape_index.numel():
-        weight.view(-1)[record.escape_index] = record.escape_values
