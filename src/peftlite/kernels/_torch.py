@@ -2,7 +2,7 @@
 
 Per block of rows (about ``BLOCK_ELEMENTS`` elements, so the temporaries stay in cache):
 
-    merge     d = scale·(B_blk @ A) in fp32;  W_blk <- round(W_blk + d)   (one in-place add, one rounding)
+    merge     d = delta(A, B_blk, scale) in fp32;  W_blk <- round(W_blk + d)   (one add, one rounding)
               guess = round(W_blk' - d); flag = may_lose(guess, W_blk')
               codes for the flagged elements; escapes where an unflagged guess is not the original
     unmerge   d as above; W_blk <- guess; flagged elements decoded from their codes; escapes written
@@ -10,8 +10,9 @@ Per block of rows (about ``BLOCK_ELEMENTS`` elements, so the temporaries stay in
 ``d`` comes from the same function on the same blocks in both directions, so it is bit-identical.
 Weights of other float dtypes (fp64) keep a plain escape list: every element whose guess is wrong.
 
-On CPU tensors everything after ``d`` runs as one fused C loop per block (``_cpu``) when a C compiler is
-at hand; it produces the same records to the bit, so ``fused`` only changes the speed.
+On CPU tensors each block runs as one C function (``_cpu``: ``d`` in the same order, then the flag, runs,
+codes and escapes), blocks on all of torch's threads, when a C compiler is at hand; it produces the same
+records to the bit, so ``fused`` only changes the speed.
 """
 
 from __future__ import annotations
@@ -140,9 +141,9 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float,
     rows, cols = weight.shape
     fmt = FORMATS.get(weight.dtype)
     A, B = _factors(A, B)
-    out = _Builder(weight)
     if _fused(weight, A.dtype, fused):
         return _merge_fused(weight, A.contiguous(), B.contiguous(), scale, block_elements)
+    out = _Builder(weight)
     for start, stop in _blocks(rows, cols, block_elements):
         blk = weight[start:stop]
         d = delta(A, B[start:stop], scale)
@@ -187,10 +188,13 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
     A, B = _factors(A, B)
     if record is not None and _fused(weight, A.dtype, fused):
         A, B = A.contiguous(), B.contiguous()
-        spans = list(_blocks(rows, cols, block_elements))
         chunks = record.chunks.tolist()
-        _cpu.run_blocks(lambda i: _cpu.unmerge_block(weight[spans[i][0]:spans[i][1]], A, B[spans[i][0]:spans[i][1]],
-                                                     scale, record.codes[chunks[i]:chunks[i + 1]]), range(len(spans)))
+
+        def block(i_span):
+            i, (start, stop) = i_span
+            _cpu.unmerge_block(weight[start:stop], A, B[start:stop], scale, record.codes[chunks[i]:chunks[i + 1]])
+
+        _cpu.run_blocks(block, list(enumerate(_blocks(rows, cols, block_elements))))
     else:
         _unmerge_ops(weight, A, B, scale, record, fmt, block_elements)
     if record is not None and record.escape_index.numel():
