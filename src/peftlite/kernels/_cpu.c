@@ -204,8 +204,8 @@ INLINE i32 f32ord(i32 o, float d, int kind) { return ord32(merged(bits32(o, kind
 
 /* What classify() decides, for the common case, from five evaluations around the guess, branch-free:
  * FLAG as _bits.may_lose; where flagged, the run [o - DOWN, o - DOWN + count) when it is settled by them.
- * SLOW where they cannot tell (a zero or extreme guess, a guess that does not merge back, a run of 4+):
- * the lane then goes through classify(). */
+ * SLOW where they cannot tell: a long run (FLAG set: the run comes from candidates()), or for fp32 a zero
+ * or extreme guess (FLAG clear: classify() decides the flag too). */
 enum { FLAG = 1, SLOW = 2, DOWN = 4, WRONG = 8, COUNT_SHIFT = 4 };
 
 INLINE i32 settle(u32 m, u32 g, float d, int kind) {
@@ -217,8 +217,8 @@ INLINE i32 settle(u32 m, u32 g, float d, int kind) {
     i32 fh1 = f32ord(hi1, d, kind), fh2 = f32ord(hi2, d, kind);
     int down = fl1 == t, up = fh1 == t, flag, unknown;
     if (kind == 0) {
-        flag = (f0 != t) | down | up;
         unknown = !inner;
+        flag = ((f0 != t) | down | up) & !unknown;
     } else {
         u32 mm = kind == 1 ? 0x7Fu : 0x3FFu, mag_g = g & 0x7FFFu, mag_m = m & 0x7FFFu, mant = mag_g & mm;
         flag = (mag_m > (mag_g | mm)) | (mant == 0) | (mant == mm);
@@ -270,7 +270,11 @@ INLINE u64 get_bits(Reader *rd, int width) {
 
 /* The run of a lane from its settle() info: 1 if flagged (first, count set), else 0. */
 INLINE int run_of(i32 info, u32 m, u32 g, float d, int kind, i64 *first, i64 *count) {
-    if (info & SLOW) return classify(m, g, d, kind, first, count);
+    if (info & SLOW) { /* a long run (flag known): its ends from the estimates; else the flag too */
+        if (!(info & FLAG)) return classify(m, g, d, kind, first, count);
+        candidates(m, d, kind, first, count);
+        return 1;
+    }
     if (!(info & FLAG)) return 0;
     *first = (i64)ord32(g, kind) - ((info & DOWN) ? 1 : 0);
     *count = info >> COUNT_SHIFT;
