@@ -81,6 +81,17 @@ def test_function_matches_oracle_fp32(geom, path, layout):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("geom", RESNET[:2], ids=ids)
+def test_function_with_an_expanded_output_gradient(geom, path):
+    """``y.sum()`` hands backward a stride-0 gradient: the NCHW fast branches must not assume a layout."""
+    gm, x, w, b, A, B = _case(geom, rank=4, n=2, size=(6, 6))
+    got = torch.autograd.grad(_conv_autograd.lora_conv2d(x, w, b, A, B, 0.7, gm, path=path).sum(), (x, A, B))
+    ref = torch.autograd.grad(F_.lora_conv2d(x, w, b, A, B, 0.7, gm).sum(), (x, A, B))
+    for u, v in zip(got, ref, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_function_under_cpu_autocast_matches_autocast_oracle(path):
     gm, x, w, b, A, B = _case(RESNET[0], torch.float32, rank=8, n=2, size=(8, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):

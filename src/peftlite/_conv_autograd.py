@@ -155,7 +155,7 @@ class _Activations(torch.autograd.Function):
             gB = _grad_B(g, h, B.to(g.dtype), c.groups).mul_(scale)
         if need_x or (need_a and not need_w):
             gh = _to_rank(g, B.to(g.dtype), c.groups).mul_(scale)  # (N, G·r, H', W')
-            fold = need_x and c.groups == 1 and c.is_pointwise(w) and _flat(gx) is not None
+            fold = need_x and c.groups == 1 and c.is_pointwise(w) and _flat(gx) is not None and _flat(gh) is not None
             gxa, need_ga = None, need_a and not need_w
             if (need_x and not fold) or need_ga:
                 gxa, ga_ = _a_backward(gh, x, a, c, need_x and not fold, need_ga)
