@@ -9,7 +9,8 @@ beside them under ``lora.<adapter name>`` (``layer4.0.conv1.lora.default.A``). T
   ``W + scale·ΔW`` while the adapter is enabled and unmerged, so that code reading the weight directly
   (torchvision's Swin, ``nn.MultiheadAttention``, a subclass with its own forward) sees the adapter;
 - for a layer with the stock ``nn.Linear`` / ``nn.Conv2d`` forward, a forward that adds the adapter
-  through activations, which is cheaper than forming ``W + scale·ΔW`` when training.
+  through activations (``_linear_autograd``, ``_conv_autograd``), or for a conv through the merged
+  weight with low-rank gradients, whichever the per-call cost model finds cheaper.
 
 Merging is explicit state in ``LayerState``; nothing happens in ``train()`` / ``eval()``.
 """
