@@ -3,8 +3,9 @@
     python benchmarks/conv_paths.py [--threads 1]
 
 Runs ``run.resnet`` (the rows of benchmarks/run.py) with the per-call cost model, then with every conv
-forced onto the activation path, then onto the weight path. Prints ours ÷ base for inference and
-ours ÷ frozen-base step for training.
+forced onto one path: activations, merged (``_conv_autograd``; in inference the same as the weight path),
+weight (in training: autograd on ``functional.lora_conv2d_weight_path``). Prints ours ÷ base for
+inference and ours ÷ frozen-base step for training.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model_inf, model_train = layers.conv_inference_path, layers.conv_training_path
     print(f"{run.machine()}\n\n| conv path | inference ÷ base | training ÷ frozen-base step |\n|---|---|---|")
-    for mode in ("cost model", "activations", "weight"):
+    for mode in ("cost model", "activations", "merged", "weight"):
         if mode == "cost model":
             layers.conv_inference_path, layers.conv_training_path = model_inf, model_train
         else:

@@ -85,9 +85,10 @@ def test_conv_path_cost_model_per_call():
     from peftlite.functional import ConvGeometry
     dense = ConvGeometry(256, 256, (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros")
     depthwise = ConvGeometry(256, 256, (3, 3), (1, 1), (1, 1), (1, 1), 256, "zeros")
-    assert conv_training_path(dense, 8) == "activations"
-    assert conv_training_path(depthwise, 8) == "weight"
-    assert conv_training_path(dense, 8, pixels=8 * 56 * 56) == "activations"
+    assert conv_training_path(dense, 8) == "merged"  # many pixels: two r-wide passes beat three
+    assert conv_training_path(depthwise, 8) == "weight"  # fan_in 9: the full weight gradient is cheaper
+    assert conv_training_path(dense, 8, pixels=8 * 56 * 56) == "merged"
+    assert conv_training_path(dense, 8, pixels=8 * 4 * 4) == "activations"  # ResNet-50 layer4 at 128 px
     assert conv_training_path(dense, 8, pixels=1) == "activations"
     assert conv_training_path(depthwise, 8, pixels=8 * 56 * 56) == "weight"
     grouped = ConvGeometry(64, 64, (1, 1), (1, 1), (0, 0), (1, 1), 16, "zeros")  # fan_in 4

@@ -9,7 +9,8 @@ beside them under ``lora.<adapter name>`` (``layer4.0.conv1.lora.default.A``). T
   ``W + scale·ΔW`` while the adapter is enabled and unmerged, so that code reading the weight directly
   (torchvision's Swin, ``nn.MultiheadAttention``, a subclass with its own forward) sees the adapter;
 - for a layer with the stock ``nn.Linear`` / ``nn.Conv2d`` forward, a forward that adds the adapter
-  through activations, which is cheaper than forming ``W + scale·ΔW`` when training.
+  through activations (``_linear_autograd``, ``_conv_autograd``), or for a conv through the merged
+  weight with low-rank gradients, whichever the per-call cost model finds cheaper.
 
 Merging is explicit state in ``LayerState``; nothing happens in ``train()`` / ``eval()``.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import _linear_autograd
+from . import _conv_autograd, _linear_autograd
 from . import functional as F_
 from ._effective import guard
 
@@ -125,11 +126,14 @@ class _Conv2dForward(Adapted):
         p = self.lora[st.adapter]
         if p.dropout > 0.0 and self.training:
             return F_.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, st.geometry, p.dropout, True)
-        needs_grad = torch.is_grad_enabled() and (p.A.requires_grad or p.B.requires_grad)
-        choose = conv_training_path if needs_grad else conv_inference_path
-        if choose(st.geometry, p.rank, _output_pixels(x, st.geometry)) == "activations":
-            return F_.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, st.geometry)
-        return F_.lora_conv2d_weight_path(x, w, self.bias, p.A, p.B, p.scale, st.geometry)
+        pixels = _output_pixels(x, st.geometry)
+        if torch.is_grad_enabled() and (p.A.requires_grad or p.B.requires_grad):
+            path = conv_training_path(st.geometry, p.rank, pixels)
+            if path == "weight":
+                return F_.lora_conv2d_weight_path(x, w, self.bias, p.A, p.B, p.scale, st.geometry)
+        else:
+            path = "activations" if conv_inference_path(st.geometry, p.rank, pixels) == "activations" else "merged"
+        return _conv_autograd.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, st.geometry, path)
 
 
 def _output_pixels(x: Tensor, geom: F_.ConvGeometry) -> int:
@@ -161,20 +165,37 @@ def conv_inference_path(geom: F_.ConvGeometry, rank: int, pixels: int) -> str:
     return "activations" if activations < weight else "weight"
 
 
-def conv_training_path(geom: F_.ConvGeometry, rank: int, pixels: int | None = None) -> str:
-    """Which path trains a conv's adapter more cheaply, counting multiply-adds over ``pixels`` outputs.
+# On CPU the r-wide products of the adapter (skinny matrix products) run at about half the rate of the
+# base conv's; counted as this many multiply-adds per multiply-add.
+RANK_PASS_COST = 2
 
-    Activations: forward and backward of the A conv (``groups·r`` channels over ``fan_in``) and the B
-    conv, about ``3·r·(groups·fan_in + out)`` per output pixel. Weight: the weight-gradient conv of the
-    full layer, ``out·fan_in`` per pixel, plus forming ΔW and its gradients, ``3·r·out·fan_in`` once.
-    Few pixels (small batches, late layers) favour the weight path; ``pixels=None`` is the many-pixel
-    limit, where depthwise convs take the weight path and dense convs the activations.
+
+def conv_training_path(geom: F_.ConvGeometry, rank: int, pixels: int | None = None) -> str:
+    """Which path trains a conv's adapter most cheaply, counting multiply-adds over ``pixels`` outputs.
+
+    With ``R = RANK_PASS_COST · r·(groups·fan_in + out)``, the cost of one r-wide pass over the pixels:
+
+    - ``activations`` (``_conv_autograd``): three such passes (h and B h forward; ∂h, ∂B, ∂A and A's
+      part of ∂x backward, in pairs), ``3·R`` per pixel;
+    - ``merged`` (``_conv_autograd``): the base conv runs with ``W + scale·ΔW`` both ways, and only the
+      adapter's gradients take r-wide passes (h recomputed, ∂h, ∂B, ∂A): ``2·R`` per pixel, plus forming
+      the merged weight once, ``out·fan_in·(r + WEIGHT_PASS_COST)``;
+    - ``weight`` (autograd on ``functional.lora_conv2d_weight_path``): the full weight-gradient conv,
+      ``out·fan_in`` per pixel, plus forming ΔW and its gradients, ``out·fan_in·(3·r + WEIGHT_PASS_COST)``.
+
+    Large feature maps take ``merged``, small ones (late layers, small batches) ``activations``, and
+    convs with a tiny ``fan_in`` (depthwise) ``weight``. ``pixels=None`` is the many-pixel limit.
     """
-    activations = 3 * rank * (geom.groups * geom.fan_in + geom.out_channels)
+    per_pixel = RANK_PASS_COST * rank * (geom.groups * geom.fan_in + geom.out_channels)
+    weight_elems = geom.out_channels * geom.fan_in
     if pixels is None:
-        return "activations" if activations < geom.out_channels * geom.fan_in else "weight"
-    weight = geom.out_channels * geom.fan_in * (pixels + 3 * rank)
-    return "activations" if activations * pixels < weight else "weight"
+        return "merged" if 2 * per_pixel < weight_elems else "weight"
+    costs = {
+        "activations": 3 * per_pixel * pixels,
+        "merged": 2 * per_pixel * pixels + weight_elems * (rank + WEIGHT_PASS_COST),
+        "weight": weight_elems * (pixels + 3 * rank + WEIGHT_PASS_COST),
+    }
+    return min(costs, key=costs.get)
 
 
 # ---- the table of supported layer types ----------------------------------------------------------
