@@ -1,9 +1,10 @@
 /* One fused pass per block for the torch backend's exact merge/unmerge on the CPU (see _cpu.py).
  *
- * It implements exactly the scheme of _bits.may_lose and _codec (docs/exact-unmerge.md), element by
- * element: the same flag, the same exact candidate runs, the same codes packed in the same order, the
- * same escapes. So its records are bit-identical to the torch-op implementation's, and either decodes
- * the other's. Built with -ffp-contract=off: every w + d is one fp32 addition, rounded once.
+ * It implements exactly the scheme of _torch.delta, _bits.may_lose and _codec (docs/exact-unmerge.md),
+ * element by element: the same ΔW, the same flag, the same exact candidate runs, the same codes packed in
+ * the same order, the same escapes. So its records are bit-identical to the torch-op implementation's,
+ * and either decodes the other's. Built with -ffp-contract=off: every product and sum is one fp32
+ * operation, rounded once, in vectorised code as in scalar code.
  *
  * kind: 0 fp32, 1 bf16, 2 fp16. Weights are passed as raw bits (uint32 or uint16 arrays).
  */
