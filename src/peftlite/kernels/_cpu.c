@@ -229,8 +229,8 @@ INLINE i32 settle(u32 m, u32 g, float d, int kind) {
     return flag | (slow << 1) | (down << 2) | ((1 + down + up) << COUNT_SHIFT);
 }
 
-/* Bit j of the result: lane base + j has any of the mask's bits (64 lanes). Iterating its set bits replaces
- * a data-dependent branch per lane, which for ~10% taken lanes would be mispredicted on every other one. */
+/* Bit j of the result: lane j has any of the mask's bits (64 lanes). Iterating its set bits replaces a
+ * data-dependent branch per lane, which mispredicts often when ~10% of lanes take it at random. */
 INLINE u64 lanes_with(const i32 *info, i64 len, i32 mask) {
     u64 bits = 0;
     for (i64 j = 0; j < len; j++) bits |= (u64)((info[j] & mask) != 0) << j;
