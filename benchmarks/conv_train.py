@@ -6,9 +6,9 @@ All contenders run in one process, interleaved, medians (``run.timed``), batch 8
 
 - ``base``: the frozen-base step (every weight frozen, gradients still flowing to the input);
 - ``full``: a full fine-tune step of the same network;
-- ``ours``: the wrapped model as shipped (``layers.conv_training_path`` picks per call);
+- ``ours``: the wrapped model as shipped (``peftlite.layers.conv.training_path`` picks per call);
 - ``autograd``: the same wrapped model with every conv on the previous paths: autograd on
-  ``functional.lora_conv2d`` or ``functional.lora_conv2d_weight_path``, chosen by the previous cost model
+  ``functional.lora_conv2d`` or ``functional.lora_conv2d_merged``, chosen by the previous cost model
   (``previous_training_path`` below). Swapped in for the timing only.
 
 Then inference (eval, no grad, 160 px): base, ours, and ours on the previous paths (``autograd``).
@@ -30,31 +30,31 @@ sys.path.insert(0, os.path.dirname(__file__))
 import run  # noqa: E402
 
 import peftlite  # noqa: E402
-from peftlite import _conv_autograd, layers  # noqa: E402
 from peftlite import functional as F_  # noqa: E402
+from peftlite.layers import conv, conv_autograd  # noqa: E402
 
 
 def previous_training_path(geom, rank, pixels=None):
-    """The training cost model before ``_conv_autograd`` (activations vs autograd on the weight path)."""
+    """The training cost model before ``conv_autograd`` (activations vs autograd on the merged weight)."""
     activations = 3 * rank * (geom.groups * geom.fan_in + geom.out_channels)
-    weight = geom.out_channels * geom.fan_in * (pixels + 3 * rank)
-    return "activations" if activations * pixels < weight else "weight"
+    dense = geom.out_channels * geom.fan_in * (pixels + 3 * rank)
+    return "activations" if activations * pixels < dense else "dense"
 
 
 def _functional(x, weight, bias, A, B, scale, geom, path="activations"):
-    if path == "merged":  # only inference asks for it here: the weight path, as before
-        return F_.lora_conv2d_weight_path(x, weight, bias, A, B, scale, geom)
+    if path == "merged":  # only inference asks for it here: the merged weight, as before
+        return F_.lora_conv2d_merged(x, weight, bias, A, B, scale, geom)
     return F_.lora_conv2d(x, weight, bias, A, B, scale, geom)
 
 
 @contextlib.contextmanager
 def previous_paths():
-    saved = layers.conv_training_path, _conv_autograd.lora_conv2d
-    layers.conv_training_path, _conv_autograd.lora_conv2d = previous_training_path, _functional
+    saved = conv.training_path, conv_autograd.lora_conv2d
+    conv.training_path, conv_autograd.lora_conv2d = previous_training_path, _functional
     try:
         yield
     finally:
-        layers.conv_training_path, _conv_autograd.lora_conv2d = saved
+        conv.training_path, conv_autograd.lora_conv2d = saved
 
 
 def inference(px: int) -> dict:

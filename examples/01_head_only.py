@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 import peftlite
-from peftlite._digits import NEW_CLASSES, accuracy, digits, pretrained_backbone, train
+from peftlite.demo.digits import NEW_CLASSES, accuracy, digit_split, pretrained_backbone, train
 
 torch.manual_seed(0)
 model = pretrained_backbone()
 peftlite.wrap(model, heads={"fc": nn.Linear(model.fc.in_features, len(NEW_CLASSES))})
 print(peftlite.summary(model))
 
-split = digits(NEW_CLASSES)
+split = digit_split(NEW_CLASSES)
 opt = torch.optim.AdamW(peftlite.param_groups(model, 1e-2))
 train(model, split, opt, epochs=10, desc="head only")
 print(f"final accuracy on digits 5-9 (head only): {accuracy(model, split.x_test, split.y_test):.3f}")

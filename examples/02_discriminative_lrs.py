@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import peftlite
-from peftlite._digits import NEW_CLASSES, accuracy, digits, pretrained_backbone, train
+from peftlite.demo.digits import NEW_CLASSES, accuracy, digit_split, pretrained_backbone, train
 
 torch.manual_seed(0)
 model = pretrained_backbone()
@@ -20,6 +20,6 @@ groups = peftlite.param_groups(model, 1e-3, lrs={"fc": 1e-2, "layer3": 1e-3}, we
 for g in groups:
     print(f"{g['name']:<22} lr={g['lr']:.0e}  weight_decay={g['weight_decay']}  params={len(g['params'])}")
 
-split = digits(NEW_CLASSES)
+split = digit_split(NEW_CLASSES)
 train(model, split, torch.optim.AdamW(groups), epochs=10, desc="layer3 + head")
 print(f"final accuracy on digits 5-9 (layer3 + head): {accuracy(model, split.x_test, split.y_test):.3f}")

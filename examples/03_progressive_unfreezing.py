@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import peftlite
-from peftlite._digits import NEW_CLASSES, accuracy, digits, pretrained_backbone, train
+from peftlite.demo.digits import NEW_CLASSES, accuracy, digit_split, pretrained_backbone, train
 
 EPOCHS = 10
 
@@ -35,7 +35,7 @@ def on_epoch(epoch):
         print(f"epoch {epoch}: unfroze {len(newly)} parameters ({newly[0]}, ...)")
 
 
-split = digits(NEW_CLASSES)
+split = digit_split(NEW_CLASSES)
 history = train(model, split, opt, epochs=EPOCHS, desc="progressive", on_epoch=on_epoch)
 print("test accuracy per epoch:", " ".join(f"{h['accuracy']:.2f}" for h in history))
 acc = accuracy(model, split.x_test, split.y_test)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import peftlite
-from peftlite._digits import NEW_CLASSES, accuracy, digits, pretrained_backbone, train
+from peftlite.demo.digits import NEW_CLASSES, accuracy, digit_split, pretrained_backbone, train
 
 torch.manual_seed(0)
 model = pretrained_backbone()
@@ -20,6 +20,6 @@ print(peftlite.summary(model, blocks=True))
 groups = peftlite.param_groups(model, 1e-2, layer_decay=0.7, weight_decay=0.01)
 print("lr per group:", ", ".join(f"{g['name']}={g['lr']:.1e}" for g in groups))
 
-split = digits(NEW_CLASSES)
+split = digit_split(NEW_CLASSES)
 train(model, split, torch.optim.AdamW(groups), epochs=10, desc="lora + layer decay")
 print(f"final accuracy on digits 5-9 (LoRA + layer decay): {accuracy(model, split.x_test, split.y_test):.3f}")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import peftlite
-from peftlite._digits import NEW_CLASSES, Split, accuracy, digits, pretrained_backbone, tiny_resnet, train
+from peftlite.demo.digits import NEW_CLASSES, Split, accuracy, digit_split, pretrained_backbone, tiny_resnet, train
 
 
 class MultiTask(nn.Module):
@@ -48,7 +48,7 @@ pretrained = pretrained_backbone()
 weights = {k: v.clone() for k, v in pretrained.state_dict().items()}
 model = peftlite.wrap(MultiTask(pretrained), trainable=["heads.*"])
 
-data = digits(NEW_CLASSES)
+data = digit_split(NEW_CLASSES)
 odd = lambda y: (y + NEW_CLASSES[0]) % 2  # noqa: E731  labels 0..4 are digits 5..9
 splits = {"digit": data, "parity": Split(data.x_train, odd(data.y_train), data.x_test, odd(data.y_test))}
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftlite
-from peftlite._digits import NEW_CLASSES, digits
+from peftlite.demo.digits import NEW_CLASSES, digit_split
 
 
 def build(seed: int = 0) -> nn.Module:
@@ -32,7 +32,7 @@ def build(seed: int = 0) -> nn.Module:
 
 def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    split = digits(NEW_CLASSES)
+    split = digit_split(NEW_CLASSES)
     x_train = F.interpolate(split.x_train, size=32).expand(-1, 3, -1, -1)  # (N, 3, 32, 32)
     x_test = F.interpolate(split.x_test, size=32).expand(-1, 3, -1, -1)
 

@@ -83,6 +83,7 @@ def check_triton_rounding():
     """The kernel's integer round-to-nearest-even matches torch's fp32 -> bf16/fp16 casts."""
     import triton
 
+    from _triton_probes import round_kernel
     from peftlite.kernels import _triton_kernels as K
 
     g = torch.Generator().manual_seed(1)
@@ -96,7 +97,7 @@ def check_triton_rounding():
     x = x[~torch.isnan(x)]
     for kind, dtype in ((K.BF16, torch.bfloat16), (K.FP16, torch.float16)):
         out = torch.empty(x.numel(), dtype=torch.int16)
-        K.round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), KIND=kind, BLOCK=1024)
+        round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), KIND=kind, BLOCK=1024)
         ref = x.to(dtype).view(torch.int16)
         bad = (out != ref).nonzero().view(-1)
         assert bad.numel() == 0, f"{dtype}: {bad.numel()} casts differ, e.g. {x[bad[:3]].tolist()}"

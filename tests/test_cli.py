@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftlite
-from peftlite._digits import tiny_resnet
 from peftlite.cli import main
+from peftlite.demo.digits import tiny_resnet
 
 X = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -71,7 +71,7 @@ def test_inspect_json(files, capsys):
     assert d["params"] == sum(t.numel() for t in tensors.values())
     assert d["bytes"] == 4 * d["params"] and d["file_bytes"] == os.path.getsize(tmp_path / "a.safetensors")
     names = [layer["name"] for layer in d["layers"]]
-    assert names == [n for n, m in model.named_modules() if isinstance(m, peftlite.layers.Adapted)]
+    assert names == [n for n, m in model.named_modules() if isinstance(m, peftlite.layers.AdaptedLayer)]
     conv = d["layers"][0]
     assert conv["rank"] == 4 and conv["scale"] == 2.0 and conv["geometry"]["kernel_size"] == [3, 3]
     assert d["modules"]["fc"]["params"] == 7 * 64 + 7
@@ -108,7 +108,7 @@ def test_convert_peft_dir_loads_in_peft(files, capsys):
 
 def test_merge_module_callable(files, capsys):
     tmp_path, model = files
-    rc, out, err = run(capsys, "merge", "--model", "peftlite._digits:tiny_resnet", "--weights",
+    rc, out, err = run(capsys, "merge", "--model", "peftlite.demo.digits:tiny_resnet", "--weights",
                        tmp_path / "base.safetensors", "--adapter", tmp_path / "a.safetensors",
                        "--out", tmp_path / "merged.safetensors")
     assert rc == 0, err
@@ -144,7 +144,7 @@ def test_merge_torchvision(tmp_path, capsys):
 
 MERGE = ["merge", "--weights", "{tmp}/base.safetensors", "--adapter", "{tmp}/a.safetensors",
          "--out", "{tmp}/m.safetensors"]
-TINY = ["--model", "peftlite._digits:tiny_resnet"]
+TINY = ["--model", "peftlite.demo.digits:tiny_resnet"]
 
 
 @pytest.mark.parametrize("argv, words", [

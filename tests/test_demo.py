@@ -8,7 +8,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from peftlite import demo  # noqa: E402
+from peftlite.demo import run as demo  # noqa: E402
 
 
 def test_demo_quick(tmp_path, capsys):

@@ -9,7 +9,7 @@ from torch import nn
 
 import peftlite
 from conftest import randomize_adapters
-from peftlite.layers import Adapted
+from peftlite.layers import AdaptedLayer
 
 
 class Toy(nn.Module):
@@ -86,7 +86,7 @@ def test_merge_unmerge_unwrap(name, dtype):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} not restored bit-exactly"
     plain = peftlite.unwrap(copy.deepcopy(model), merge=True)
-    assert not any(isinstance(m, Adapted) or "peftlite" in type(m).__module__ for m in plain.modules())
+    assert not any(isinstance(m, AdaptedLayer) or "peftlite" in type(m).__module__ for m in plain.modules())
     with torch.no_grad():
         assert rel_err(plain(x), adapted) < TOL[dtype]
 

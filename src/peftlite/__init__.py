@@ -4,22 +4,27 @@
     ...train...
     peftlite.save(model, "adapter.safetensors")
     peftlite.merge(model)          # zero overhead; peftlite.unmerge(model) restores W bit-exactly
+
+The package reads bottom-up (docs/design.md): ``functional`` and ``kernels``, then ``layers``,
+``selection``, ``merging`` and ``wrapping``, ``formats``, ``tuning``, and ``cli`` / ``demo`` on top.
 """
 
-from .blocks import Block, blocks
-from .freezing import freeze, unfreeze
-from .groups import param_groups
-from .io import AdapterFileError, load, save
-from .merge import disabled, merge, unmerge
-from .summary import summary
-from .unfreezer import Unfreezer
-from .wrap import unwrap, wrap
-
-__version__ = "0.1.0"
+from ._version import __version__
+from .formats.native import load, save
+from .formats.peft import PeftFormatError
+from .formats.schema import AdapterFileError
+from .merging import disabled, merge, unmerge
+from .tuning.freezing import freeze, unfreeze
+from .tuning.groups import param_groups
+from .tuning.partition import Block, blocks
+from .tuning.report import summary
+from .tuning.unfreezing import Unfreezer
+from .wrapping import unwrap, wrap
 
 __all__ = [
     "AdapterFileError",
     "Block",
+    "PeftFormatError",
     "Unfreezer",
     "__version__",
     "blocks",

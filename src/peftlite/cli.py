@@ -4,7 +4,7 @@
     peftlite merge --model torchvision:resnet18 --weights base.safetensors \\
                    --adapter adapter.safetensors --out merged.safetensors [--kw num_classes=10]
     peftlite convert adapter.safetensors peft_dir --to peft
-    peftlite demo [--quick]
+    peftlite demo [--quick] [--out DIR] [--epochs N] [--seed S] [--no-progress]
 
 Bad paths and bad files give a one-line error on stderr and exit code 2 (``PEFTLITE_DEBUG=1`` shows the
 traceback instead).
@@ -23,7 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import io, peft_format
+from .demo import run as demo_run
+from .formats import native, peft, schema
+from .formats._safetensors import file_tensors, read_file, write_file
+from .wrapping import unwrap
 
 EXIT_ERROR = 2
 
@@ -37,10 +40,10 @@ class CliError(Exception):
 def read_any(path: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(format, peftlite tensors, peftlite config, the file's own config) of a file or PEFT directory."""
     if os.path.isdir(path):
-        raw_tensors, raw_config = peft_format.read_raw(path)
-        tensors, config = peft_format.from_peft(raw_tensors, raw_config, path)
+        raw_tensors, raw_config = peft.read_raw(path)
+        tensors, config = peft.from_peft(raw_tensors, raw_config, path)
         return "peft", tensors, config, raw_config
-    tensors, config = io.read(path)
+    tensors, config = native.read(path)
     return "peftlite", tensors, config, config
 
 
@@ -55,8 +58,9 @@ def describe(path: str) -> dict[str, Any]:
     """Everything ``inspect`` prints, as plain JSON-able data."""
     fmt, tensors, config, raw = read_any(path)
     layers = []
+    owner = {k: schema.adapter_layer(k, config["layers"]) for k in tensors}
     for name, entry in config["layers"].items():
-        own = {k: t for k, t in tensors.items() if k.startswith(f"{name}.lora.")}
+        own = {k: t for k, t in tensors.items() if owner[k] == name}
         geometry = {k: v for k, v in entry.items() if k not in ("kind", "rank", "alpha", "dropout", "slots")}
         layers.append({"name": name, "kind": entry["kind"], "rank": entry["rank"], "alpha": entry["alpha"],
                        "scale": entry["alpha"] / entry["rank"], "dropout": entry.get("dropout", 0.0),
@@ -64,7 +68,7 @@ def describe(path: str) -> dict[str, Any]:
                        "params": sum(t.numel() for t in own.values()), "geometry": geometry})
     full = {}
     for name in list(config["heads"]) + list(config["trainable"]):
-        own = {k: t for k, t in tensors.items() if k.startswith(f"{name}.") and ".lora." not in k}
+        own = {k: t for k, t in tensors.items() if owner[k] is None and (k == name or k.startswith(f"{name}."))}
         full[name] = {"type": config["heads"].get(name, {}).get("type", "trainable"),
                       "tensors": {k[len(name) + 1:]: list(t.shape) for k, t in own.items()},
                       "params": sum(t.numel() for t in own.values())}
@@ -152,27 +156,9 @@ def build_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path!r} does not exist")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CliError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def _write_state_dict(path: str, state: dict[str, torch.Tensor]) -> None:
-    io.write_safetensors(path, io.file_tensors(state), {"format": "pt"}, "merge")
-
-
 def cmd_merge(args) -> int:
-    import peftlite
-
     model = build_model(args.model, _parse_kw(args.kw))
-    state = _read_state_dict(args.weights)
+    state, _ = read_file(args.weights)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -183,9 +169,9 @@ def cmd_merge(args) -> int:
         raise CliError(f"{args.weights} does not fit {args.model}: missing {result.missing_keys[:3]}, "
                        f"unexpected {result.unexpected_keys[:3]}; pass the constructor arguments it was "
                        "built with (e.g. --kw num_classes=10)")
-    peftlite.load(model, args.adapter)
-    peftlite.unwrap(model, merge=True)
-    _write_state_dict(args.out, model.state_dict())
+    native.load(model, args.adapter)
+    unwrap(model, merge=True)
+    write_file(args.out, file_tensors(model.state_dict()), {"format": "pt"}, "merge")
     print(f"wrote {args.out}: {args.model} with {args.adapter} merged ({len(model.state_dict())} tensors)")
     return 0
 
@@ -195,20 +181,16 @@ def cmd_convert(args) -> int:
     if fmt == args.to:
         raise CliError(f"{args.src} is already in {fmt} format")
     if args.to == "peft":
-        peft_tensors, adapter_config = peft_format.to_peft(tensors, config, where=args.src)
-        peft_format.write(args.dst, peft_tensors, adapter_config)
+        peft_tensors, adapter_config = peft.to_peft(tensors, config, where=args.src)
+        peft.write(args.dst, peft_tensors, adapter_config)
     else:
         if os.path.isdir(args.dst):
             raise CliError(f"{args.dst} is a folder; a peftlite adapter is one .safetensors file")
-        io.write(args.dst, tensors, config)
+        native.write(args.dst, tensors, config)
     print(f"wrote {args.dst} ({args.to} format, {len(config['layers'])} adapted layers)")
     return 0
 
 
-def cmd_demo(args) -> int:
-    from . import demo
-
-    return demo.main(args.demo_args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -231,10 +213,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("dst", help="output path")
     s.add_argument("--to", required=True, choices=("peft", "peftlite"))
     s.set_defaults(run=cmd_convert)
-    s = sub.add_parser("demo", help="run the end-to-end demo (see python -m peftlite.demo --help)",
-                       add_help=False)
-    s.add_argument("demo_args", nargs=argparse.REMAINDER)
-    s.set_defaults(run=cmd_demo)
+    s = sub.add_parser("demo", help="run the end-to-end demo: " + demo_run.DESCRIPTION)
+    demo_run.add_arguments(s)
+    s.set_defaults(run=demo_run.run)
     return p
 
 

@@ -1,7 +1,7 @@
-"""The math of low-rank adapters, as pure tensor functions.
+"""The math of low-rank adapters, as pure tensor functions: the definition of what peftlite computes.
 
-These functions are the definition of what peftlite computes. Modules, kernels and tests all call them;
-every fast path is checked against them.
+Layers, kernels and tests all call these; every fast path (the autograd functions in ``layers``, the
+merge kernels) is checked against them.
 
 Shapes (for a Conv2d, ``fan_in = in_channels // groups * kh * kw``; for a Linear, ``fan_in = in``):
     W: (out, in/groups, kh, kw) or (out, in)
@@ -10,10 +10,15 @@ Shapes (for a Conv2d, ``fan_in = in_channels // groups * kh * kw``; for a Linear
 
 For grouped convs this is still one rank-r factorisation of the whole ``(out, fan_in)`` matrix, so
 ``W + scale * ΔW`` is a valid grouped weight and the adapted layer is exactly a convolution with it.
+
+Conv geometry lives in one type, ``ConvGeometry``, and padding follows one rule, ``pad_input``: the
+input is padded here whenever ``F.conv2d``'s own padding cannot express the conv's (a non-zero
+``padding_mode``, an asymmetric ``'same'``), and the conv that is left always has integer padding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -51,12 +56,39 @@ class ConvGeometry:
             return (0, 0, 0, 0)
         if self.padding == "same":
             pads = []
-            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size), strict=True):
                 total = d * (k - 1)
                 pads += [total // 2, total - total // 2]
             return tuple(pads)
         ph, pw = self.padding
         return (pw, pw, ph, ph)
+
+    def output_pixels(self, x_shape: torch.Size) -> int:
+        """N·H'·W' of the conv's output for an input of ``x_shape`` (N, C, H, W); plain ints, no tensors."""
+        left, right, top, bottom = self.explicit_padding()
+        size = x_shape[0]
+        for n, pad, k, s, d in zip(x_shape[-2:], (top + bottom, left + right), self.kernel_size, self.stride,
+                                   self.dilation, strict=True):
+            size *= (n + pad - d * (k - 1) - 1) // s + 1
+        return size
+
+
+def pad_input(x: Tensor, geom: ConvGeometry) -> tuple[Tensor, ConvGeometry]:
+    """The one padding rule: ``x`` padded as far as ``F.conv2d``'s padding argument cannot do it.
+
+    Returns:
+        ``(x, geom)``: the input, padded for a non-zero ``padding_mode`` or an asymmetric ``'same'``
+        (exactly as ``nn.Conv2d`` and ``F.conv2d`` pad inside), and the geometry of the conv left to
+        run on it, whose ``padding`` is a pair of ints and ``padding_mode`` is ``'zeros'``.
+    """
+    if geom.padding_mode == "zeros" and not isinstance(geom.padding, str):
+        return x, geom
+    left, right, top, bottom = geom.explicit_padding()
+    if geom.padding_mode == "zeros" and left == right and top == bottom:
+        return x, dataclasses.replace(geom, padding=(top, left))
+    mode = "constant" if geom.padding_mode == "zeros" else geom.padding_mode
+    return F.pad(x, (left, right, top, bottom), mode=mode), dataclasses.replace(geom, padding=(0, 0),
+                                                                                padding_mode="zeros")
 
 
 def delta_weight(A: Tensor, B: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -77,24 +109,17 @@ def effective_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tens
     return (weight.to(delta.dtype) + scale * delta).to(weight.dtype)
 
 
-def pad_input(x: Tensor, geom: ConvGeometry) -> tuple[Tensor, tuple[int, int] | str]:
-    """Apply the conv's padding_mode padding; returns the input and the padding left for the conv."""
-    if geom.padding_mode == "zeros":
-        return x, geom.padding
-    return F.pad(x, geom.explicit_padding(), mode=geom.padding_mode), (0, 0)
-
-
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
     """The base convolution exactly as ``nn.Conv2d`` computes it, padding_mode included."""
-    x, padding = pad_input(x, geom)
-    return F.conv2d(x, weight, bias, geom.stride, padding, geom.dilation, geom.groups)
+    x, g = pad_input(x, geom)
+    return F.conv2d(x, weight, bias, g.stride, g.padding, g.dilation, g.groups)
 
 
-def conv2d_delta(x: Tensor, A: Tensor, B: Tensor, geom: ConvGeometry, padding) -> Tensor:
+def conv2d_delta(x: Tensor, A: Tensor, B: Tensor, geom: ConvGeometry) -> Tensor:
     """The adapter branch of a conv through activations: ``conv(x, ΔW)`` without forming ΔW.
 
-    ``x`` is already padded for non-zero padding modes, and ``padding`` is what is left for the conv.
-    A grouped conv runs A once per group (width ``groups * r``), then B as a grouped 1x1 conv.
+    ``x`` is already padded by ``pad_input`` and ``geom`` is the geometry it returned. A grouped conv
+    runs A once per group (width ``groups * r``), then B as a grouped 1x1 conv.
 
     Returns:
         (N, out, H', W'), unscaled.
@@ -104,7 +129,7 @@ def conv2d_delta(x: Tensor, A: Tensor, B: Tensor, geom: ConvGeometry, padding) -
     a = A.to(x.dtype).reshape(r, geom.in_channels // geom.groups, kh, kw)
     if geom.groups > 1:
         a = a.repeat(geom.groups, 1, 1, 1)  # (groups*r, in/groups, kh, kw)
-    h = F.conv2d(x, a, None, geom.stride, padding, geom.dilation, geom.groups)  # (N, groups*r, H', W')
+    h = F.conv2d(x, a, None, geom.stride, geom.padding, geom.dilation, geom.groups)  # (N, groups*r, H', W')
     b = B.to(x.dtype).reshape(geom.out_channels, r, 1, 1)
     return F.conv2d(h, b, None, 1, 0, 1, geom.groups)  # (N, out, H', W')
 
@@ -112,16 +137,16 @@ def conv2d_delta(x: Tensor, A: Tensor, B: Tensor, geom: ConvGeometry, padding) -
 def lora_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                 geom: ConvGeometry, dropout: float = 0.0, training: bool = False) -> Tensor:
     """Adapted conv through activations: base conv plus ``scale * conv(dropout(x), ΔW)``."""
-    xp, padding = pad_input(x, geom)
-    y = F.conv2d(xp, weight, bias, geom.stride, padding, geom.dilation, geom.groups)
+    xp, g = pad_input(x, geom)
+    y = F.conv2d(xp, weight, bias, g.stride, g.padding, g.dilation, g.groups)
     if dropout > 0.0 and training:
-        xp, padding = pad_input(F.dropout(x, dropout, True), geom)
-    return y + scale * conv2d_delta(xp, A, B, geom, padding)
+        xp, g = pad_input(F.dropout(x, dropout, True), geom)
+    return y + scale * conv2d_delta(xp, A, B, g)
 
 
-def lora_conv2d_weight_path(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor,
-                            scale: float, geom: ConvGeometry) -> Tensor:
-    """Adapted conv through the weight: ``conv(x, W + scale * ΔW)``; no dropout on this path."""
+def lora_conv2d_merged(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                       geom: ConvGeometry) -> Tensor:
+    """Adapted conv through the merged weight: ``conv(x, W + scale * ΔW)``; no dropout here."""
     return conv2d(x, effective_weight(weight, A, B, scale), bias, geom)
 
 

@@ -37,6 +37,9 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> MergeRecord:
 def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRecord | None) -> None:
     """Take ``scale·B@A`` back out of ``weight``: bit-exact with the merge's record, by its backend.
 
+    The record names the backend that merged, and that backend unmerges: exact unmerge recomputes ΔW
+    in the merge's order.
+
     Raises:
         RuntimeError: the record's backend is unavailable here, or the weight moved device or dtype.
     """
@@ -46,7 +49,7 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
         raise RuntimeError(f"unmerge: the weight was merged by the {name!r} kernels, which cannot run here "
                            "(Triton is not importable); unmerge where it merged, before moving the model")
     if record is not None:
-        record.check_matches(weight, name, "unmerge")
+        record.check_matches(weight, "unmerge")
         if name == "triton" and not (weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise RuntimeError(f"unmerge: merged by the triton kernels on {record.device}, but the weight is "
                                f"now on {weight.device}; move the model back to unmerge exactly")

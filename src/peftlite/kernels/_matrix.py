@@ -1,12 +1,14 @@
 """A weight as a row-major (out, fan_in) matrix that is a true view of its storage.
 
-An in-place update must go through a view: ``reshape``/``rearrange`` of a channels_last conv weight
-copies, and the update would be silently lost. So the columns follow the weight's memory order, and
-A's columns are permuted to match instead (A is small).
+An in-place update must go through a view: ``reshape`` (or einops' ``rearrange``) of a channels_last
+conv weight copies, and the update would be silently lost. So the weight is only ever viewed
+(``permute`` + ``view``), its columns in memory order, and A's columns are permuted to match instead
+(A is small; a copy of it is fine).
 """
 
 from __future__ import annotations
 
+from einops import rearrange
 from torch import Tensor
 
 
@@ -23,8 +25,8 @@ def as_matrix(weight: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Ten
     if weight.is_contiguous():
         return weight.view(out, -1), A, B
     if weight.dim() == 4 and weight.permute(0, 2, 3, 1).is_contiguous():  # channels_last
-        r = A.shape[0]
-        a = A.reshape(r, weight.shape[1], weight.shape[2], weight.shape[3]).permute(0, 2, 3, 1).reshape(r, -1)
+        _, c, kh, kw = weight.shape
+        a = rearrange(A, "r (c kh kw) -> r (kh kw c)", c=c, kh=kh, kw=kw)  # columns in NHWC memory order
         return weight.permute(0, 2, 3, 1).view(out, -1), a, B
     if weight.dim() == 2 and weight.t().is_contiguous():  # W = Vᵀ with V contiguous: V += Aᵀ Bᵀ
         return weight.t(), B.t(), A.t()

@@ -43,14 +43,8 @@ class MergeRecord:
         rows, cols = self.shape
         return 8 * self.nbytes / max(1, rows * cols)
 
-    def check_matches(self, weight: Tensor, backend: str, where: str) -> None:
-        """Refuse to unmerge with another backend, or a weight that moved device or dtype since merge."""
-        if backend != self.backend:
-            raise RuntimeError(
-                f"{where}: the weight was merged by the {self.backend!r} kernels but would be unmerged by "
-                f"{backend!r}; exact unmerge recomputes ΔW in the merge's order. Set PEFTLITE_KERNELS="
-                f"{self.backend} (and keep the model on {self.device}) to unmerge"
-            )
+    def check_matches(self, weight: Tensor, where: str) -> None:
+        """Refuse to unmerge a weight that moved device or dtype, or changed shape, since the merge."""
         if weight.dtype != self.dtype or weight.device != self.device or tuple(weight.shape) != self.shape:
             raise RuntimeError(
                 f"{where}: merged as {self.dtype} {tuple(self.shape)} on {self.device}, but the weight is "

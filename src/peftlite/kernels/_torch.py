@@ -182,8 +182,6 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
     rows, cols = weight.shape
     if rows == 0:
         return
-    if record is not None:
-        record.check_matches(weight, BACKEND, "unmerge")
     fmt = FORMATS.get(weight.dtype)
     A, B = _factors(A, B)
     if record is not None and _fused(weight, A.dtype, fused):

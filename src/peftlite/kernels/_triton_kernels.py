@@ -65,14 +65,6 @@ def _merged(b, d, KIND: tl.constexpr):
     return _round(_to_f32(b, KIND) + d, KIND)
 
 
-@triton.jit
-def round_kernel(x_ptr, out_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """The kernel's rounding alone (fp32 -> 16-bit patterns), so tests can compare it with torch's casts."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offs, mask=offs < n)
-    tl.store(out_ptr + offs, _round(x, KIND).to(tl.int16), mask=offs < n)
-
-
 # ---- the in-kernel codec: candidate runs, codes and escapes decided per tile ----------------------
 
 @triton.jit

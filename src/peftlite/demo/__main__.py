@@ -1,0 +1,5 @@
+"""``python -m peftlite.demo``."""
+
+from .run import main
+
+raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""Does a module's forward read the *values* of a descendant's weight (``F.linear(x, self.qkv.weight)``)?
+
+PEFT's LoRA only acts when the layer is called; a parent that reads the layer's weight and computes with
+it bypasses the adapter. peftlite's own layers are never bypassed (the weight property), but a PEFT
+export of such a layer would compute something else, so it is refused. Reads of metadata only
+(``self.wo.weight.dtype``, ``.shape``, ``.device``, ``isinstance(self.wo.weight, torch.Tensor)``, as
+T5, CLIP and DINOv2 do) are not value reads and are allowed.
+
+The forward's source is parsed (``ast``); without source (a compiled or generated forward) the bytecode
+is scanned, and only a read followed at once by a metadata attribute counts as harmless.
+"""
+
+from __future__ import annotations
+
+import ast
+import dis
+import functools
+import inspect
+import textwrap
+
+METADATA = frozenset({
+    "dtype", "device", "shape", "ndim", "layout", "is_cuda", "is_meta", "requires_grad", "size", "dim",
+    "numel", "nelement", "element_size", "itemsize", "nbytes", "is_floating_point", "is_contiguous",
+})
+_INSPECTORS = frozenset({"isinstance", "type", "hasattr", "id", "callable"})
+
+
+def _forward(cls: type):
+    fwd = getattr(cls, "forward", None)
+    return getattr(fwd, "__func__", fwd)
+
+
+@functools.lru_cache(maxsize=256)
+def _source_reads(cls: type) -> frozenset[tuple[str, ...]] | None:
+    """Every attribute path ``self.a.b.weight`` whose values the forward reads, or None without source."""
+    fwd = _forward(cls)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fwd)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    func = tree.body[0]
+    if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) or not func.args.args:
+        return None
+    me = func.args.args[0].arg
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    reads = set()
+    for node in ast.walk(tree):
+        path = _path(node, me)
+        if not path or path[-1] != "weight" or len(path) < 2 or _harmless(node, parents.get(node)):
+            continue
+        reads.add(tuple(path))
+    return frozenset(reads)
+
+
+def _path(node: ast.AST, me: str) -> list[str] | None:
+    """``self.a.b.weight`` -> ["a", "b", "weight"]; None for anything not rooted at ``self``."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    return names[::-1] if isinstance(node, ast.Name) and node.id == me and names else None
+
+
+def _harmless(node: ast.AST, parent: ast.AST | None) -> bool:
+    if isinstance(parent, ast.Attribute) and parent.attr in METADATA:
+        return True  # self.wo.weight.dtype, .shape, .size()
+    if isinstance(parent, ast.Call) and node in parent.args and isinstance(parent.func, ast.Name):
+        return parent.func.id in _INSPECTORS  # isinstance(self.wo.weight, torch.Tensor)
+    if isinstance(parent, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops):
+        return True  # self.wo.weight is None
+    return False
+
+
+def _bytecode_reads(cls: type, path: tuple[str, ...]) -> bool:
+    """Without source: is ``self.<path>`` loaded and then used other than by a metadata attribute?"""
+    code = getattr(_forward(cls), "__code__", None)
+    if code is None:
+        return False
+    ops = [(i.opname, i.argval) for i in dis.get_instructions(code)]
+    n = len(path)
+    for i in range(len(ops) - n + 1):
+        window = ops[i:i + n]
+        if all(op.startswith("LOAD_ATTR") and arg == want for (op, arg), want in zip(window, path, strict=True)):
+            after = ops[i + n] if i + n < len(ops) else ("", None)
+            if not (after[0].startswith("LOAD_ATTR") and after[1] in METADATA):
+                return True
+    return False
+
+
+def reads_values(cls: type, relative: str) -> bool:
+    """Does ``cls.forward`` compute with the values of ``self.<relative>.weight``?"""
+    path = (*relative.split("."), "weight")
+    reads = _source_reads(cls)
+    if reads is None:
+        return _bytecode_reads(cls, path)
+    return path in reads

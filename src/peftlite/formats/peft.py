@@ -1,0 +1,423 @@
+"""Hugging Face PEFT LoRA adapter directories, read and written without PEFT and without pickle.
+
+A PEFT directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the prefix is absent for adapters made
+with ``inject_adapter_in_model``) and ``base_model.model.<module>.<param>`` for ``modules_to_save``.
+
+Both directions go through peftlite's in-memory file form, ``(tensors, config)`` (``schema``), so
+``load``/``save`` and the CLI's ``convert`` share one translation:
+
+    Linear(in, out):  PEFT A (r, in)          <-> peftlite A (r, in)
+                      PEFT B (out, r)         <-> peftlite B (out, r)
+    Conv2d, groups=1: PEFT A (r, in, kh, kw)  <-> peftlite A (r, in*kh*kw)
+                      PEFT B (out, r, 1, 1)   <-> peftlite B (out, r)
+    scale:            lora_alpha / r (or / sqrt(r) with use_rslora) <-> alpha / rank
+    modules_to_save   <-> peftlite ``trainable`` modules (peftlite heads are written as modules_to_save)
+
+What PEFT cannot express, or computes differently from the base layer, is refused with an error naming
+the feature: grouped-conv adapters, dilated or non-zero padding_mode convs (PEFT's LoRA conv drops both),
+MultiheadAttention and subclass layers, BatchNorm statistics (``train_bn=True``); and on reading, DoRA,
+non-LoRA methods, ``fan_in_fan_out``, ``lora_bias``, trained biases and other LoRA variants.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..layers import DEFAULT_ADAPTER, AdaptedLayer
+from . import _direct_reads, schema
+from ._safetensors import file_tensors, read_file, write_folder
+from .schema import AdapterFileError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+# Config fields that change what a LoRA layer computes, and that peftlite does not implement.
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "a bias on lora_B (lora_bias)",
+    "fan_in_fan_out": "transposed base weights (fan_in_fan_out, GPT-2 Conv1D)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "layer_replication": "layer replication (layer_replication)",
+    "target_parameters": "nn.Parameter targets (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "megatron_config": "Megatron layers (megatron_config)",
+}
+
+
+class PeftFormatError(ValueError):
+    """A PEFT directory or adapter that peftlite cannot translate exactly; the message names the feature."""
+
+
+# ---- reading a PEFT directory -------------------------------------------------------------------
+
+def read_raw(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and ``adapter_config.json`` of a PEFT adapter directory, untranslated.
+
+    Raises:
+        AdapterFileError: a folder without the two files, a pickle instead of safetensors, unreadable
+            JSON or safetensors (names the file and the reason).
+    """
+    config_path = os.path.join(path, CONFIG_NAME)
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(config_path):
+        subs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_NAME)))
+        hint = f"; adapters found in subfolders: {', '.join(subs)}" if subs else ""
+        raise AdapterFileError(f"{path}: a folder without {CONFIG_NAME}, so not a PEFT adapter directory{hint}")
+    if not os.path.isfile(weights_path):
+        if os.path.isfile(os.path.join(path, PICKLE_NAME)):
+            raise AdapterFileError(
+                f"{path}: holds {PICKLE_NAME}, a pickle, which peftlite never loads (unpickling runs code). "
+                f"Re-save it as {WEIGHTS_NAME} with PEFT: model.save_pretrained(dir, safe_serialization=True)")
+        raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} beside {CONFIG_NAME}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{config_path}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_path}: not a JSON object")
+    tensors, _ = read_file(weights_path)
+    return tensors, config
+
+
+def _check_config(path: str, config: dict[str, Any]) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise PeftFormatError(f"{path}: peft_type {peft_type!r} is not supported; peftlite reads LoRA "
+                              "adapters (peft_type 'LORA') only")
+    for key, feature in _UNSUPPORTED_FLAGS.items():
+        if config.get(key) not in (None, False, {}, [], "megatron.core"):
+            raise PeftFormatError(f"{path}: uses {feature} = {config[key]!r}, which peftlite does not "
+                                  "support")
+    if config.get("bias", "none") != "none":
+        raise PeftFormatError(f"{path}: bias={config['bias']!r} trains the base layers' biases, which peftlite's "
+                              "LoRA does not support; only bias='none' adapters can be read")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise PeftFormatError(f"{path}: {key} must be a positive number, got {value!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise PeftFormatError(f"{path}: {key} must be a JSON object, got {config[key]!r}")
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches a dotted suffix of ``name``."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return default
+
+
+def _targeted(target_modules, name: str) -> bool:
+    """PEFT's target_modules rule: a string is a full-match regex; a list matches names or dotted suffixes."""
+    if isinstance(target_modules, str):
+        return target_modules == "all-linear" or re.fullmatch(target_modules, name) is not None
+    return name in target_modules or any(name.endswith(f".{t}") for t in target_modules)
+
+
+def _owner(key: str, modules_to_save: list[str]) -> str | None:
+    """The outermost module path of ``key`` that PEFT would have wrapped for ``modules_to_save``."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if any(prefix.endswith(m) for m in modules_to_save):
+            return prefix
+    return None
+
+
+def _base_type(module: nn.Module) -> type:
+    """The module's class before wrap (an adapted nn.Linear is a LoraLinear)."""
+    return type(module).base_class if isinstance(module, AdaptedLayer) else type(module)
+
+
+def _conv_geometry(module: nn.Module | None, a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    if module is not None:
+        return schema.layer_geometry(module)
+    # Without a model, PEFT's files do not say stride, padding, dilation or padding_mode: left unknown
+    # (null), and checked against the model's layer when the file is loaded.
+    return {"in_channels": a.shape[1], "out_channels": b.shape[0], "kernel_size": list(a.shape[2:]),
+            "stride": None, "padding": None, "dilation": None, "groups": 1, "padding_mode": None}
+
+
+def _check_module(where: str, name: str, module: nn.Module, kind: str) -> None:
+    """The model's layer must be what PEFT computed: a plain Linear, or a groups=1 undilated zeros conv."""
+    want = {"linear": nn.Linear, "conv2d": nn.Conv2d}[kind]
+    if _base_type(module) is not want:
+        raise PeftFormatError(f"{where}: {name} holds a {want.__name__} adapter, but the model's {name} is a "
+                              f"{type(module).__name__}; it is read into nn.{want.__name__} only")
+    if kind == "conv2d" and module.groups != 1:
+        raise PeftFormatError(f"{where}: {name} is a grouped conv (groups={module.groups}); PEFT's "
+                              "grouped-conv LoRA is not a valid grouped update and has no exact "
+                              "peftlite form")
+    if kind == "conv2d" and (tuple(module.dilation) != (1, 1) or module.padding_mode != "zeros"):
+        raise PeftFormatError(
+            f"{where}: {name} has dilation={tuple(module.dilation)}, padding_mode={module.padding_mode!r}; "
+            "PEFT's LoRA conv drops both, so its outputs for this layer cannot be matched exactly")
+
+
+def _layer(where: str, name: str, a: torch.Tensor, b: torch.Tensor, config: dict[str, Any],
+           module: nn.Module | None) -> dict[str, Any]:
+    """peftlite's config entry for one PEFT lora_A/lora_B pair, after checking it."""
+    shapes = f"lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}"
+    r = a.shape[0]
+    if a.dim() == 4 and b.dim() == 4 and b.shape[1] != r and b.shape[1] and r % b.shape[1] == 0:
+        raise PeftFormatError(f"{where}: {name} is a grouped-conv adapter ({shapes}); PEFT's grouped-conv "
+                              "LoRA has no exact peftlite form")
+    if a.dim() == 2 and b.dim() == 2:
+        kind = "linear"
+    elif a.dim() == 4 and b.dim() == 4 and tuple(b.shape[2:]) == (1, 1):
+        kind = "conv2d"
+    else:
+        raise PeftFormatError(f"{where}: {name} has {shapes}; only Linear and Conv2d adapters are supported "
+                              "(not Conv1d, Conv3d or Embedding)")
+    if b.shape[1] != r:
+        raise PeftFormatError(f"{where}: {name} has {shapes}, whose ranks disagree")
+    expected_r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+    if r != expected_r:
+        raise PeftFormatError(f"{where}: {name} has rank {r} ({shapes}), but the config's r / rank_pattern "
+                              f"gives it rank {expected_r}")
+    if module is not None:
+        _check_module(where, name, module, kind)
+        want_a, want_b = schema.adapter_keys(name, module, r).values()
+        if a[0].numel() != want_a[1] or b.shape[0] != want_b[0]:
+            raise PeftFormatError(f"{where}: {name} has {shapes}, which do not fit the model's "
+                                  f"{type(module).__name__} (A {want_a}, B {want_b} as peftlite stores them)")
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    if kind == "linear":
+        geometry = {"in_features": a.shape[1], "out_features": b.shape[0]}
+    else:
+        geometry = _conv_geometry(module, a, b)
+    return {"kind": kind, "rank": r, "alpha": scale * r, "dropout": float(config.get("lora_dropout") or 0.0),
+            "slots": ["weight"], "base_class": "Linear" if kind == "linear" else "Conv2d", **geometry}
+
+
+def _split_keys(where: str, tensors: dict[str, torch.Tensor]):
+    """Strip the ``base_model.model.`` prefix; split into {module: {"A", "B"}} pairs and the other tensors."""
+    prefixed = [k.startswith(PREFIX) for k in tensors]
+    if any(prefixed) and not all(prefixed):
+        raise PeftFormatError(f"{where}: some keys start with {PREFIX!r} and some do not (e.g. "
+                              f"{list(tensors)[prefixed.index(False)]!r}); a PEFT file uses one form")
+    if prefixed and all(prefixed):
+        tensors = {k[len(PREFIX):]: t for k, t in tensors.items()}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        if "lora_magnitude_vector" in key:
+            raise PeftFormatError(f"{where}: {key} is a DoRA magnitude vector; DoRA is not supported")
+        if ".lora_embedding_" in key:
+            raise PeftFormatError(f"{where}: {key} is an Embedding adapter; peftlite adapts Linear and "
+                                  "Conv2d")
+        if m:
+            pairs.setdefault(m["module"], {})[m["ab"]] = t
+        elif ".lora_" in key:
+            raise PeftFormatError(f"{where}: {key!r} is not a lora_A/lora_B weight peftlite can read (an "
+                                  "adapter name left in the key, or a lora_B bias?)")
+        else:
+            rest[key] = t
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise PeftFormatError(f"{where}: {name} has lora_{''.join(ab)} but not both lora_A and lora_B")
+    return pairs, rest
+
+
+def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str = "<peft>",
+              model: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Translate a PEFT adapter to peftlite's ``(tensors, config)``; checks it against ``model`` if given.
+
+    Raises:
+        PeftFormatError: an unsupported PEFT feature (named), or an adapter that contradicts itself or
+            does not fit the model.
+    """
+    _check_config(where, config)
+    pairs, rest = _split_keys(where, tensors)
+    modules = dict(model.named_modules()) if model is not None else None
+    target_modules = config.get("target_modules")
+    layers: dict[str, dict[str, Any]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, ab in pairs.items():
+        if target_modules is not None and not _targeted(target_modules, name):
+            raise PeftFormatError(f"{where}: {name} has adapter tensors but target_modules "
+                                  f"{target_modules!r} does not select it; the adapter is inconsistent")
+        if modules is not None and name not in modules:
+            raise PeftFormatError(f"{where}: the adapter has a layer {name!r} that the model does not have")
+        a, b = ab["A"], ab["B"]
+        layers[name] = _layer(where, name, a, b, config, modules[name] if modules is not None else None)
+        out[f"{name}.lora.{DEFAULT_ADAPTER}.A"] = a.reshape(a.shape[0], -1)  # (r, in*kh*kw)
+        out[f"{name}.lora.{DEFAULT_ADAPTER}.B"] = b.reshape(b.shape[0], a.shape[0])  # (out, r)
+    save = config.get("modules_to_save") or []
+    trainable: list[str] = []
+    for key, t in rest.items():
+        owner = _owner(key, save)
+        if owner is None:
+            raise PeftFormatError(f"{where}: tensor {key!r} is neither a LoRA weight nor under modules_to_save "
+                                  f"{save}")
+        if modules is not None and owner not in modules:
+            raise PeftFormatError(f"{where}: modules_to_save module {owner!r} is not in the model")
+        trainable += [owner] if owner not in trainable else []
+        out[key] = t
+    if not out:
+        raise PeftFormatError(f"{where}: holds no LoRA or modules_to_save tensors")
+    source = {"format": "peft", "peft_version": config.get("peft_version"),
+              "base_model_name_or_path": config.get("base_model_name_or_path")}
+    return out, schema.file_config(layers, {}, trainable, False, False, source=source)
+
+
+def read(path: str | os.PathLike, model: nn.Module | None = None
+         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a PEFT adapter directory as peftlite's ``(tensors, config)``.
+
+    With ``model``, every layer is checked against the model's (type, shape, PEFT-exact geometry) and
+    conv geometry comes from the model; without, conv stride/padding/dilation/padding_mode are null.
+    """
+    path = os.fspath(path)
+    tensors, config = read_raw(path)
+    return from_peft(tensors, config, path, model)
+
+
+# ---- writing a PEFT directory -------------------------------------------------------------------
+
+def check_direct_reads(model: nn.Module, names: list[str], where: str = "save") -> None:
+    """Refuse layers whose weight an enclosing module's forward computes with: PEFT would bypass them.
+
+    torchvision's Swin passes ``qkv.weight`` and ``proj.weight`` to a function; with PEFT those adapters
+    have no effect and get no gradient, so a PEFT directory would not reproduce peftlite's outputs.
+    Reads of the weight's metadata only (T5's ``self.wo.weight.dtype``) are fine.
+    """
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            relative = parts[i:]
+            if any(p.isdigit() for p in relative):
+                break  # an index (Sequential, ModuleList) cannot be reached as an attribute from here up
+            holder = model.get_submodule(".".join(parts[:i]))
+            if _direct_reads.reads_values(type(holder), ".".join(relative)):
+                raise PeftFormatError(
+                    f"{where}: {type(holder).__name__}.forward reads {'.'.join(relative)}.weight directly and "
+                    f"computes with its values, so PEFT would bypass the adapter on {name}; save this model in "
+                    "peftlite format")
+
+
+def _anchored(name: str) -> str:
+    """A rank/alpha_pattern key that PEFT matches to exactly this module (its keys match dotted suffixes)."""
+    return "^" + re.escape(name)
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str = "save"
+            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Translate peftlite's ``(tensors, config)`` to PEFT's safetensors tensors and adapter_config.json.
+
+    Raises:
+        PeftFormatError: a layer or setting PEFT cannot express or would compute differently (named).
+    """
+    if config.get("train_bn"):
+        raise PeftFormatError(f"{where}: the adapter trains BatchNorm statistics (train_bn=True), which PEFT's "
+                              "LoRA format cannot express; save it in peftlite format instead")
+    if config.get("partial"):
+        raise PeftFormatError(f"{where}: a partial adapter (saved with include=) cannot be written as a PEFT "
+                              "directory; PEFT needs every tensor of the adapter")
+    layers = config["layers"]
+    for name, e in layers.items():
+        if e.get("kind") == "mha":
+            raise PeftFormatError(f"{where}: {name} is an adapted nn.MultiheadAttention, which PEFT's LoRA "
+                                  "format does not express; save it in peftlite format")
+        if e.get("base_class") not in ("Linear", "Conv2d"):
+            raise PeftFormatError(
+                f"{where}: {name} is a {e.get('base_class')} (a Linear/Conv2d subclass); PEFT would not compute "
+                "it as peftlite does (its own forward, or a parent that reads its weight), so it is refused")
+        if e.get("slots", ["weight"]) != ["weight"]:
+            raise PeftFormatError(f"{where}: {name} adapts {e['slots']}; PEFT adapts a layer's weight only")
+        if e["kind"] == "conv2d":
+            if e.get("groups", 1) != 1:
+                raise PeftFormatError(f"{where}: {name} is a grouped conv (groups={e['groups']}); PEFT's "
+                                      "grouped-conv LoRA is not a valid grouped update, so it cannot be written")
+            if e.get("dilation") not in (None, [1, 1]) or e.get("padding_mode") not in (None, "zeros"):
+                raise PeftFormatError(
+                    f"{where}: {name} has dilation={e.get('dilation')}, padding_mode={e.get('padding_mode')!r}; "
+                    "PEFT's LoRA conv drops both, so PEFT would compute this layer wrongly")
+    heads = list(config.get("heads") or {})
+    save = heads + [t for t in config.get("trainable") or [] if t not in heads]
+    for name in layers:
+        if any(name == s or name.startswith(s + ".") for s in save):
+            raise PeftFormatError(f"{where}: {name} is adapted inside the fully trained module "
+                                  f"{next(s for s in save if name.startswith(s))!r}; PEFT cannot express both")
+    out: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, e in layers.items():
+        a = tensors[f"{name}.lora.{DEFAULT_ADAPTER}.A"]
+        b = tensors[f"{name}.lora.{DEFAULT_ADAPTER}.B"]
+        r = int(e["rank"])
+        if e["kind"] == "conv2d":
+            kh, kw = e["kernel_size"]
+            a = a.reshape(r, e["in_channels"], kh, kw)
+            b = b.reshape(b.shape[0], r, 1, 1)
+        out[f"{PREFIX}{name}.lora_A.weight"] = a
+        out[f"{PREFIX}{name}.lora_B.weight"] = b
+        ranks[name], alphas[name] = r, float(e["alpha"])
+    for key, t in tensors.items():
+        if schema.adapter_layer(key, layers) is None:
+            out[PREFIX + key] = t
+    r_default = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    alpha_default = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r_default)
+    dropouts = {float(e.get("dropout", 0.0)) for e in layers.values()}
+    targets = "|".join(re.escape(n) for n in layers)
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": r_default,
+        "lora_alpha": _number(alpha_default),
+        "lora_dropout": max(dropouts) if dropouts else 0.0,  # PEFT has one; it only matters in training
+        "target_modules": f"^(?:{targets})$" if layers else None,
+        "rank_pattern": {_anchored(n): r for n, r in ranks.items() if r != r_default},
+        "alpha_pattern": {_anchored(n): _number(a) for n, a in alphas.items() if a != alpha_default},
+        "modules_to_save": save or None,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    return out, adapter_config
+
+
+def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], adapter_config: dict[str, Any],
+          dtype: torch.dtype | None = None) -> str:
+    """Write a PEFT adapter directory atomically (``_safetensors.write_folder``): weights first, config last."""
+    out = file_tensors(tensors, dtype)
+
+    def weights(p: str) -> None:
+        save_file(out, p, metadata={"format": "pt"})
+
+    def config(p: str) -> None:
+        with open(p, "w", encoding="utf-8") as f:
+            json.dump(adapter_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    return write_folder(path, {WEIGHTS_NAME: weights, CONFIG_NAME: config}, "save")

@@ -1,0 +1,149 @@
+"""The adapter file's configuration: the one schema, its one validation, and the entries for layers and heads.
+
+peftlite's in-memory file form is ``(tensors, config)``: tensors by state_dict key, and this config (JSON
+under the safetensors metadata key ``"peftlite"``; docs/file-format.md specifies it). Native files and
+PEFT directories are both translated to and from it, so both are built by ``file_config`` and checked
+by ``validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any
+
+from torch import nn
+
+from ..functional import ConvGeometry
+from ..layers import DEFAULT_ADAPTER, AdaptedLayer, registry
+
+FORMAT = "peftlite-adapter"
+FORMAT_VERSION = 1
+KINDS = ("linear", "conv2d", "mha")
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be read: missing parts, truncated, corrupt, or not a peftlite/PEFT adapter."""
+
+
+def file_config(layers: dict[str, dict], heads: dict[str, dict], trainable: list[str], train_bn: bool,
+                partial: bool, **extra: Any) -> dict[str, Any]:
+    """The config of one adapter file (``extra``: ``peftlite_version``, ``source``)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **extra, "layers": layers, "heads": heads,
+            "trainable": list(trainable), "train_bn": bool(train_bn), "partial": bool(partial)}
+
+
+def _positive(value: object, integral: bool) -> bool:
+    kind = numbers.Integral if integral else numbers.Real
+    return isinstance(value, kind) and not isinstance(value, bool) and value > 0
+
+
+def validate(config: object, where: str) -> dict[str, Any]:
+    """Check a config read from ``where``; returns it, or raises AdapterFileError naming what is wrong."""
+    def bad(what: str) -> AdapterFileError:
+        return AdapterFileError(f"{where}: {what}")
+
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise bad(f"metadata is not a {FORMAT} config")
+    version = config.get("format_version")
+    if not _positive(version, True):
+        raise bad(f"format_version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise bad(f"format version {version} is newer than this peftlite reads ({FORMAT_VERSION}); upgrade peftlite")
+    for key, kind in (("layers", dict), ("heads", dict), ("trainable", list), ("train_bn", bool)):
+        if not isinstance(config.get(key), kind):
+            raise bad(f"peftlite metadata lacks {key!r} or it is not a {kind.__name__}")
+    for name, entry in config["layers"].items():
+        if not isinstance(entry, dict) or entry.get("kind") not in KINDS:
+            raise bad(f"layer entry {name!r} is malformed (no kind among {', '.join(KINDS)})")
+        if not _positive(entry.get("rank"), True) or not _positive(entry.get("alpha"), False):
+            raise bad(f"layer {name!r} has rank {entry.get('rank')!r} and alpha {entry.get('alpha')!r}; both must "
+                      "be positive")
+        dropout = entry.get("dropout", 0.0)
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise bad(f"layer {name!r} has dropout {dropout!r}, not a probability in [0, 1)")
+        if not isinstance(entry.get("slots", ["weight"]), list):
+            raise bad(f"layer {name!r} has slots {entry.get('slots')!r}, not a list")
+    for name, entry in config["heads"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            raise bad(f"head entry {name!r} is malformed (no type)")
+    if not all(isinstance(t, str) for t in config["trainable"]):
+        raise bad("trainable holds a name that is not a string")
+    return config
+
+
+# ---- entries --------------------------------------------------------------------------------------
+
+def layer_geometry(module: nn.Module) -> dict[str, Any]:
+    """What fixes the adapted weight's meaning: enough to rebuild the layer or convert its adapter."""
+    kind = registry.kind_of(module)
+    if kind.name == "conv2d":
+        g = dataclasses.asdict(ConvGeometry.of(module))
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+    if kind.name == "linear":
+        return {"in_features": module.in_features, "out_features": module.out_features}
+    return {"embed_dim": module.embed_dim, "num_heads": module.num_heads, "kdim": module.kdim, "vdim": module.vdim}
+
+
+def layer_entry(module: AdaptedLayer) -> dict[str, Any]:
+    """The config entry of an adapted layer's active adapter."""
+    pairs = module.active_pairs()
+    first = next(iter(pairs.values()))
+    return {"kind": module.adapter_kind, "rank": first.rank, "alpha": first.alpha, "dropout": first.dropout,
+            "slots": list(pairs), "base_class": module.base_class.__name__, **layer_geometry(module)}
+
+
+def head_entry(module: nn.Module) -> dict[str, Any]:
+    """Enough to re-create a Linear or Conv2d head; other head types are passed again with ``heads=``."""
+    if type(module) is nn.Linear:
+        return {"type": "Linear", "bias": module.bias is not None, **layer_geometry(module)}
+    if type(module) is nn.Conv2d:
+        return {"type": "Conv2d", "bias": module.bias is not None, **layer_geometry(module)}
+    return {"type": f"{type(module).__module__}.{type(module).__qualname__}"}
+
+
+def build_head(entry: dict[str, Any]) -> nn.Module | None:
+    """Re-create a head from its entry, or None for a type that must be passed with ``heads=``."""
+    if entry["type"] == "Linear":
+        return nn.Linear(entry["in_features"], entry["out_features"], bias=entry["bias"])
+    if entry["type"] == "Conv2d":
+        padding = entry["padding"] if isinstance(entry["padding"], str) else tuple(entry["padding"])
+        return nn.Conv2d(entry["in_channels"], entry["out_channels"], tuple(entry["kernel_size"]),
+                         tuple(entry["stride"]), padding, tuple(entry["dilation"]), entry["groups"],
+                         entry["bias"], entry["padding_mode"])
+    return None
+
+
+def adapter_keys(name: str, module: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+    """The state_dict keys and shapes that adapting ``module`` (at ``name``) with ``rank`` adds."""
+    shapes = registry.adapter_shapes(module, rank)
+    out = {}
+    for slot, (a_shape, b_shape) in shapes.items():
+        prefix = f"{name}.lora.{DEFAULT_ADAPTER}" + ("" if list(shapes) == ["weight"] else f".{slot}")
+        out[f"{prefix}.A"], out[f"{prefix}.B"] = a_shape, b_shape
+    return out
+
+
+def adapter_layer(key: str, layers: dict[str, Any]) -> str | None:
+    """The layer of ``layers`` (a config's) that adapter tensor ``key`` belongs to; None for other tensors."""
+    for name in layers:
+        if key.startswith(f"{name}.lora." if name else "lora."):
+            return name
+    return None
+
+
+def check_layer(name: str, module: nn.Module | None, entry: dict[str, Any]) -> None:
+    """Raise ValueError if the model's module is not the layer the file's entry describes."""
+    if module is None:
+        raise ValueError(f"the adapter file has a layer {name!r} that the model does not have")
+    kind = registry.kind_of(module)
+    if kind is None or kind.name != entry.get("kind"):
+        raise ValueError(f"{name}: the file adapts a {entry.get('kind')} layer, but the model's {name} is a "
+                         f"{type(module).__name__}")
+    mine = layer_geometry(module)
+    # null: not recorded (a conv converted from a PEFT file has no stride/padding/dilation/padding_mode)
+    theirs = {k: entry.get(k, "missing") for k in mine}
+    theirs = {k: mine[k] if v is None else v for k, v in theirs.items()}
+    if mine != theirs:
+        diff = ", ".join(f"{k}: file {theirs[k]!r}, model {mine[k]!r}" for k in mine if mine[k] != theirs[k])
+        raise ValueError(f"{name}: the file's layer geometry differs from the model's ({diff})")

@@ -1,0 +1,25 @@
+"""Adapted layers: the adapter protocol (``AdaptedLayer``) and one literal class per supported layer type.
+
+    base.py         LowRank, LayerState, AdaptedLayer (the protocol), the effective-weight property
+    linear.py       LoraLinear and its autograd function
+    conv.py         LoraConv2d and the cost model that picks its path; conv_autograd.py its functions
+    attention.py    LoraMultiheadAttention
+    batchnorm.py    frozen BatchNorm statistics (the ``train_bn=False`` policy)
+    registry.py     the table of adaptable types, classes for user subclasses, attach / detach
+"""
+
+from .attention import LoraMultiheadAttention
+from .base import DEFAULT_ADAPTER, AdaptedLayer, LayerState, LowRank, adapted_layers
+from .conv import LoraConv2d
+from .linear import LoraLinear
+
+__all__ = [
+    "DEFAULT_ADAPTER",
+    "AdaptedLayer",
+    "LayerState",
+    "LoraConv2d",
+    "LoraLinear",
+    "LoraMultiheadAttention",
+    "LowRank",
+    "adapted_layers",
+]

@@ -1,0 +1,100 @@
+"""The adapted ``nn.Conv2d``, and the cost model that picks how each call computes it.
+
+Every path computes the same thing, exactly: the base conv with weight ``W + scale·ΔW``, for any stride,
+padding, dilation, padding_mode and groups. The paths (names used throughout peftlite):
+
+- ``activations``: the base conv, plus the adapter through activations (``conv(x, A)``, then B as a
+  grouped 1x1 conv), added in place (``conv_autograd``);
+- ``merged``: one conv with the merged weight ``W + scale·ΔW``, with r-wide adapter gradients
+  (``conv_autograd``);
+- ``dense`` (training only): plain autograd through ``functional.lora_conv2d_merged``, which runs the
+  full weight-gradient conv; cheapest when ``fan_in`` is tiny (depthwise convs).
+
+With dropout active in training the layer runs ``functional.lora_conv2d`` under plain autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional
+from ..functional import ConvGeometry
+from . import conv_autograd
+from .base import AdaptedLayer, effective_weight_property
+
+# Forming W + scale·ΔW touches W about three times (read, temporary write, read by the conv); counted as
+# this many multiply-adds per weight element, since those passes are memory-bound.
+WEIGHT_PASS_COST = 8
+
+# On CPU the r-wide products of the adapter (skinny matrix products) run at about half the rate of the
+# base conv's; counted as this many multiply-adds per multiply-add.
+RANK_PASS_COST = 2
+
+
+def inference_path(geom: ConvGeometry, rank: int, pixels: int) -> str:
+    """``"activations"`` or ``"merged"``: the cheaper way to run a conv whose adapter needs no gradient.
+
+    Activations: the A and B convs, ``r·(groups·fan_in + out)`` multiply-adds per output pixel.
+    Merged: ΔW (``r·out·fan_in``) plus the memory-bound passes over W. Large feature maps (early layers,
+    depthwise convs) take the merged weight; small ones (late layers, small batches of large channels)
+    the activations.
+    """
+    activations = pixels * rank * (geom.groups * geom.fan_in + geom.out_channels)
+    merged = geom.out_channels * geom.fan_in * (rank + WEIGHT_PASS_COST)
+    return "activations" if activations < merged else "merged"
+
+
+def training_path(geom: ConvGeometry, rank: int, pixels: int | None = None) -> str:
+    """``"activations"``, ``"merged"`` or ``"dense"``: the cheapest way to train a conv's adapter.
+
+    Counts multiply-adds over ``pixels`` outputs. With ``R = RANK_PASS_COST · r·(groups·fan_in + out)``,
+    the cost of one r-wide pass over the pixels:
+
+    - ``activations``: three such passes (h and B h forward; ∂h, ∂B, ∂A and A's part of ∂x backward, in
+      pairs), ``3·R`` per pixel;
+    - ``merged``: the base conv runs with ``W + scale·ΔW`` both ways, and only the adapter's gradients
+      take r-wide passes (h recomputed, ∂h, ∂B, ∂A): ``2·R`` per pixel, plus forming the merged weight
+      once, ``out·fan_in·(r + WEIGHT_PASS_COST)``;
+    - ``dense``: the full weight-gradient conv, ``out·fan_in`` per pixel, plus forming ΔW and its
+      gradients, ``out·fan_in·(3·r + WEIGHT_PASS_COST)``.
+
+    Large feature maps take ``merged``, small ones (late layers, small batches) ``activations``, and
+    convs with a tiny ``fan_in`` (depthwise) ``dense``. ``pixels=None`` is the many-pixel limit.
+    """
+    per_pixel = RANK_PASS_COST * rank * (geom.groups * geom.fan_in + geom.out_channels)
+    weight_elems = geom.out_channels * geom.fan_in
+    if pixels is None:
+        return "merged" if 2 * per_pixel < weight_elems else "dense"
+    costs = {
+        "activations": 3 * per_pixel * pixels,
+        "merged": 2 * per_pixel * pixels + weight_elems * (rank + WEIGHT_PASS_COST),
+        "dense": weight_elems * (pixels + 3 * rank + WEIGHT_PASS_COST),
+    }
+    return min(costs, key=costs.get)
+
+
+class LoraConv2d(AdaptedLayer, nn.Conv2d):
+    """``nn.Conv2d`` with low-rank adapters: the conv with ``W + scale·ΔW``, ``ΔW = (B @ A).reshape(W.shape)``."""
+
+    adapter_kind = "conv2d"
+    base_class = nn.Conv2d
+    weight = effective_weight_property("weight")
+    geometry: ConvGeometry  # set by registry.attach
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self._parameters["weight"]
+        if not self.adapter_state.computes_adapter:
+            return self._conv_forward(x, w, self.bias)
+        p = self.lora[self.adapter_state.active]
+        geom = self.geometry
+        if p.dropout > 0.0 and self.training:
+            return functional.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, geom, p.dropout, True)
+        pixels = geom.output_pixels(x.shape)
+        if torch.is_grad_enabled() and (p.A.requires_grad or p.B.requires_grad):
+            path = training_path(geom, p.rank, pixels)
+            if path == "dense":
+                return functional.lora_conv2d_merged(x, w, self.bias, p.A, p.B, p.scale, geom)
+        else:
+            path = inference_path(geom, p.rank, pixels)
+        return conv_autograd.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, geom, path)

@@ -1,0 +1,203 @@
+"""The unmerged adapted Conv2d as autograd functions that compute only what the adapter's backward needs.
+
+With ``a`` = A as ``G·r`` kxk filters (A repeated once per group), ``h = conv(x, a)`` (N, G·r, H', W'),
+``B h`` = B as a grouped 1x1 conv, g = ∂L/∂y and ``gh = scale · Bᵀ g`` (N, G·r, H', W'):
+
+    y = conv(x, W) + b + scale · B h
+    ∂A = Σ_groups (weight-gradient of conv(x, a) at gh)      ∂B = scale · Σ_pixels g hᵀ
+    ∂W = weight-gradient of conv(x, ·) at g, only when W trains (then ∂A, ∂B come from it: r-wide products)
+
+Two ways to run it, chosen per call by ``conv.training_path`` (``conv.inference_path`` without gradients):
+
+- ``activations``: forward ``conv(x, W)`` and ``h``, then ``y += scale · B h`` in place (no output-sized
+  temporaries); ``∂x = convᵀ(g, W) + convᵀ(gh, a)``, the second added in place for a 1x1 conv.
+- ``merged``: forward one conv with ``W + scale·ΔW`` (as the weight path does), and ``∂x`` one
+  transposed conv with it; the adapter's gradients come from ``h`` (recomputed) and ``gh``, never from
+  the full weight-gradient conv that autograd on the weight path would run.
+
+Both save x, references to the parameters, and (activations) h or (merged) the merged weight. Under
+autocast the convs run in the autocast dtype, as ``F.conv2d`` would. Both take the input already padded
+by ``functional.pad_input`` and the geometry it returns (integer padding, zeros mode). Dropout is not
+part of these: the layer uses ``functional.lora_conv2d`` when dropout is active. The reference they
+must match is ``functional.lora_conv2d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import reduce, repeat
+from torch import Tensor
+
+from .. import functional
+from ..functional import ConvGeometry
+
+
+def _is_pointwise(g: ConvGeometry) -> bool:
+    """A 1x1 conv with stride 1 and no padding: per sample, a matmul over channels."""
+    return g.kernel_size == (1, 1) and g.stride == (1, 1) and g.padding == (0, 0)
+
+
+def _filters(A: Tensor, c: ConvGeometry, dtype: torch.dtype) -> Tensor:
+    """A (r, fan_in) as the conv's ``(G·r, in/G, kh, kw)`` filters: the same r filters for every group."""
+    kh, kw = c.kernel_size
+    return repeat(A.to(dtype), "r (c kh kw) -> (g r) c kh kw", g=c.groups, kh=kh, kw=kw)
+
+
+def _conv_a(x: Tensor, a: Tensor, c: ConvGeometry) -> Tensor:
+    return F.conv2d(x, a, None, c.stride, c.padding, c.dilation, c.groups)  # (N, G·r, H', W')
+
+
+def _flat(t: Tensor) -> Tensor | None:
+    """(N, C, H, W) as (N, C, H·W) when that is a view of a contiguous NCHW tensor, else None."""
+    return t.view(t.shape[0], t.shape[1], -1) if t.is_contiguous() else None
+
+
+def _add_low_rank_(y: Tensor, h: Tensor, B: Tensor, scale: float, groups: int) -> None:
+    """``y += scale · B h`` in place (B as a grouped 1x1 conv).  y: (N, out, H', W'), h: (N, G·r, H', W')."""
+    yf, hf = _flat(y), _flat(h)
+    if groups == 1 and yf is not None and hf is not None:
+        yf.baddbmm_(B.expand(y.shape[0], *B.shape), hf, alpha=scale)  # per sample (out, r) @ (r, H'·W')
+    else:
+        y.add_(F.conv2d(h, B.reshape(B.shape[0], -1, 1, 1), None, 1, 0, 1, groups), alpha=scale)
+
+
+def _to_rank(g: Tensor, B: Tensor, groups: int) -> Tensor:
+    """``Bᵀ g``, the gradient reaching h (unscaled).  g: (N, out, H', W') -> (N, G·r, H', W')."""
+    gf = _flat(g)
+    if groups == 1 and gf is not None:
+        bt = B.t().contiguous().expand(g.shape[0], -1, -1)  # (N, r, out)
+        return torch.bmm(bt, gf).view(g.shape[0], B.shape[1], *g.shape[2:])
+    out, r = B.shape
+    bt = B.reshape(groups, out // groups, r).transpose(1, 2).reshape(groups * r, out // groups, 1, 1)
+    return F.conv2d(g, bt, None, 1, 0, 1, groups)
+
+
+def _grad_B(g: Tensor, h: Tensor, B: Tensor, groups: int) -> Tensor:
+    """``Σ_pixels g hᵀ`` (unscaled), the 1x1 conv's weight gradient.  -> (out, r)."""
+    gf, hf = _flat(g), _flat(h)
+    if groups == 1 and gf is not None and hf is not None:
+        return torch.bmm(hf, gf.transpose(1, 2)).sum(0).t()  # (r, out) per sample: MKL's faster orientation
+    out, r = B.shape
+    _, gB, _ = torch.ops.aten.convolution_backward(
+        g, h, B.reshape(out, r, 1, 1), None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [False, True, False])
+    return gB.reshape(out, r)
+
+
+def _a_backward(gh: Tensor, x: Tensor, a: Tensor, c: ConvGeometry, need_x: bool, need_a: bool):
+    """``(convᵀ(gh, a), ∂A)``, each None unless asked for: A's part of ∂x, and A's gradient (r, fan_in)."""
+    gx, ga, _ = torch.ops.aten.convolution_backward(
+        gh, x, a, None, c.stride, c.padding, c.dilation, False, [0, 0], c.groups, [need_x, need_a, False])
+    return gx, (reduce(ga, "(g r) c kh kw -> r (c kh kw)", "sum", g=c.groups) if need_a else None)
+
+
+def _base_backward(g: Tensor, x: Tensor, w: Tensor, c: ConvGeometry, has_bias: bool, need_x, need_w, need_b):
+    """``(∂x, ∂w, ∂b)`` of ``conv(x, w) + b``, each None unless asked for."""
+    if not (need_x or need_w or (need_b and has_bias)):
+        return None, None, None
+    return torch.ops.aten.convolution_backward(
+        g, x, w, [w.shape[0]] if has_bias else None, c.stride, c.padding, c.dilation, False, [0, 0], c.groups,
+        [need_x, need_w, need_b and has_bias])
+
+
+def _low_rank_from_gw(gw: Tensor, A: Tensor, B: Tensor, scale: float, need_a, need_bb):
+    """∂A = scale · Bᵀ ∂W, ∂B = scale · ∂W Aᵀ, when the full weight gradient is computed anyway."""
+    gm = gw.reshape(gw.shape[0], -1).to(A.dtype)  # (out, fan_in)
+    ga = (B.t() @ gm).mul_(scale) if need_a else None
+    gB = (gm @ A.t()).mul_(scale) if need_bb else None
+    return ga, gB
+
+
+def _merged_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``W + scale·ΔW`` in W's dtype; one addmm (one W-sized allocation) when W is fp32 or fp64."""
+    if weight.dtype == A.dtype == B.dtype and weight.dtype in (torch.float32, torch.float64):
+        return torch.addmm(weight.reshape(weight.shape[0], -1), B, A, alpha=scale).view(weight.shape)
+    return functional.effective_weight(weight, A, B, scale)  # summed in fp32, rounded once
+
+
+def _keep(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, c: ConvGeometry) -> None:
+    ctx.conv, ctx.scale, ctx.has_bias, ctx.dtypes = c, scale, bias is not None, (x.dtype, weight.dtype)
+
+
+def _finish(ctx, gx, gw, gb, ga, gB, A, B):
+    x_dtype, w_dtype = ctx.dtypes
+    cast = lambda t, dt: None if t is None else t.to(dt)
+    return cast(gx, x_dtype), cast(gw, w_dtype), gb, cast(ga, A.dtype), cast(gB, B.dtype), None, None
+
+
+class _Activations(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale: float, c: ConvGeometry):
+        y = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)  # (N, out, H', W')
+        a = _filters(A, c, x.dtype)
+        h = _conv_a(x, a, c)  # (N, G·r, H', W')
+        _add_low_rank_(y, h.to(y.dtype), B.to(y.dtype), scale, c.groups)
+        _keep(ctx, x, weight, bias, scale, c)
+        # The operands as the convs ran: in the autocast dtype under autocast, else no-op casts.
+        ctx.save_for_backward(x.to(y.dtype), weight.to(y.dtype), a.to(y.dtype), A, B, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, a, A, B, h = ctx.saved_tensors
+        c, scale = ctx.conv, ctx.scale
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        gx, gw, gb = _base_backward(g, x, w, c, ctx.has_bias, need_x, need_w, need_b)
+        ga = gB = None
+        if need_w:
+            ga, gB = _low_rank_from_gw(gw, A, B, scale, need_a, need_bb)
+        elif need_bb:
+            gB = _grad_B(g, h, B.to(g.dtype), c.groups).mul_(scale)
+        if need_x or (need_a and not need_w):
+            gh = _to_rank(g, B.to(g.dtype), c.groups).mul_(scale)  # (N, G·r, H', W')
+            fold = need_x and c.groups == 1 and _is_pointwise(c) and _flat(gx) is not None and _flat(gh) is not None
+            gxa, need_ga = None, need_a and not need_w
+            if (need_x and not fold) or need_ga:
+                gxa, ga_ = _a_backward(gh, x, a, c, need_x and not fold, need_ga)
+                ga = ga_ if need_ga else ga
+            if fold:  # per sample ∂x (in, H·W) += aᵀ (in, r) @ gh (r, H·W): no x-sized temporary
+                _flat(gx).baddbmm_(a.view(a.shape[0], -1).t().expand(x.shape[0], -1, -1), _flat(gh))
+            elif need_x:
+                gx.add_(gxa)
+        return _finish(ctx, gx, gw, gb, ga, gB, A, B)
+
+
+class _Merged(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale: float, c: ConvGeometry):
+        w = _merged_weight(weight, A, B, scale)
+        y = F.conv2d(x, w, bias, c.stride, c.padding, c.dilation, c.groups)
+        _keep(ctx, x, weight, bias, scale, c)
+        ctx.save_for_backward(x.to(y.dtype), w.to(y.dtype), A, B)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, A, B = ctx.saved_tensors
+        c, scale = ctx.conv, ctx.scale
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        gx, gw, gb = _base_backward(g, x, w, c, ctx.has_bias, need_x, need_w, need_b)  # ∂W_eff = ∂W
+        ga = gB = None
+        if need_w:
+            ga, gB = _low_rank_from_gw(gw, A, B, scale, need_a, need_bb)
+        elif need_a or need_bb:
+            a = _filters(A, c, g.dtype)
+            if need_bb:
+                gB = _grad_B(g, _conv_a(x, a, c), B.to(g.dtype), c.groups).mul_(scale)  # h recomputed
+            if need_a:
+                gh = _to_rank(g, B.to(g.dtype), c.groups).mul_(scale)
+                ga = _a_backward(gh, x, a, c, False, True)[1]
+        return _finish(ctx, gx, gw, gb, ga, gB, A, B)
+
+
+def lora_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                geom: ConvGeometry, path: str = "activations") -> Tensor:
+    """``functional.lora_conv2d`` without dropout, as one autograd function.  x: (N, in, H, W).
+
+    Args:
+        geom: the conv's geometry, as ``ConvGeometry.of(conv)`` gives it (any padding, any padding_mode).
+        path: ``"activations"`` or ``"merged"`` (see the module docstring); the result is the same.
+    """
+    x, c = functional.pad_input(x, geom)
+    fn = {"activations": _Activations, "merged": _Merged}[path]
+    return fn.apply(x, weight, bias, A, B, scale, c)

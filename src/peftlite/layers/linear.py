@@ -1,0 +1,84 @@
+"""The adapted ``nn.Linear``, and its unmerged forward as one autograd function.
+
+    y = x @ Wᵀ + b;   h = x @ Aᵀ  (..., r);   y += scale · h @ Bᵀ   (addmm_ into y: no output-sized temp)
+
+Backward, with g = ∂L/∂y and u = g @ B  (..., r):
+
+    ∂x = g @ W + scale · u @ A      ∂A = scale · uᵀ @ x      ∂B = scale · gᵀ @ h
+    ∂W = gᵀ @ x  (only if W trains)  ∂b = Σ g  (only if b trains)
+
+It saves x, h and references to the parameters; nothing output-sized. Under autocast the products run
+in the autocast dtype (as ``F.linear`` would), and ``h`` is kept in fp32 for ∂B. With dropout active
+in training the layer runs ``functional.lora_linear`` under plain autograd instead; that function is
+also the reference this one must match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import functional
+from .base import AdaptedLayer, effective_weight_property
+
+
+class _LowRankLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float):
+        y = F.linear(x, weight, bias)  # (..., out), in the autocast dtype when autocast is on
+        # F.linear with a bias on (N, ..., in) returns a view of a 2-D result. Returned as such, autograd
+        # forbids in-place changes of the output (ReLU(inplace=True) after a Linear, as in torchvision's
+        # swin_v2). _unsafe_view, as aten::matmul uses, gives the same storage as a non-view: no copy.
+        y = torch.ops.aten._unsafe_view(y, y.shape)
+        h = F.linear(x, A.to(x.dtype))  # (..., r)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), B.to(y.dtype).t(), alpha=scale)
+        ctx.save_for_backward(x, weight, A, B, h.float())
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, A, B, h = ctx.saved_tensors
+        scale = ctx.scale
+        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        u = g2 @ B.to(g2.dtype)  # (N, r)
+        gx = gw = gb = ga = gB = None
+        if need_x:
+            gx = g2 @ weight.to(g2.dtype)
+            gx.addmm_(u, A.to(g2.dtype), alpha=scale)
+            gx = gx.view(x.shape).to(x.dtype)
+        if need_w:
+            gw = (g2.t() @ x2.to(g2.dtype)).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            gb = g2.sum(0)
+        if need_a:
+            ga = (u.t() @ x2.to(u.dtype)).mul_(scale).to(A.dtype)
+        if need_bb:
+            gB = (g2.t().float() @ h.reshape(-1, h.shape[-1])).mul_(scale).to(B.dtype)
+        return gx, gw, gb, ga, gB, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``x @ Wᵀ + b + scale·(x @ Aᵀ) @ Bᵀ`` without dropout.  x: (..., in) -> (..., out)."""
+    return _LowRankLinear.apply(x, weight, bias, A, B, scale)
+
+
+class LoraLinear(AdaptedLayer, nn.Linear):
+    """``nn.Linear`` with low-rank adapters: ``x @ (W + scale·B A)ᵀ + b``, W frozen, A and B trained."""
+
+    adapter_kind = "linear"
+    base_class = nn.Linear
+    weight = effective_weight_property("weight")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.adapter_state.computes_adapter:
+            return nn.functional.linear(x, self._parameters["weight"], self.bias)
+        p = self.lora[self.adapter_state.active]
+        w = self._parameters["weight"]
+        if p.dropout > 0.0 and self.training:
+            return functional.lora_linear(x, w, self.bias, p.A, p.B, p.scale, p.dropout, True)
+        return lora_linear(x, w, self.bias, p.A, p.B, p.scale)

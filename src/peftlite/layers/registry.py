@@ -1,0 +1,168 @@
+"""The table of the layer types peftlite adapts, and attaching adapters to (and detaching them from) a module.
+
+``KINDS`` maps each base type to its adapted class:
+
+    nn.Linear              -> LoraLinear               (linear.py)
+    nn.Conv2d              -> LoraConv2d               (conv.py)
+    nn.MultiheadAttention  -> LoraMultiheadAttention   (attention.py)
+
+A subclass of one of these (timm's ``Conv2dSame``, torch's ``NonDynamicallyQuantizableLinear``) gets a
+class derived at run time here, and only here (``adapted_class``):
+
+- if it keeps the base forward, ``Lora<Class>(LoraConv2d, Class)``: peftlite's forward;
+- if it has its own forward that reads the weight (``Conv2dSame`` pads, then calls ``F.conv2d`` with
+  ``self.weight``), ``Lora<Class>(AdaptedLayer, Class)`` with the effective-weight property: its own
+  forward sees ``W + scale·ΔW``;
+- if its own forward never reads the weight, it is refused: its semantics could not be kept.
+
+To adapt a new layer type, write its ``Lora<Type>`` class beside the others and add a row to ``KINDS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..functional import ConvGeometry
+from .attention import PROJECTIONS, LoraMultiheadAttention, projection_slots
+from .base import DEFAULT_ADAPTER, AdaptedLayer, LayerState, LowRank, effective_weight_property
+from .conv import LoraConv2d
+from .linear import LoraLinear
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One row of the table: a base type and how peftlite adapts it."""
+
+    name: str  # "linear", "conv2d", "mha": written into adapter files
+    base: type
+    adapted: type  # the literal adapted class
+    slots: Callable[[nn.Module], tuple[str, ...]]  # the parameters that get adapters
+    properties: tuple[str, ...]  # attributes the adapted class turns into effective-weight properties
+    stock: tuple[str, ...]  # methods a subclass must not override to use the adapted class's forward
+
+
+KINDS: dict[type, Kind] = {
+    nn.MultiheadAttention: Kind("mha", nn.MultiheadAttention, LoraMultiheadAttention, projection_slots,
+                                PROJECTIONS, ("forward",)),
+    nn.Linear: Kind("linear", nn.Linear, LoraLinear, lambda m: ("weight",), ("weight",), ("forward",)),
+    nn.Conv2d: Kind("conv2d", nn.Conv2d, LoraConv2d, lambda m: ("weight",), ("weight",),
+                    ("forward", "_conv_forward")),
+}
+SUPPORTED = tuple(KINDS)
+SUPPORTED_NAMES = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED)
+_RESERVED = ("lora", "adapter_state", "geometry")  # instance attributes an adapted layer adds
+
+
+def kind_of(module: nn.Module) -> Kind | None:
+    """The table row for a module (an adapted one included), or None for a type peftlite cannot adapt."""
+    for base, kind in KINDS.items():
+        if isinstance(module, base):
+            return kind
+    return None
+
+
+def _reads(cls: type, kind: Kind) -> bool:
+    """Does the class's own forward read one of the adapted attributes (so the property reaches it)?"""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is kind.base:
+            break
+        fwd = klass.__dict__.get("forward")
+        if fwd is not None and hasattr(fwd, "__code__"):
+            names |= set(fwd.__code__.co_names)
+    return bool(names & set(kind.properties))
+
+
+_DERIVED: dict[type, type] = {}
+
+
+def adapted_class(cls: type, kind: Kind) -> type:
+    """The adapted class for ``cls``: the literal one for the base type, a derived one for a subclass (cached).
+
+    Raises:
+        TypeError: ``cls`` has its own forward that never reads the adapted weight, so its semantics
+            could not be kept.
+    """
+    if cls is kind.base:
+        return kind.adapted
+    if cls in _DERIVED:
+        return _DERIVED[cls]
+    name = f"Lora{cls.__name__}"
+    ns = {"base_class": cls, "__module__": __name__, "__qualname__": name}
+    if all(getattr(cls, m) is getattr(kind.base, m) for m in kind.stock):
+        derived = type(name, (kind.adapted, cls), ns)
+    elif _reads(cls, kind):
+        ns.update({p: effective_weight_property(p) for p in kind.properties}, adapter_kind=kind.name)
+        derived = type(name, (AdaptedLayer, cls), ns)
+    else:
+        raise TypeError(
+            f"{cls.__module__}.{cls.__name__} overrides forward and never reads {'/'.join(kind.properties)}, "
+            "so peftlite cannot adapt it without changing what it computes; target its inner layers instead, "
+            "or exclude it from targets"
+        )
+    _DERIVED[cls] = derived
+    return derived
+
+
+def check_adaptable(name: str, module: nn.Module) -> Kind:
+    """The module's kind, or a TypeError that says why it cannot be adapted; changes nothing."""
+    if isinstance(module, AdaptedLayer):
+        raise TypeError(f"module {name!r} is already adapted ({type(module).__name__}); "
+                        "unwrap the model first, or leave it out of targets")
+    kind = kind_of(module)
+    if kind is None:
+        raise TypeError(f"module {name!r} is a {type(module).__name__}, which peftlite cannot adapt; "
+                        f"supported types: {SUPPORTED_NAMES}. Use it as a head or trainable module instead")
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        raise TypeError(f"module {name!r} is parametrized (torch.nn.utils.parametrize); "
+                        "remove the parametrization before wrapping")
+    for slot in kind.slots(module):
+        w = module._parameters.get(slot)
+        if not isinstance(w, nn.Parameter) or isinstance(w, nn.parameter.UninitializedParameter):
+            raise TypeError(f"module {name!r} has no initialised parameter {slot!r} (lazy module or weight "
+                            "hook?); run one forward pass or remove the hook before wrapping")
+        if isinstance(getattr(type(module), slot, None), property):
+            raise TypeError(f"{type(module).__name__}.{slot} is already a property; peftlite cannot adapt it")
+    taken = [a for a in _RESERVED if a in module.__dict__ or a in module._modules or hasattr(type(module), a)]
+    if taken:
+        raise TypeError(f"module {name!r} ({type(module).__name__}) already has an attribute {taken[0]!r}, "
+                        "which an adapted layer needs; rename it, or leave the module out of targets")
+    adapted_class(type(module), kind)  # raises when the forward semantics could not be kept
+    return kind
+
+
+def adapter_shapes(module: nn.Module, rank: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """``{slot: (A shape, B shape)}`` that adapting ``module`` with ``rank`` creates."""
+    kind = kind_of(module)
+    out = {}
+    for slot in kind.slots(module):
+        w = module._parameters[slot]
+        out[slot] = ((rank, w[0].numel()), (w.shape[0], rank))
+    return out
+
+
+def attach(module: nn.Module, kind: Kind, *, rank: int, alpha: float, dropout: float,
+           adapter: str = DEFAULT_ADAPTER) -> None:
+    """Turn ``module`` into its adapted class, with fresh pairs (B = 0, so outputs are unchanged)."""
+    pairs = {}
+    for slot, (a_shape, b_shape) in adapter_shapes(module, rank).items():
+        w = module._parameters[slot]
+        dtype = torch.promote_types(w.dtype, torch.float32)  # adapters keep fp32 master precision
+        pairs[slot] = LowRank(rank, a_shape[1], b_shape[0], alpha, dropout, device=w.device, dtype=dtype)
+    module.__class__ = adapted_class(type(module), kind)
+    module.lora = nn.ModuleDict({adapter: pairs["weight"] if list(pairs) == ["weight"] else nn.ModuleDict(pairs)})
+    module.adapter_state = LayerState(active=adapter)
+    if kind.name == "conv2d":
+        module.geometry = ConvGeometry.of(module)
+
+
+def detach(module: AdaptedLayer) -> None:
+    """Give the module back its own class, dropping the adapters (the caller merged or unmerged first)."""
+    del module.lora
+    del module.adapter_state
+    module.__dict__.pop("geometry", None)
+    module.__class__ = type(module).base_class

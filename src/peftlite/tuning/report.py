@@ -1,0 +1,91 @@
+"""summary(model): what trains, layer by layer, and the totals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..layers import AdaptedLayer, adapted_layers
+from . import partition
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    type: str
+    shape: str
+    rank: str
+    trainable: int
+
+
+@dataclass
+class Summary:
+    """Per-layer trainable report. ``total`` and ``trainable`` count parameters (elements)."""
+
+    rows: list[Row]
+    total: int
+    trainable: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        head = ("name", "type", "shape", "rank", "trainable")
+        body = [(r.name or "(root)", r.type, r.shape, r.rank, f"{r.trainable:,}") for r in self.rows]
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        line = lambda cells: "  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+                                       for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        out = [line(head), line(tuple("-" * w for w in widths))] + [line(b) for b in body]
+        out.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({self.percent:.2f}%)")
+        return "\n".join(out + self.notes)
+
+    def __repr__(self) -> str:
+        return f"Summary(total={self.total}, trainable={self.trainable}, layers={len(self.rows)})"
+
+
+def _shape(module: nn.Module) -> str:
+    w = module._parameters.get("weight", module._parameters.get("in_proj_weight"))
+    return "x".join(map(str, w.shape)) if w is not None else "-"
+
+
+def summary(model: nn.Module, blocks: bool = False) -> Summary:
+    """Build the trainable report for any model (wrapped or not).
+
+    Args:
+        model: any nn.Module.
+        blocks: also list the model's blocks (``peftlite.blocks``), input to output, as
+            ``param_groups(layer_decay=...)`` scales them; they are added to ``notes``.
+    """
+    rows = []
+    inside = {id(p) for _, m in adapted_layers(model) for p in m.lora.modules()}  # counted with their layer
+    for name, m in model.named_modules():
+        if id(m) in inside:
+            continue
+        if isinstance(m, AdaptedLayer):
+            pairs = m.active_pairs()
+            n = sum(p.numel() for p in m.lora.parameters() if p.requires_grad)
+            n += sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
+            rank = ",".join(sorted({str(p.rank) for p in pairs.values()}))
+            state = " merged" if m.adapter_state.merged else ""
+            rows.append(Row(name, f"{m.base_class.__name__} (lora{state})", _shape(m), rank, n))
+            continue
+        own = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
+        if own:
+            rows.append(Row(name, type(m).__name__, _shape(m), "-", own))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Summary(rows, total, trainable, _block_notes(model) if blocks else [])
+
+
+def _block_notes(model: nn.Module) -> list[str]:
+    found = partition.blocks(model)
+    params = dict(model.named_parameters())
+    out = [f"blocks for layer_decay, input -> output ({len(found)}):"]
+    for i, b in enumerate(found):
+        n = sum(params[p].numel() for p in b.params)
+        t = sum(params[p].numel() for p in b.params if params[p].requires_grad)
+        out.append(f"  {i:>3}  {b.name}  ({n:,} parameters, {t:,} trainable)")
+    return out

@@ -1,0 +1,271 @@
+"""wrap / unwrap, and the one definition of what trains and what an adapter file holds.
+
+What trains after ``wrap`` (``trained_names``) and what ``save`` writes (``saved_tensors``) are both
+derived from the model's adapted layers and its ``WrapState``: the adapters, plus every tensor under a
+*full unit* (a head, a ``trainable=`` module or tensor, and with ``train_bn`` every BatchNorm).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import merging, selection
+from .layers import adapted_layers, batchnorm, registry
+
+
+@dataclass
+class WrapState:
+    """What wrap did to the model as a whole, kept on the root module as ``model._peftlite``."""
+
+    heads: list[str] = field(default_factory=list)  # module names replaced by new modules
+    trainable: list[str] = field(default_factory=list)  # module or tensor names trained in full
+    train_bn: bool = False
+    requires_grad: dict[str, bool] = field(default_factory=dict)  # each base param's flag before wrap
+
+
+def wrap_state(model: nn.Module) -> WrapState | None:
+    """The model's WrapState, or None for a model peftlite has not wrapped."""
+    return model.__dict__.get("_peftlite")
+
+
+def under(name: str, units: Sequence[str]) -> bool:
+    """Is ``name`` one of ``units`` or inside one of them (``""`` is the whole model)?"""
+    return any(u == "" or name == u or name.startswith(u + ".") for u in units)
+
+
+# ---- what trains, what is saved ----------------------------------------------------------------
+
+def adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every adapter parameter of the model, by qualified name (``layer4.0.conv1.lora.default.A``)."""
+    out = {}
+    for name, layer in adapted_layers(model):
+        out.update(layer.lora.named_parameters(prefix=f"{name}.lora" if name else "lora"))
+    return out
+
+
+def full_units(model: nn.Module, state: WrapState) -> list[str]:
+    """Names whose every tensor trains and is saved: heads, ``trainable=`` names, BatchNorms with train_bn."""
+    units = state.heads + state.trainable
+    if state.train_bn:
+        units = units + [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    return units
+
+
+def trained_names(model: nn.Module, state: WrapState) -> set[str]:
+    """The parameter names that ``wrap`` leaves trainable."""
+    units = full_units(model, state)
+    return set(adapter_tensors(model)) | {n for n, _ in model.named_parameters() if under(n, units)}
+
+
+def saved_tensors(model: nn.Module, state: WrapState) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file holds, by state_dict key: adapters and every tensor of the full units."""
+    units = full_units(model, state)
+    adapters = adapter_tensors(model)
+    return {k: t for k, t in model.state_dict().items()
+            if not k.endswith("_extra_state") and (k in adapters or under(k, units))}
+
+
+def apply_freezing(model: nn.Module, state: WrapState) -> None:
+    """requires_grad = adapter, head, trainable module or tensor, or (with train_bn) BatchNorm affine."""
+    keep = trained_names(model, state)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in keep)
+
+
+# ---- resolving the arguments ---------------------------------------------------------------------
+
+def _check_hparams(rank, alpha, dropout) -> float:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}; typical values are 4 to 64")
+    alpha = rank if alpha is None else alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive finite number (scale = alpha / rank), got {alpha!r}; "
+                         "leave it None for alpha = rank")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    return float(alpha)
+
+
+def resolve_heads(model: nn.Module, heads: Mapping | None, index: selection.Index) -> dict[str, nn.Module]:
+    """``{module name: new module}``: each key is a pattern that must select exactly one module."""
+    if heads is None:
+        return {}
+    if not isinstance(heads, Mapping):
+        raise TypeError(f"heads must be a dict of module name (or pattern) -> nn.Module, got {type(heads).__name__}")
+    out = {}
+    for key, head in heads.items():
+        if not isinstance(head, nn.Module):
+            raise TypeError(f"heads[{key!r}] must be an nn.Module, got {type(head).__name__}")
+        found = [n for n in selection.select_modules(model, key, f"heads[{key!r}]", index) if n]
+        if len(found) != 1:
+            shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+            raise ValueError(f"heads[{key!r}] selects {len(found)} modules ({shown}); a head key must select "
+                             "exactly one module to replace: give its full name")
+        out[found[0]] = head
+    return out
+
+
+def trainable_units(model: nn.Module, patterns, index: selection.Index) -> list[str]:
+    """The names ``trainable=`` selects, as few as cover it: whole modules where every parameter of the
+    module is selected (so its buffers are saved too), single parameters elsewhere."""
+    chosen = set(selection.select_tensors(model, patterns, "trainable", index=index))
+    held: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        for owner in selection.owners(name)[1:]:
+            held.setdefault(owner, []).append(name)
+    units: list[str] = []
+    for name in index.modules:
+        if name and not under(name, units) and held.get(name) and all(p in chosen for p in held[name]):
+            units.append(name)
+    return units + [n for n, _ in model.named_parameters() if n in chosen and not under(n, units)]
+
+
+def resolve_targets(model: nn.Module, targets, skip: Sequence[str] = (),
+                    index: selection.Index | None = None) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs ``targets`` selects for adapting, in registration order.
+
+    A selected adaptable module is adapted; a selected container adapts the adaptable modules beneath
+    it; an exact name of an unadaptable leaf (``"bn1"``) is an error. ``nn.MultiheadAttention`` brings
+    its ``out_proj``. Modules under ``skip`` (the heads) are never adapted.
+
+    Raises:
+        ValueError: the list selects no adaptable module, or an exact name names nothing (a typo).
+        TypeError: an exact name of an unsupported module, or a module whose semantics can't be kept.
+    """
+    index = index or selection.Index.of(model)
+    patterns = selection.as_list(targets)
+    adaptable = {n: m for n, m in index.modules.items() if registry.kind_of(m) is not None and not under(n, skip)}
+    chosen: set[str] = set()
+    named, picked = [], []
+    for pattern in patterns:
+        test = selection.predicate(pattern, index, "targets")
+        hits = [(n, m) for n, m in index.modules.items() if test(n, m)]
+        named.append([n for n, _ in hits])
+        found = set()
+        for name, module in hits:
+            if name in adaptable:
+                found.add(name)
+            elif selection.is_exact(pattern) and not any(True for _ in module.children()) and not under(name, skip):
+                raise TypeError(f"target {pattern!r} is a {type(module).__name__}, which peftlite cannot adapt; "
+                                f"supported types: {registry.SUPPORTED_NAMES}. Pass it in trainable=[...] to train "
+                                "it in full")
+            else:  # a container: everything adaptable beneath it
+                found |= {n for n in adaptable if n.startswith(name + ".") or name == ""}
+        picked.append(sorted(found))
+        chosen |= found
+    hint = lambda p: selection.hint(p, adaptable, "adaptable modules")
+    selection.check_exact(named, patterns, "targets", "module", hint)
+    noun = f"adaptable module ({registry.SUPPORTED_NAMES}){' outside the heads' if skip else ''}"
+    selection.check_any(picked, patterns, "targets", noun, hint)
+    for name in list(chosen):  # attention is adapted as one unit, out_proj included
+        if isinstance(index.modules[name], nn.MultiheadAttention):
+            chosen.add(f"{name}.out_proj" if name else "out_proj")
+    return [(n, index.modules[n]) for n in index.modules if n in chosen]
+
+
+# ---- wrap / unwrap ---------------------------------------------------------------------------------
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    old = model.get_submodule(name)
+    ref = next(old.parameters(), None)
+    if ref is not None:  # a head goes where the module it replaces was
+        new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    setattr(model.get_submodule(parent_name), leaf, new)
+
+
+def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
+         heads: Mapping[str, nn.Module] | None = None, trainable=None, train_bn: bool = False) -> nn.Module:
+    """Freeze ``model`` and add LoRA adapters to the ``targets``, new ``heads``, and ``trainable`` tensors.
+
+    Works in place and returns the same object. Everything is validated before the model is touched.
+    Every pattern argument follows the one pattern language (``peftlite.selection``, docs/guide.md).
+
+    Args:
+        model: any nn.Module.
+        targets: pattern(s) selecting modules: globs, exact or bare names (``"query"``), a compiled
+            ``re.Pattern``, an ``nn.Module`` subclass or tuple of them, a callable ``(name, module) ->
+            bool``, or a list (the union). Containers select the adaptable layers beneath them.
+        rank: r of every adapter. alpha: scale = alpha / rank (default alpha = rank).
+        dropout: dropout on the adapter input, in training only.
+        heads: ``{name or pattern: new module}``; each key selects exactly one module, which the new
+            module replaces; heads train in full.
+        trainable: pattern(s) selecting tensors trained in full (``"layer4"`` trains all of layer4,
+            ``"fc.weight"`` one parameter).
+        train_bn: False: BatchNorms use and keep their running statistics, even in train().
+            True: BatchNorm affine params train, their statistics adapt, and all of it is saved.
+    Returns:
+        ``model``, wrapped.
+    Raises:
+        ValueError: bad rank/alpha/dropout, a pattern list that selects nothing, a typo in an exact
+            name, nothing to train.
+        TypeError: a target that cannot be adapted (names the module, its type and the supported types).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
+    alpha = _check_hparams(rank, alpha, dropout)
+    index = selection.Index.of(model)
+    heads = resolve_heads(model, heads, index)
+    units = trainable_units(model, trainable, index) if trainable is not None else []
+    if targets is None and not heads and not units:
+        raise ValueError("wrap: nothing to train; give targets= (layers to adapt), heads= or trainable=")
+    state = wrap_state(model)
+    if state is not None and state.train_bn != bool(train_bn):
+        raise ValueError(f"model is already wrapped with train_bn={state.train_bn}; wrap again with the same value")
+    plan = resolve_targets(model, targets, skip=list(heads), index=index) if targets is not None else []
+    kinds = [registry.check_adaptable(name, module) for name, module in plan]
+
+    # Validated: from here on, change the model.
+    if state is None:
+        state = WrapState(train_bn=bool(train_bn),
+                          requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+        model._peftlite = state
+    for name, head in heads.items():
+        _replace(model, name, head)
+        state.heads.append(name)
+    for (_, module), kind in zip(plan, kinds, strict=True):
+        registry.attach(module, kind, rank=rank, alpha=alpha, dropout=dropout)
+    state.trainable += [n for n in units if n not in state.trainable]
+    apply_freezing(model, state)
+    if not state.train_bn:
+        for name, m in model.named_modules():
+            if batchnorm.freezable(m) and not under(name, state.heads + state.trainable):
+                batchnorm.freeze_stats(m)
+    return model
+
+
+def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Give back plain torch modules: adapters merged into the weights (``merge=True``) or dropped.
+
+    Frozen BatchNorms get their class back, base parameters their requires_grad from before wrap; new
+    heads stay. The state_dict keys are the original model's again (plus any new head's). The merge is
+    all or nothing: if any layer fails, the model is left wrapped and unmerged.
+    """
+    state = wrap_state(model)
+    if state is None:
+        raise ValueError("unwrap: the model is not wrapped by peftlite (no peftlite.wrap call on it)")
+    found = adapted_layers(model)
+    todo = [(n, m) for n, m in found if not m.adapter_state.merged]
+    if merge and todo:
+        if any(not m.adapter_state.enabled for _, m in found):
+            raise RuntimeError("unwrap(merge=True) inside peftlite.disabled(model); unwrap after the block")
+        merging.merge_all(todo)
+    for name, layer in found:
+        if not merge and layer.adapter_state.merged:
+            merging.unmerge_layer(layer, name)
+        registry.detach(layer)
+    for _, m in model.named_modules():
+        if isinstance(m, batchnorm.FrozenStats):
+            batchnorm.unfreeze_stats(m)
+    for name, p in model.named_parameters():
+        if name in state.requires_grad and not under(name, state.heads):
+            p.requires_grad_(state.requires_grad[name])
+    del model.__dict__["_peftlite"]
+    return model
