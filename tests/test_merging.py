@@ -1,7 +1,6 @@
-"""Merge state: exact unmerge over many cycles, non-finite refusal, and survival through copies and moves."""
+"""Merge state: exact unmerge over many cycles, all-or-nothing merges, and survival through copies and moves."""
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -185,52 +184,46 @@ def test_disabled_gives_base_behaviour_and_restores_merge():
         assert torch.equal(plain_again(x), base_out)
 
 
-def test_frozen_batchnorm_keeps_running_stats_in_train_mode(tmp_path):
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3)
-    keys = list(model.state_dict())
-    peftlite.wrap(model, "layer4.*", rank=2)
-    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    model.train()
-    x = torch.randn(4, 3, 32, 32)
-    y_train = model(x)
-    for k, v in stats.items():
-        assert torch.equal(model.state_dict()[k], v), k
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), y_train.detach())
-    assert type(model.bn1).__name__ == "FrozenBatchNorm2d" and model.bn1.training is False
-    peftlite.unwrap(model)
-    assert type(model.bn1) is nn.BatchNorm2d and list(model.state_dict()) == keys
+class _Boom(RuntimeError):
+    pass
 
 
-def test_train_bn_adapts_and_round_trips(tmp_path):
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3)
-    peftlite.wrap(model, "layer4.*", rank=2, train_bn=True)
-    assert model.bn1.weight.requires_grad and type(model.bn1) is nn.BatchNorm2d
-    model.train()
-    model(torch.randn(4, 3, 32, 32))
-    assert model.bn1.num_batches_tracked.item() == 1
-    path = peftlite.save(model, tmp_path / "bn.safetensors")
-    torch.manual_seed(0)
-    fresh = peftlite.load(torchvision.models.resnet18(num_classes=3), path)
-    for k, v in model.state_dict().items():
-        if "bn" in k or "downsample.1" in k:
-            assert torch.equal(fresh.state_dict()[k], v), k
+@pytest.mark.parametrize("error", [_Boom("kernel failed"), ValueError("no in-place matrix view")],
+                         ids=["runtime", "value"])
+def test_any_error_on_a_later_layer_unmerges_the_earlier_ones(monkeypatch, error):
+    model, x = model_and_input(torch.bfloat16)
+    snap = snapshot(model)
+    real = peftlite.kernels.merge_
+    calls = []
 
+    def failing(weight, *args):
+        calls.append(weight.shape)
+        if len(calls) == 3:  # layers 0 and 2 are merged by now
+            raise error
+        return real(weight, *args)
 
-def test_summary_table():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3)
-    peftlite.wrap(model, "layer4.0.conv1", rank=4, heads={"fc": nn.Linear(512, 7)})
-    s = peftlite.summary(model)
-    assert s.total == sum(p.numel() for p in model.parameters())
-    assert s.trainable == 4 * (256 * 9) + 512 * 4 + 512 * 7 + 7
-    text = str(s)
-    assert "layer4.0.conv1" in text and "Conv2d (lora)" in text and "512x256x3x3" in text
-    assert f"trainable {s.trainable:,} of {s.total:,} parameters" in text
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    monkeypatch.setattr(peftlite.kernels, "merge_", failing)
+    with pytest.raises(type(error), match=r"cannot merge 4 \(every layer is unmerged again\): "):
         peftlite.merge(model)
-    assert "lora merged" in str(peftlite.summary(model))
+    assert len(calls) == 3
+    assert_unchanged(model, snap)  # bit-exact: the merged layers were unmerged from their records
+    assert not any(m.adapter_state.merged for m in (model[0], model[2], model[4]))
+    with pytest.raises(type(error), match="cannot merge 4"):
+        calls.clear()
+        peftlite.unwrap(model, merge=True)
+    assert_unchanged(model, snap)  # still wrapped, unmerged
+    monkeypatch.setattr(peftlite.kernels, "merge_", real)
+    peftlite.merge(model)
+    peftlite.unmerge(model)
+    assert_unchanged(model, snap)
+
+
+def test_unwrap_merge_with_a_non_finite_adapter_leaves_the_model_wrapped():
+    model, _ = model_and_input()
+    with torch.no_grad():
+        model[4].lora.default.A[0, 0] = float("inf")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="cannot merge 4: its adapter A"):
+        peftlite.unwrap(model, merge=True)
+    assert_unchanged(model, snap)
+    assert "_peftlite" in model.__dict__

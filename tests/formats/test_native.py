@@ -203,3 +203,45 @@ def test_no_pickle_anywhere():
     for f in src.rglob("*.py"):
         text = f.read_text()
         assert "import pickle" not in text and "torch.load(" not in text, f
+
+
+def _fail_midway(monkeypatch):
+    """Make the copy into the model fail after a few tensors have been written."""
+    real = torch.Tensor.copy_
+    count = [0]
+
+    def copy_(self, src, *args, **kwargs):
+        count[0] += 1
+        if count[0] == 4:
+            raise RuntimeError("disk went away")
+        return real(self, src, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    return count
+
+
+def test_a_load_that_fails_midway_leaves_a_fresh_model_as_it_was(tmp_path, monkeypatch):
+    _, path = trained(tmp_path)
+    fresh = base()
+    snap = snapshot(fresh)
+    fc = fresh.fc
+    count = _fail_midway(monkeypatch)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        peftlite.load(fresh, path)
+    assert count[0] >= 4
+    monkeypatch.undo()
+    assert_unchanged(fresh, snap)  # no adapters, the old head back, BatchNorms unfrozen, requires_grad restored
+    assert fresh.fc is fc and "_peftlite" not in fresh.__dict__
+
+
+def test_a_load_that_fails_midway_leaves_a_wrapped_model_as_it_was(tmp_path, monkeypatch):
+    _, path = trained(tmp_path)
+    other = peftlite.wrap(base(), "layer4.*", rank=4, alpha=2.0, heads={"fc": nn.Linear(512, 3)})
+    randomize_adapters(other, seed=5)
+    snap = snapshot(other)
+    _fail_midway(monkeypatch)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        peftlite.load(other, path)
+    monkeypatch.undo()
+    assert_unchanged(other, snap)
+    assert other.layer4[0].conv1.lora.default.alpha == 2.0  # the file's alpha (4.0) was not kept either

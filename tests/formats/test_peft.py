@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftlite
 from peftlite import AdapterFileError, PeftFormatError
+from peftlite.formats import _direct_reads
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -343,3 +346,178 @@ def test_save_refuses_swin_qkv(tmp_path):
     peftlite.wrap(model, "*.attn.qkv", rank=2)
     with pytest.raises(PeftFormatError, match="ShiftedWindowAttention.forward reads qkv.weight"):
         peftlite.save(model, tmp_path / "swin", format="peft")
+
+
+# ---- parents that read a weight: metadata is fine, values are refused ----------------------------
+
+def assert_peft_reproduces(tmp_path, make, forward, targets) -> None:
+    """Wrap ``targets`` of ``make()``, save in PEFT format (not refused), and check PEFT computes the same."""
+    model = make()
+    peftlite.wrap(model, targets, rank=2)
+    randomise(model, ".lora.")
+    model.eval()
+    with torch.no_grad():
+        expected = forward(model)
+        assert not torch.allclose(expected, forward(make()))  # the adapters do change the output
+    out = peftlite.save(model, tmp_path / "out", format="peft")
+    theirs = PeftModel.from_pretrained(make(), out).eval()
+    ours = sum(".lora." in n and n.endswith(".A") for n, _ in model.named_parameters())
+    assert sum(hasattr(m, "lora_A") for m in theirs.modules()) == ours > 0  # PEFT adapted every layer
+    with torch.no_grad():
+        close(forward(theirs), expected)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' notice of a renamed method that peft calls
+@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])  # T5DenseActDense, T5DenseGatedActDense: wo.weight.dtype
+def test_save_peft_t5_reads_only_the_dtype(tmp_path, ff):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2, vocab_size=100,
+                                   feed_forward_proj=ff)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(5))
+
+    def make():
+        torch.manual_seed(0)
+        return transformers.T5Model(config).eval()
+
+    assert_peft_reproduces(tmp_path, make, lambda m: m(input_ids=ids, decoder_input_ids=ids).last_hidden_state,
+                           nn.Linear)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("family", ["clip", "dinov2"])  # patch_embedding / projection .weight.dtype
+def test_save_peft_vision_transformers_read_only_the_dtype(tmp_path, family):
+    transformers = pytest.importorskip("transformers")
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                patch_size=8)
+    config, cls = {"clip": (transformers.CLIPVisionConfig, transformers.CLIPVisionModel),
+                   "dinov2": (transformers.Dinov2Config, transformers.Dinov2Model)}[family]
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+    def make():
+        torch.manual_seed(0)
+        return cls(config(**dims)).eval()
+
+    convs = [m for m in make().modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].groups == 1 and convs[0].dilation == (1, 1)  # PEFT-exact geometry
+    assert_peft_reproduces(tmp_path, make, lambda m: m(pixel_values=pixels).last_hidden_state,
+                           [nn.Linear, nn.Conv2d])
+
+
+TIMM = {  # variant: (image size, its attention class); both call F.linear(x, weight=self.qkv.weight, bias=...)
+    "eva02_tiny_patch14_224": (28, "EvaAttention"),
+    "beit_base_patch16_224": (32, "Attention"),
+}
+
+
+def timm_model(variant: str) -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(variant, pretrained=False, img_size=TIMM[variant][0], embed_dim=32, depth=2,
+                             num_heads=2, num_classes=3).eval()
+
+
+@pytest.mark.parametrize("variant", list(TIMM))
+def test_save_refuses_timm_fused_qkv(tmp_path, variant):
+    model = timm_model(variant)
+    assert model.blocks[0].attn.q_bias is not None  # q/v biases apart: the branch that reads qkv.weight
+    peftlite.wrap(model, "*.attn.qkv", rank=2)
+    with pytest.raises(PeftFormatError, match=rf"{TIMM[variant][1]}\.forward reads qkv\.weight directly"):
+        peftlite.save(model, tmp_path / "out", format="peft")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("variant", list(TIMM))
+def test_save_peft_timm_without_qkv(tmp_path, variant):
+    """Every other Linear/Conv2d of the same model is called, so PEFT reproduces it."""
+    size = TIMM[variant][0]
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5))
+    assert_peft_reproduces(tmp_path, lambda: timm_model(variant), lambda m: m(pixels),
+                           lambda n, m: isinstance(m, (nn.Linear, nn.Conv2d)) and not n.endswith("qkv"))
+
+
+class Holder(nn.Module):
+    """A parent of ``wo`` and of ``a.b``; the classes below differ only in how their forward uses them."""
+
+    def __init__(self):
+        super().__init__()
+        self.wo = nn.Linear(4, 4)
+        self.a = nn.Module()
+        self.a.b = nn.Linear(4, 4)
+
+
+def _dtype(self, x):
+    return self.wo(x.to(self.wo.weight.dtype))
+
+
+def _shape(self, x):
+    return self.wo(x[..., :self.wo.weight.shape[1]]).view(-1, self.wo.weight.size(0), self.wo.weight.ndim)
+
+
+def _isinstance(self, x):
+    if isinstance(self.wo.weight, torch.Tensor) and x.device != self.wo.weight.device:
+        x = x.to(self.wo.weight.device)
+    return self.wo(x)
+
+
+def _is_none(self, x):
+    return x if self.wo.weight is None else self.wo(x)
+
+
+def _linear(self, x):
+    return F.linear(x, self.wo.weight, self.wo.bias)
+
+
+def _transposed(self, x):
+    return x @ self.wo.weight.t()
+
+
+def _aliased(self, x):
+    w = self.wo.weight
+    return x @ w.T
+
+
+def _nested(self, x):
+    return self.wo(F.linear(x, self.a.b.weight.to(x.dtype)))
+
+
+@pytest.mark.parametrize("forward, relative, expected", [
+    (_dtype, "wo", False),
+    (_shape, "wo", False),
+    (_isinstance, "wo", False),
+    (_is_none, "wo", False),
+    (_linear, "wo", True),
+    (_transposed, "wo", True),
+    (_aliased, "wo", True),
+    (_nested, "a.b", True),
+    (_nested, "wo", False),
+    (_nested, "b", False),  # a.b's own forward is another class: Holder reads self.a.b, not self.b
+])
+def test_reads_values_from_source(forward, relative, expected):
+    cls = type(forward.__name__.strip("_").title(), (Holder,), {"forward": forward})
+    assert _direct_reads.reads_values(cls, relative) is expected
+
+
+def _no_source(body: str, decorate: bool = False) -> type:
+    """A Holder whose forward is compiled from a string, so ``inspect`` finds no source for it."""
+    scope = {"F": F, "torch": torch}
+    exec(compile(f"def forward(self, x):\n    return {body}\n", "<generated>", "exec"), scope)
+    forward = scope["forward"]
+    if decorate:  # as a logging or checkpointing decorator would: only the wrapped code reads the weight
+        forward = functools.wraps(forward)(lambda *args, **kwargs: scope["forward"](*args, **kwargs))
+    return type("Generated", (Holder,), {"forward": forward})
+
+
+@pytest.mark.parametrize("body, relative, expected", [
+    ("self.wo(x.to(self.wo.weight.dtype))", "wo", False),
+    ("self.wo(x).view(-1, self.wo.weight.size(0), self.wo.weight.shape[0])", "wo", False),
+    ("F.linear(x, self.wo.weight)", "wo", True),
+    ("x @ self.wo.weight.t()", "wo", True),
+    ("F.linear(x, self.a.b.weight)", "a.b", True),
+    ("F.linear(x, self.a.b.weight)", "wo", False),
+    ("sum(F.linear(v, self.wo.weight) for v in x)", "wo", True),  # a generator is a code object of its own
+])
+@pytest.mark.parametrize("decorate", [False, True])
+def test_reads_values_falls_back_to_bytecode(body, relative, expected, decorate):
+    cls = _no_source(body, decorate)
+    assert _direct_reads._source_reads(cls) is None  # no source: the answer comes from the bytecode
+    assert _direct_reads.reads_values(cls, relative) is expected

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import peftlite
@@ -90,3 +91,38 @@ def test_statistics_round_trip_through_the_file(base, train_bn, tmp_path):
     model.eval()
     loaded.eval()
     torch.testing.assert_close(model(x), loaded(x), rtol=0, atol=0)
+
+
+def test_frozen_batchnorm_keeps_running_stats_in_train_mode(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3)
+    keys = list(model.state_dict())
+    peftlite.wrap(model, "layer4.*", rank=2)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+    y_train = model(x)
+    for k, v in stats.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y_train.detach())
+    assert type(model.bn1).__name__ == "FrozenBatchNorm2d" and model.bn1.training is False
+    peftlite.unwrap(model)
+    assert type(model.bn1) is nn.BatchNorm2d and list(model.state_dict()) == keys
+
+
+def test_train_bn_adapts_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3)
+    peftlite.wrap(model, "layer4.*", rank=2, train_bn=True)
+    assert model.bn1.weight.requires_grad and type(model.bn1) is nn.BatchNorm2d
+    model.train()
+    model(torch.randn(4, 3, 32, 32))
+    assert model.bn1.num_batches_tracked.item() == 1
+    path = peftlite.save(model, tmp_path / "bn.safetensors")
+    torch.manual_seed(0)
+    fresh = peftlite.load(torchvision.models.resnet18(num_classes=3), path)
+    for k, v in model.state_dict().items():
+        if "bn" in k or "downsample.1" in k:
+            assert torch.equal(fresh.state_dict()[k], v), k

@@ -140,8 +140,7 @@ def report(path: str, results: list[Result], checks: dict, base_acc: float, args
         "# peftlite demo report", "",
         f"A tiny ResNet was pretrained on digits 0-4 (test accuracy {100 * base_acc:.1f}%), then adapted to "
         f"digits 5-9 four ways ({args.epochs} epochs each, seed {args.seed}"
-        f"{', quick mode' if args.quick else ''}). Data: scikit-learn's bundled 8x8 digits, upsampled to "
-        "16x16.",
+        f"{', quick mode' if args.quick else ''}). Data: scikit-learn's bundled 8x8 digits, upsampled to 16x16.",
         "", table(results, markdown=True), "",
         "## The LoRA adapter, shipped and merged", "",
         "The LoRA adapter file was loaded into a fresh copy of the pretrained base, then merged:", "",

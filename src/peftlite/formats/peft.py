@@ -105,8 +105,7 @@ def _check_config(path: str, config: dict[str, Any]) -> None:
                               "adapters (peft_type 'LORA') only")
     for key, feature in _UNSUPPORTED_FLAGS.items():
         if config.get(key) not in (None, False, {}, [], "megatron.core"):
-            raise PeftFormatError(f"{path}: uses {feature} = {config[key]!r}, which peftlite does not "
-                                  "support")
+            raise PeftFormatError(f"{path}: uses {feature} = {config[key]!r}, which peftlite does not support")
     if config.get("bias", "none") != "none":
         raise PeftFormatError(f"{path}: bias={config['bias']!r} trains the base layers' biases, which peftlite's "
                               "LoRA does not support; only bias='none' adapters can be read")
@@ -166,8 +165,7 @@ def _check_module(where: str, name: str, module: nn.Module, kind: str) -> None:
                               f"{type(module).__name__}; it is read into nn.{want.__name__} only")
     if kind == "conv2d" and module.groups != 1:
         raise PeftFormatError(f"{where}: {name} is a grouped conv (groups={module.groups}); PEFT's "
-                              "grouped-conv LoRA is not a valid grouped update and has no exact "
-                              "peftlite form")
+                              "grouped-conv LoRA is not a valid grouped update and has no exact peftlite form")
     if kind == "conv2d" and (tuple(module.dilation) != (1, 1) or module.padding_mode != "zeros"):
         raise PeftFormatError(
             f"{where}: {name} has dilation={tuple(module.dilation)}, padding_mode={module.padding_mode!r}; "
@@ -226,8 +224,7 @@ def _split_keys(where: str, tensors: dict[str, torch.Tensor]):
         if "lora_magnitude_vector" in key:
             raise PeftFormatError(f"{where}: {key} is a DoRA magnitude vector; DoRA is not supported")
         if ".lora_embedding_" in key:
-            raise PeftFormatError(f"{where}: {key} is an Embedding adapter; peftlite adapts Linear and "
-                                  "Conv2d")
+            raise PeftFormatError(f"{where}: {key} is an Embedding adapter; peftlite adapts Linear and Conv2d")
         if m:
             pairs.setdefault(m["module"], {})[m["ab"]] = t
         elif ".lora_" in key:
@@ -270,8 +267,7 @@ def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: s
     for key, t in rest.items():
         owner = _owner(key, save)
         if owner is None:
-            raise PeftFormatError(f"{where}: tensor {key!r} is neither a LoRA weight nor under modules_to_save "
-                                  f"{save}")
+            raise PeftFormatError(f"{where}: tensor {key!r} is neither a LoRA weight nor under modules_to_save {save}")
         if modules is not None and owner not in modules:
             raise PeftFormatError(f"{where}: modules_to_save module {owner!r} is not in the model")
         trainable += [owner] if owner not in trainable else []

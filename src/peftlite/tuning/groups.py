@@ -38,8 +38,7 @@ def check_options(lr, lrs, layer_decay, weight_decay, no_decay, what: str):
     lr = _positive(lr, f"{what}: lr", "e.g. lr=1e-3")
     lrs = {} if lrs is None else lrs
     if not isinstance(lrs, Mapping):
-        raise TypeError(f"{what}: lrs must be a dict of pattern -> LR, e.g. {{'fc': 1e-3}}; "
-                        f"got {type(lrs).__name__}")
+        raise TypeError(f"{what}: lrs must be a dict of pattern -> LR, e.g. {{'fc': 1e-3}}; got {type(lrs).__name__}")
     lrs = {p: _positive(v, f"{what}: lrs[{p!r}]", "give each pattern a positive LR") for p, v in lrs.items()}
     if layer_decay is not None:
         layer_decay = _positive(layer_decay, f"{what}: layer_decay", "use a factor in (0, 1], e.g. 0.75")
