@@ -421,7 +421,8 @@ def test_save_refuses_timm_fused_qkv(tmp_path, variant):
     model = timm_model(variant)
     assert model.blocks[0].attn.q_bias is not None  # q/v biases apart: the branch that reads qkv.weight
     peftlite.wrap(model, "*.attn.qkv", rank=2)
-    with pytest.raises(PeftFormatError, match=rf"{TIMM[variant][1]}\.forward reads qkv\.weight directly"):
+    words = rf"save: {TIMM[variant][1]}\.forward reads qkv\.weight directly.* blocks\.0\.attn\.qkv"
+    with pytest.raises(PeftFormatError, match=words):
         peftlite.save(model, tmp_path / "out", format="peft")
     assert not (tmp_path / "out").exists()
 
@@ -490,10 +491,11 @@ def _nested(self, x):
     (_aliased, "wo", True),
     (_nested, "a.b", True),
     (_nested, "wo", False),
-    (_nested, "b", False),  # a.b's own forward is another class: Holder reads self.a.b, not self.b
+    (_nested, "b", False),  # Holder reads self.a.b.weight, not a self.b.weight of its own
 ])
 def test_reads_values_from_source(forward, relative, expected):
     cls = type(forward.__name__.strip("_").title(), (Holder,), {"forward": forward})
+    assert _direct_reads._source_reads(cls) is not None  # the answer comes from the parsed source
     assert _direct_reads.reads_values(cls, relative) is expected
 
 

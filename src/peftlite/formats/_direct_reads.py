@@ -6,8 +6,9 @@ export of such a layer would compute something else, so it is refused. Reads of 
 (``self.wo.weight.dtype``, ``.shape``, ``.device``, ``isinstance(self.wo.weight, torch.Tensor)``, as
 T5, CLIP and DINOv2 do) are not value reads and are allowed.
 
-The forward's source is parsed (``ast``); without source (a compiled or generated forward) the bytecode
-is scanned, and only a read followed at once by a metadata attribute counts as harmless.
+The forward's source is parsed (``ast``); without source (a compiled or generated forward) its bytecode,
+nested code objects included, is scanned, and only a read followed at once by a metadata attribute or
+method counts as harmless. Decorators that keep ``__wrapped__`` (``functools.wraps``) are looked through.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import dis
 import functools
 import inspect
 import textwrap
+import types
+from collections.abc import Iterator
 
 METADATA = frozenset({
     "dtype", "device", "shape", "ndim", "layout", "is_cuda", "is_meta", "requires_grad", "size", "dim",
@@ -26,8 +29,9 @@ _INSPECTORS = frozenset({"isinstance", "type", "hasattr", "id", "callable"})
 
 
 def _forward(cls: type):
+    """``cls.forward`` as a plain function, through decorators that keep ``__wrapped__``."""
     fwd = getattr(cls, "forward", None)
-    return getattr(fwd, "__func__", fwd)
+    return inspect.unwrap(getattr(fwd, "__func__", fwd))
 
 
 @functools.lru_cache(maxsize=256)
@@ -74,17 +78,31 @@ def _harmless(node: ast.AST, parent: ast.AST | None) -> bool:
 def _bytecode_reads(cls: type, path: tuple[str, ...]) -> bool:
     """Without source: is ``self.<path>`` loaded and then used other than by a metadata attribute?"""
     code = getattr(_forward(cls), "__code__", None)
-    if code is None:
-        return False
+    return code is not None and any(_loads_values(c, path) for c in _codes(code))
+
+
+def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    """``code`` and the code objects nested in it: comprehensions, generators, lambdas, inner functions."""
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _codes(const)
+
+
+def _loads_values(code: types.CodeType, path: tuple[str, ...]) -> bool:
     ops = [(i.opname, i.argval) for i in dis.get_instructions(code)]
     n = len(path)
     for i in range(len(ops) - n + 1):
-        window = ops[i:i + n]
-        if all(op.startswith("LOAD_ATTR") and arg == want for (op, arg), want in zip(window, path, strict=True)):
-            after = ops[i + n] if i + n < len(ops) else ("", None)
-            if not (after[0].startswith("LOAD_ATTR") and after[1] in METADATA):
+        if all(_attribute(op) and arg == want for (op, arg), want in zip(ops[i:i + n], path, strict=True)):
+            op, arg = ops[i + n] if i + n < len(ops) else ("", None)
+            if not (_attribute(op) and arg in METADATA):
                 return True
     return False
+
+
+def _attribute(opname: str) -> bool:
+    """An attribute load: ``LOAD_ATTR`` (any variant), or ``LOAD_METHOD`` before a call on Python 3.11."""
+    return opname.startswith("LOAD_ATTR") or opname == "LOAD_METHOD"
 
 
 def reads_values(cls: type, relative: str) -> bool:
