@@ -3,7 +3,7 @@
     peftlite inspect adapter.safetensors [--json]      # a peftlite file or a PEFT adapter directory
     peftlite merge --model torchvision:resnet18 --weights base.safetensors \\
                    --adapter adapter.safetensors --out merged.safetensors [--kw num_classes=10]
-    peftlite convert adapter.safetensors peft_dir --to peft
+    peftlite convert adapter.safetensors peft_dir --to peft     # and back: peft_dir file --to peftlite
     peftlite demo [--quick] [--out DIR] [--epochs N] [--seed S] [--no-progress]
 
 Bad paths and bad files give a one-line error on stderr and exit code 2 (``PEFTLITE_DEBUG=1`` shows the
@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .demo import run as demo_run
+from .demo import options as demo_options
 from .formats import native, peft, schema
 from .formats._safetensors import file_tensors, read_file, write_file
 from .wrapping import unwrap
 
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command killed by SIGPIPE
 
 
 class CliError(Exception):
@@ -191,6 +192,10 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo.run import run  # imports torchvision's models (about 2 s): only for this command
+
+    return run(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -213,16 +218,28 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("dst", help="output path")
     s.add_argument("--to", required=True, choices=("peft", "peftlite"))
     s.set_defaults(run=cmd_convert)
-    s = sub.add_parser("demo", help="run the end-to-end demo: " + demo_run.DESCRIPTION)
-    demo_run.add_arguments(s)
-    s.set_defaults(run=demo_run.run)
+    s = sub.add_parser("demo", help="run the end-to-end demo (needs the demo extra)",
+                       description=demo_options.DESCRIPTION)
+    demo_options.add_arguments(s)
+    s.set_defaults(run=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(None if argv is None else [str(a) for a in argv])
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `peftlite inspect x --json | head`: the reader has gone; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:  # and let the interpreter's final flush write to nowhere instead of failing again
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor
+            pass
+        finally:
+            os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except Exception as e:  # one line, never a traceback, unless asked for
         if os.environ.get("PEFTLITE_DEBUG"):
             raise

@@ -93,11 +93,13 @@ def merge_all(layers: list[tuple[str, AdaptedLayer]]) -> None:
         for name, layer in layers:
             merge_layer(layer)
             done.append((name, layer))
-    except Exception as e:
+    except BaseException as e:  # KeyboardInterrupt too: no half-merged model
         for done_name, layer in reversed(done):
             unmerge_layer(layer, done_name)
         if isinstance(e, kernels.NonFiniteMergeError):
             raise ValueError(f"cannot merge {name}: {e}") from None
+        if not isinstance(e, Exception):
+            raise
         raise _named(e, f"cannot merge {name} (every layer is unmerged again)") from e
 
 

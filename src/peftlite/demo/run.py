@@ -25,8 +25,7 @@ from ..merging import merge, unmerge
 from ..tuning.report import summary
 from ..wrapping import wrap, wrap_state
 from . import digits
-
-DESCRIPTION = "pretrain a small CNN on digits 0-4, adapt it to 5-9 four ways, ship and merge the adapter"
+from .options import DESCRIPTION, add_arguments
 
 
 @dataclass
@@ -149,23 +148,6 @@ def report(path: str, results: list[Result], checks: dict, base_acc: float, args
     lines += ["", "![loss and accuracy per epoch](curves.png)", "", f"Total time: {seconds:.0f} s."]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-
-
-def _epochs(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo's options, shared by ``python -m peftlite.demo`` and ``peftlite demo``."""
-    p.add_argument("--out", default="demo_out", help="folder for weights, adapters, curves.png, report.md")
-    p.add_argument("--epochs", type=_epochs, default=None,
-                   help="adaptation epochs per method (default 8; 1 with --quick)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a few seconds: 2 pretraining epochs, 1 per method")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
 def main(argv: list[str] | None = None) -> int:
