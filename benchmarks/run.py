@@ -52,7 +52,7 @@ def randomize_adapters(model: nn.Module, ratio: float = RATIO) -> None:
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
         if hasattr(m, "lora") and isinstance(m.lora, nn.ModuleDict):  # peftlite
-            p = m.lora[m._lora_state.adapter]
+            p = m.active_pairs()["weight"]
             w = m._parameters["weight"]
             B = torch.randn(p.B.shape, generator=g)
             d = p.scale * (B @ p.A.detach().float())
@@ -86,7 +86,7 @@ def merge_figure(dtype: torch.dtype, n: int, repeats: int) -> dict:
         res["peft"] = lambda: (theirs.merge_adapter(), theirs.unmerge_adapter())
     t = timed(res, repeats)
     w0 = copy.deepcopy(base)[0].weight
-    record = ours[0]._lora_state
+    record = ours[0].adapter_state
     peftlite.merge(ours)
     held = sum(r.nbytes for r in record.records.values())
     peftlite.unmerge(ours)

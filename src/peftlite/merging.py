@@ -32,8 +32,9 @@ def check_finite(name: str, layer: AdaptedLayer) -> None:
         if not math.isfinite(pair.scale):
             raise ValueError(f"cannot merge {name}: adapter scale {pair.scale} is not finite; the model is unchanged")
         for t, label in ((pair.A, "A"), (pair.B, "B")):
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad = t.numel() - int(finite.sum())
                 raise ValueError(
                     f"cannot merge {name}: its adapter {label} for {slot!r} holds non-finite values ({bad} of "
                     f"{t.numel()}); the model is unchanged. Reload a good adapter file or lower the learning rate"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import reduce, repeat
 from torch import Tensor
 
 from .. import functional
@@ -38,10 +37,12 @@ def _is_pointwise(g: ConvGeometry) -> bool:
     return g.kernel_size == (1, 1) and g.stride == (1, 1) and g.padding == (0, 0)
 
 
+# Plain reshapes here, not einops: these run on every call, and einops' per-call overhead (~7 µs a call,
+# ~40 µs per adapted conv per training step) was measurable on ResNet-50 (benchmarks/run.py).
 def _filters(A: Tensor, c: ConvGeometry, dtype: torch.dtype) -> Tensor:
     """A (r, fan_in) as the conv's ``(G·r, in/G, kh, kw)`` filters: the same r filters for every group."""
-    kh, kw = c.kernel_size
-    return repeat(A.to(dtype), "r (c kh kw) -> (g r) c kh kw", g=c.groups, kh=kh, kw=kw)
+    a = A.to(dtype).reshape(A.shape[0], c.in_channels // c.groups, *c.kernel_size)
+    return a.repeat(c.groups, 1, 1, 1) if c.groups > 1 else a
 
 
 def _conv_a(x: Tensor, a: Tensor, c: ConvGeometry) -> Tensor:
@@ -88,7 +89,7 @@ def _a_backward(gh: Tensor, x: Tensor, a: Tensor, c: ConvGeometry, need_x: bool,
     """``(convᵀ(gh, a), ∂A)``, each None unless asked for: A's part of ∂x, and A's gradient (r, fan_in)."""
     gx, ga, _ = torch.ops.aten.convolution_backward(
         gh, x, a, None, c.stride, c.padding, c.dilation, False, [0, 0], c.groups, [need_x, need_a, False])
-    return gx, (reduce(ga, "(g r) c kh kw -> r (c kh kw)", "sum", g=c.groups) if need_a else None)
+    return gx, (ga.reshape(c.groups, a.shape[0] // c.groups, -1).sum(0) if need_a else None)  # Σ over groups
 
 
 def _base_backward(g: Tensor, x: Tensor, w: Tensor, c: ConvGeometry, has_bias: bool, need_x, need_w, need_b):
