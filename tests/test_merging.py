@@ -62,7 +62,7 @@ def test_non_finite_adapter_refuses_to_merge():
         model[2].lora.default.B[0, 0] = float("nan")
     snap = snapshot(model)
     with pytest.raises(ValueError, match=r"cannot merge 2: its adapter B for 'weight' holds non-finite values "
-                                         r"\(1 of 24\); the model is unchanged"):
+                                         r"\(1 of 24, adapter 'default'\); the model is unchanged"):
         peftlite.merge(model)
     assert_unchanged(model, snap)
     assert not model[0].adapter_state.merged

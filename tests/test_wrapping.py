@@ -113,7 +113,8 @@ def test_bad_heads_and_trainable():
 def test_already_adapted_layer_is_refused():
     model = peftlite.wrap(resnet(), "layer4.0.conv1", rank=2)
     snap = snapshot(model)
-    with pytest.raises(TypeError, match=r"'layer4\.0\.conv1' is already adapted \(LoraConv2d\)"):
+    with pytest.raises(ValueError, match=r"'layer4\.0\.conv1' already has an adapter named 'default'; give the new "
+                                         r"one another name="):
         peftlite.wrap(model, "layer4.0.*")
     assert_unchanged(model, snap)
     peftlite.wrap(model, "layer4.1.conv1", rank=4)  # other layers can be added

@@ -10,10 +10,13 @@ The package reads bottom-up (docs/design.md): ``functional`` and ``kernels``, th
 """
 
 from ._version import __version__
+from .combining import combine
 from .formats.native import load, save
 from .formats.peft import PeftFormatError
 from .formats.schema import AdapterFileError
+from .hotswapping import hotswap, prepare_hotswap
 from .merging import disabled, merge, unmerge
+from .switching import adapters, delete, per_sample, use
 from .tuning.freezing import freeze, unfreeze
 from .tuning.groups import param_groups
 from .tuning.partition import Block, blocks
@@ -27,16 +30,23 @@ __all__ = [
     "PeftFormatError",
     "Unfreezer",
     "__version__",
+    "adapters",
     "blocks",
+    "combine",
+    "delete",
     "disabled",
     "freeze",
+    "hotswap",
     "load",
     "merge",
     "param_groups",
+    "per_sample",
+    "prepare_hotswap",
     "save",
     "summary",
     "unfreeze",
     "unmerge",
     "unwrap",
+    "use",
     "wrap",
 ]

@@ -134,14 +134,19 @@ def conv2d_delta(x: Tensor, A: Tensor, B: Tensor, geom: ConvGeometry) -> Tensor:
     return F.conv2d(h, b, None, 1, 0, 1, geom.groups)  # (N, out, H', W')
 
 
+def conv2d_dropout_delta(x: Tensor, A: Tensor, B: Tensor, scale: float, geom: ConvGeometry,
+                         dropout: float = 0.0, training: bool = False) -> Tensor:
+    """``scale * conv(dropout(x), ΔW)`` for an unpadded input: dropout first, then the conv's padding."""
+    if dropout > 0.0 and training:
+        x = F.dropout(x, dropout, True)
+    xp, g = pad_input(x, geom)
+    return scale * conv2d_delta(xp, A, B, g)
+
+
 def lora_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                 geom: ConvGeometry, dropout: float = 0.0, training: bool = False) -> Tensor:
     """Adapted conv through activations: base conv plus ``scale * conv(dropout(x), ΔW)``."""
-    xp, g = pad_input(x, geom)
-    y = F.conv2d(xp, weight, bias, g.stride, g.padding, g.dilation, g.groups)
-    if dropout > 0.0 and training:
-        xp, g = pad_input(F.dropout(x, dropout, True), geom)
-    return y + scale * conv2d_delta(xp, A, B, g)
+    return conv2d(x, weight, bias, geom) + conv2d_dropout_delta(x, A, B, scale, geom, dropout, training)
 
 
 def lora_conv2d_merged(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
@@ -150,11 +155,74 @@ def lora_conv2d_merged(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor
     return conv2d(x, effective_weight(weight, A, B, scale), bias, geom)
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
-                dropout: float = 0.0, training: bool = False) -> Tensor:
-    """Adapted linear: ``x @ Wᵀ + b + scale * (dropout(x) @ Aᵀ) @ Bᵀ``.  x: (..., in) -> (..., out)."""
-    y = F.linear(x, weight, bias)
+def linear_delta(x: Tensor, A: Tensor, B: Tensor, scale: float, dropout: float = 0.0,
+                 training: bool = False) -> Tensor:
+    """The adapter branch of a linear: ``scale * (dropout(x) @ Aᵀ) @ Bᵀ``.  x: (..., in) -> (..., out)."""
     if dropout > 0.0 and training:
         x = F.dropout(x, dropout, True)
     h = F.linear(x, A.to(x.dtype))  # (..., r)
-    return y + scale * F.linear(h, B.to(x.dtype))
+    return scale * F.linear(h, B.to(x.dtype))
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                dropout: float = 0.0, training: bool = False) -> Tensor:
+    """Adapted linear: ``x @ Wᵀ + b + scale * (dropout(x) @ Aᵀ) @ Bᵀ``.  x: (..., in) -> (..., out)."""
+    return F.linear(x, weight, bias) + linear_delta(x, A, B, scale, dropout, training)
+
+
+# ---- several adapters on one weight ----------------------------------------------------------------
+
+def fold(As: list[Tensor], Bs: list[Tensor], scales: list[float]) -> tuple[Tensor, Tensor, float]:
+    """Several adapters on one weight as one low-rank pair: ``Σ_k scale_k · B_k @ A_k = B @ A · scale``.
+
+    One adapter with a Python scale is returned as it is, ``(A, B, scale)``, so a single adapter merges
+    (and unmerges) as it always has. Several are concatenated along the rank, each B scaled by its own
+    factor (in fp32, or fp64 for fp64 factors), with scale 1; so is a scale given as a tensor.
+
+    Args:
+        As: (r_k, fan_in) each. Bs: (out, r_k) each. scales: one factor per adapter (weight · alpha / rank),
+            a float or a 0-d tensor.
+    Returns:
+        ``(A, B, scale)`` with A: (Σ r_k, fan_in), B: (out, Σ r_k), scale a float.
+    """
+    if len(As) == 1 and not isinstance(scales[0], Tensor):
+        return As[0], Bs[0], float(scales[0])
+    dtype = torch.promote_types(torch.promote_types(As[0].dtype, Bs[0].dtype), torch.float32)
+    A = torch.cat([a.to(dtype) for a in As])
+    B = torch.cat([b.to(dtype) * s for b, s in zip(Bs, scales, strict=True)], dim=1)
+    return A, B, 1.0
+
+
+def combine_linear(As: list[Tensor], Bs: list[Tensor], factors: list[float]) -> tuple[Tensor, Tensor]:
+    """PEFT's ``add_weighted_adapter(combination_type="linear")``: equal ranks, A and B each summed.
+
+    ``A = Σ sign(f_k)·sqrt(|f_k|)·A_k`` and ``B = Σ sqrt(|f_k|)·B_k`` with ``f_k = weight_k · scale_k``,
+    applied with scale 1. The rank stays r, and ``B @ A`` holds cross terms ``B_j A_k``: it is not the
+    weighted sum of the ΔW (use ``combine_cat`` for that).
+    """
+    ranks = {a.shape[0] for a in As}
+    if len(ranks) != 1:
+        raise ValueError(f"combine how='linear' needs equal ranks, got {sorted(ranks)}; use how='cat' or 'svd'")
+    root = [abs(f) ** 0.5 for f in factors]
+    A = sum(a.float() * (r if f >= 0 else -r) for a, r, f in zip(As, root, factors, strict=True))
+    B = sum(b.float() * r for b, r in zip(Bs, root, strict=True))
+    return A, B
+
+
+def combine_cat(As: list[Tensor], Bs: list[Tensor], factors: list[float]) -> tuple[Tensor, Tensor]:
+    """The weighted sum of the ΔW, exactly: ranks concatenated, ``A = cat(f_k·A_k)``, ``B = cat(B_k)``, scale 1."""
+    return torch.cat([a.float() * f for a, f in zip(As, factors, strict=True)]), torch.cat([b.float() for b in Bs], 1)
+
+
+def combine_svd(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """The best rank-``rank`` approximation of one layer's weighted ΔW (out, fan_in), as ``(A, B, rel_error)``.
+
+    ``B = U_r · diag(S_r)``, ``A = Vh_r`` (applied with scale 1); ``rel_error`` is the relative Frobenius
+    error ``‖ΔW - B A‖ / ‖ΔW‖`` (0 for a zero ΔW).
+    """
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    rank = min(rank, S.numel())
+    B, A = (U[:, :rank] * S[:rank]), Vh[:rank]
+    total = float(S.square().sum())
+    rest = float(S[rank:].square().sum())
+    return A.float(), B.float(), (rest / total) ** 0.5 if total > 0 else 0.0

@@ -1,8 +1,11 @@
 """merge / unmerge / disabled: explicit, model-wide merge state with bit-exact unmerge.
 
-Merging is all or nothing: every adapter is checked to be finite before any weight is written, and if
-any layer fails (an overflow, a weight with no in-place matrix view, any other error), the layers merged
-before it are unmerged bit-exactly and the error names the layer.
+Merging folds each layer's active combination of adapters (``AdaptedLayer.folded``: one adapter as it
+is, several as one rank-concatenated pair) into its weights. It is all or nothing: every active adapter
+is checked to be finite before any weight is written, and if any layer fails (an overflow, a weight
+with no in-place matrix view, any other error), the layers merged before it are unmerged bit-exactly
+and the error names the layer. While merged, the active combination cannot change (``use``, ``delete``,
+``hotswap`` and ``per_sample`` refuse), so unmerge folds the same pair again, to the bit.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 
 from . import kernels
 from .layers import AdaptedLayer, adapted_layers
+from .layers.routing import routes_any
 
 
 def _require_layers(model: nn.Module, what: str) -> list[tuple[str, AdaptedLayer]]:
@@ -26,32 +30,46 @@ def _require_layers(model: nn.Module, what: str) -> list[tuple[str, AdaptedLayer
     return found
 
 
+def _slots(layer: AdaptedLayer) -> list[str]:
+    """The layer's adapted parameters that have an active adapter, in a fixed order."""
+    return [s for s in dict.fromkeys(s for p in layer.adapters().values() for s in p) if layer.terms(s)]
+
+
 def check_finite(name: str, layer: AdaptedLayer) -> None:
-    """Raise ValueError if the layer's active adapter (or its scale) holds a non-finite value."""
-    for slot, pair in layer.active_pairs().items():
-        if not math.isfinite(pair.scale):
-            raise ValueError(f"cannot merge {name}: adapter scale {pair.scale} is not finite; the model is unchanged")
-        for t, label in ((pair.A, "A"), (pair.B, "B")):
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
-                bad = t.numel() - int(finite.sum())
-                raise ValueError(
-                    f"cannot merge {name}: its adapter {label} for {slot!r} holds non-finite values ({bad} of "
-                    f"{t.numel()}); the model is unchanged. Reload a good adapter file or lower the learning rate"
-                )
+    """Raise ValueError if one of the layer's active adapters (or its scale) holds a non-finite value."""
+    for adapter, weight in layer.adapter_state.active.items():
+        for slot, pair in layer.pairs(adapter).items():
+            _check_pair(name, adapter, slot, pair, weight)
 
 
+def _check_pair(name: str, adapter: str, slot: str, pair, weight: float) -> None:
+    scale = float(pair.effective_scale) * weight
+    if not math.isfinite(scale):
+        raise ValueError(f"cannot merge {name}: adapter {adapter!r} has scale {scale} for {slot!r}, not finite; "
+                         "the model is unchanged")
+    for t, label in ((pair.A, "A"), (pair.B, "B")):
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = t.numel() - int(finite.sum())
+            raise ValueError(
+                f"cannot merge {name}: its adapter {label} for {slot!r} holds non-finite values ({bad} of "
+                f"{t.numel()}, adapter {adapter!r}); the model is unchanged. Reload a good adapter file or lower "
+                "the learning rate"
+            )
+
+
+@torch.no_grad()
 def _matrix(layer: AdaptedLayer, slot: str):
-    pair = layer.active_pairs()[slot]
-    return kernels.as_matrix(layer._parameters[slot].data, pair.A.detach(), pair.B.detach()), pair.scale
+    A, B, scale = layer.folded(slot)
+    return kernels.as_matrix(layer._parameters[slot].data, A.detach(), B.detach()), scale
 
 
 def merge_layer(layer: AdaptedLayer) -> None:
-    """Fold the active adapter into the layer's weights in place, keeping an exact-unmerge record."""
+    """Fold the active combination into the layer's weights in place, keeping exact-unmerge records."""
     st = layer.adapter_state
     done = []
     try:
-        for slot in layer.active_pairs():
+        for slot in _slots(layer):
             (w2, a2, b2), scale = _matrix(layer, slot)
             st.records[slot] = kernels.merge_(w2, a2, b2, scale)
             done.append(slot)
@@ -71,7 +89,7 @@ def _unmerge_slot(layer: AdaptedLayer, slot: str) -> None:
 def unmerge_layer(layer: AdaptedLayer, name: str = "layer") -> None:
     """Take the adapter back out of the layer's weights; bit-exact when merged in this process."""
     st = layer.adapter_state
-    for slot in layer.active_pairs():
+    for slot in _slots(layer):
         if slot not in st.records:
             warnings.warn(f"{name}: its merged state came from a state_dict, so unmerge subtracts ΔW and may "
                           "differ from the original weights in the last bit", stacklevel=3)
@@ -126,6 +144,9 @@ def merge(model: nn.Module) -> nn.Module:
     found = _require_layers(model, "merge")
     if any(not m.adapter_state.enabled for _, m in found):
         raise RuntimeError("merge inside peftlite.disabled(model) would change the base model; merge after the block")
+    if routes_any(m for _, m in found):
+        raise RuntimeError("merge inside peftlite.per_sample: every row uses its own adapter there, so there is no "
+                           "one weight to merge; merge after the block")
     todo = [(n, m) for n, m in found if not m.adapter_state.merged]
     if not todo:
         warnings.warn("merge: the model is already merged; nothing to do", stacklevel=2)

@@ -1,8 +1,9 @@
 """wrap / unwrap, and the one definition of what trains and what an adapter file holds.
 
 What trains after ``wrap`` (``trained_names``) and what ``save`` writes (``saved_tensors``) are both
-derived from the model's adapted layers and its ``WrapState``: the adapters, plus every tensor under a
-*full unit* (a head, a ``trainable=`` module or tensor, and with ``train_bn`` every BatchNorm).
+derived from the model's adapted layers and its ``WrapState``: the active adapters (all of one named
+adapter, for a file), plus every tensor under a *full unit* (a head, a ``trainable=`` module or tensor,
+and with ``train_bn`` every BatchNorm). Full units are shared by all named adapters.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class WrapState:
     trainable: list[str] = field(default_factory=list)  # module or tensor names trained in full
     train_bn: bool = False
     requires_grad: dict[str, bool] = field(default_factory=dict)  # each base param's flag before wrap
+    adapters: list[str] = field(default_factory=list)  # adapter names, in creation order
+    active: dict[str, float] = field(default_factory=dict)  # name -> weight: what the forward computes
+    hotswap: dict | None = None  # {"max_rank": R, "layers": [...]} once prepared for hot-swapping
 
 
 def wrap_state(model: nn.Module) -> WrapState | None:
@@ -42,12 +46,21 @@ def under(name: str, units: Sequence[str]) -> bool:
 
 # ---- what trains, what is saved ----------------------------------------------------------------
 
-def adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every adapter parameter of the model, by qualified name (``layer4.0.conv1.lora.default.A``)."""
+def adapter_tensors(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
+    """The parameters of the adapters ``names`` (all when None), by qualified name (``conv1.lora.default.A``)."""
     out = {}
     for name, layer in adapted_layers(model):
-        out.update(layer.lora.named_parameters(prefix=f"{name}.lora" if name else "lora"))
+        for adapter, pairs in layer.lora.items():
+            if (names is None or adapter in names) and not all(p.off for p in layer.pairs(adapter).values()):
+                prefix = f"{name}.lora.{adapter}" if name else f"lora.{adapter}"
+                out.update(pairs.named_parameters(prefix=prefix))
     return out
+
+
+def apply_active(model: nn.Module, state: WrapState) -> None:
+    """Give every adapted layer the model's active combination (the adapters it has of it)."""
+    for _, layer in adapted_layers(model):
+        layer.adapter_state.active = {n: w for n, w in state.active.items() if n in layer.lora}
 
 
 def full_units(model: nn.Module, state: WrapState) -> list[str]:
@@ -59,21 +72,30 @@ def full_units(model: nn.Module, state: WrapState) -> list[str]:
 
 
 def trained_names(model: nn.Module, state: WrapState) -> set[str]:
-    """The parameter names that ``wrap`` leaves trainable."""
+    """The parameter names that train: the active adapters' and the full units'."""
     units = full_units(model, state)
-    return set(adapter_tensors(model)) | {n for n, _ in model.named_parameters() if under(n, units)}
+    return set(adapter_tensors(model, list(state.active))) | {n for n, _ in model.named_parameters() if under(n, units)}
 
 
-def saved_tensors(model: nn.Module, state: WrapState) -> dict[str, torch.Tensor]:
-    """The tensors an adapter file holds, by state_dict key: adapters and every tensor of the full units."""
+def saved_tensors(model: nn.Module, state: WrapState, adapters: Sequence[str] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """What files hold, by state_dict key: the adapters ``adapters`` (all when None; a file holds one) and
+    every tensor of the full units."""
     units = full_units(model, state)
-    adapters = adapter_tensors(model)
+    adapters = adapter_tensors(model, adapters)
     return {k: t for k, t in model.state_dict().items()
             if not k.endswith("_extra_state") and (k in adapters or under(k, units))}
 
 
+def apply_adapter_grads(model: nn.Module, state: WrapState) -> None:
+    """requires_grad of adapter parameters only: True for the active adapters, False for the others."""
+    active = set(adapter_tensors(model, list(state.active)))
+    for name, p in adapter_tensors(model).items():
+        p.requires_grad_(name in active)
+
+
 def apply_freezing(model: nn.Module, state: WrapState) -> None:
-    """requires_grad = adapter, head, trainable module or tensor, or (with train_bn) BatchNorm affine."""
+    """requires_grad = active adapter, head, trainable module or tensor, or (with train_bn) BatchNorm affine."""
     keep = trained_names(model, state)
     for name, p in model.named_parameters():
         p.requires_grad_(name in keep)
@@ -181,12 +203,24 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), leaf, new)
 
 
+def check_name(name: object, what: str) -> str:
+    """An adapter name: a non-empty string without dots (it becomes a state_dict key part)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{what}: adapter name {name!r} must be a non-empty string without dots, e.g. 'default'")
+    return name
+
+
 def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
-         heads: Mapping[str, nn.Module] | None = None, trainable=None, train_bn: bool = False) -> nn.Module:
+         heads: Mapping[str, nn.Module] | None = None, trainable=None, train_bn: bool = False,
+         name: str = "default") -> nn.Module:
     """Freeze ``model`` and add LoRA adapters to the ``targets``, new ``heads``, and ``trainable`` tensors.
 
     Works in place and returns the same object. Everything is validated before the model is touched.
     Every pattern argument follows the one pattern language (``peftlite.selection``, docs/guide.md).
+
+    Wrapping again adds to the model: with a new ``name``, a new adapter, which becomes the only active
+    one (what trains now; ``peftlite.use`` switches); with a name the model has, the same adapter on
+    more layers (the active set is unchanged). Heads and trainable tensors are shared by all adapters.
 
     Args:
         model: any nn.Module.
@@ -201,16 +235,18 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
             ``"fc.weight"`` one parameter).
         train_bn: False: BatchNorms use and keep their running statistics, even in train().
             True: BatchNorm affine params train, their statistics adapt, and all of it is saved.
+        name: the adapter's name (``"default"``).
     Returns:
         ``model``, wrapped.
     Raises:
-        ValueError: bad rank/alpha/dropout, a pattern list that selects nothing, a typo in an exact
-            name, nothing to train.
+        ValueError: bad rank/alpha/dropout/name, a pattern list that selects nothing, a typo in an exact
+            name, nothing to train, a layer that already has an adapter of this name, a merged model.
         TypeError: a target that cannot be adapted (names the module, its type and the supported types).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
     alpha = _check_hparams(rank, alpha, dropout)
+    name = check_name(name, "wrap")
     index = selection.Index.of(model)
     heads = resolve_heads(model, heads, index)
     units = trainable_units(model, trainable, index) if trainable is not None else []
@@ -219,19 +255,29 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
     state = wrap_state(model)
     if state is not None and state.train_bn != bool(train_bn):
         raise ValueError(f"model is already wrapped with train_bn={state.train_bn}; wrap again with the same value")
+    merged = [n for n, m in adapted_layers(model) if m.adapter_state.merged]
+    if merged:
+        raise ValueError(f"wrap: the model is merged ({merged[0]}, ...); call peftlite.unmerge(model) first")
+    if state is not None and state.hotswap is not None and targets is not None:
+        raise ValueError("wrap: the model is prepared for hot-swapping; add adapters before prepare_hotswap, or "
+                         "hotswap a file into an existing name")
     plan = resolve_targets(model, targets, skip=list(heads), index=index) if targets is not None else []
-    kinds = [registry.check_adaptable(name, module) for name, module in plan]
+    kinds = [registry.check_adaptable(n, module, name) for n, module in plan]
 
     # Validated: from here on, change the model.
     if state is None:
         state = WrapState(train_bn=bool(train_bn),
                           requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model._peftlite = state
-    for name, head in heads.items():
-        _replace(model, name, head)
-        state.heads.append(name)
+    for head_name, head in heads.items():
+        _replace(model, head_name, head)
+        state.heads.append(head_name)
     for (_, module), kind in zip(plan, kinds, strict=True):
-        registry.attach(module, kind, rank=rank, alpha=alpha, dropout=dropout)
+        registry.attach(module, kind, rank=rank, alpha=alpha, dropout=dropout, adapter=name)
+    if plan and name not in state.adapters:
+        state.adapters.append(name)
+        state.active = {name: 1.0}
+    apply_active(model, state)
     state.trainable += [n for n in units if n not in state.trainable]
     apply_freezing(model, state)
     if not state.train_bn:

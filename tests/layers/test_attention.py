@@ -76,9 +76,9 @@ def test_multihead_attention_as_a_target(kdim):
     peftlite.wrap(model, "attn", rank=3)
     randomize_adapters(model, std=0.3)
     slots = ["in_proj_weight"] if kdim is None else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-    assert sorted(mha.active_pairs()) == sorted(slots)
+    assert sorted(mha.pairs("default")) == sorted(slots)
     assert isinstance(mha.out_proj, AdaptedLayer)
-    pairs = {s: (p.A.detach(), p.B.detach()) for s, p in mha.active_pairs().items()}
+    pairs = {s: (p.A.detach(), p.B.detach()) for s, p in mha.pairs("default").items()}
     out = mha.out_proj.lora.default
     pairs_out = {"out_proj.weight": (out.A.detach(), out.B.detach())}
     if kdim is None:

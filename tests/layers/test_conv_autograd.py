@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_conv_geometry import GEOMETRIES
 from torch import nn
 
+from _geometries import GEOMETRIES
 from peftlite import functional as F_
 from peftlite.layers import conv_autograd as _conv_autograd
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,8 +23,18 @@ from torch import nn
 
 from .. import selection
 from .._version import __version__
-from ..layers import AdaptedLayer, adapted_layers
-from ..wrapping import WrapState, saved_tensors, under, unwrap, wrap, wrap_state
+from ..layers import DEFAULT_ADAPTER, AdaptedLayer, adapted_layers, registry
+from ..wrapping import (
+    WrapState,
+    apply_active,
+    apply_adapter_grads,
+    check_name,
+    saved_tensors,
+    under,
+    unwrap,
+    wrap,
+    wrap_state,
+)
 from . import peft, schema
 from ._safetensors import file_tensors, read_file, write_file
 from .schema import AdapterFileError
@@ -31,18 +42,32 @@ from .schema import AdapterFileError
 METADATA_KEY = "peftlite"
 
 
-def model_config(model: nn.Module, state: WrapState, partial: bool) -> dict[str, Any]:
-    """The file config of a wrapped model."""
+def model_config(model: nn.Module, state: WrapState, adapter: str | None, partial: bool) -> dict[str, Any]:
+    """The file config of a wrapped model's adapter ``adapter`` (None: no adapter, heads only)."""
+    layers = {} if adapter is None else {n: schema.layer_entry(m, adapter) for n, m in adapted_layers(model)
+                                         if adapter in m.lora and not all(p.off for p in m.pairs(adapter).values())}
     return schema.file_config(
-        {name: schema.layer_entry(m) for name, m in adapted_layers(model)},
-        {name: schema.head_entry(model.get_submodule(name)) for name in state.heads},
-        state.trainable, state.train_bn, partial, peftlite_version=__version__,
+        layers, {name: schema.head_entry(model.get_submodule(name)) for name in state.heads},
+        state.trainable, state.train_bn, partial, adapter=adapter or DEFAULT_ADAPTER, peftlite_version=__version__,
     )
 
 
+def _which(state: WrapState, name: str | None, what: str) -> str | None:
+    """The adapter a file holds: ``name``, or the model's only adapter (None for a model without any)."""
+    if name is not None:
+        if name not in state.adapters:
+            raise KeyError(f"{what}: no adapter named {name!r}; the model has {', '.join(map(repr, state.adapters))}")
+        return name
+    if len(state.adapters) > 1:
+        shown = ", ".join(map(repr, state.adapters))
+        raise ValueError(f"{what}: the model has {len(state.adapters)} adapters ({shown}) and a file holds one; "
+                         "pass name=")
+    return state.adapters[0] if state.adapters else None
+
+
 def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
-         include=None, format: str = "peftlite") -> str:
-    """Write the model's adapters, heads and trainable tensors to ONE ``.safetensors`` file, atomically.
+         include=None, format: str = "peftlite", name: str | None = None) -> str:
+    """Write one adapter of the model, with the heads and trainable tensors, to ONE ``.safetensors`` file.
 
     Args:
         path: the file to write (its folder must exist); replaced atomically. With ``format="peft"``, a
@@ -54,8 +79,13 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
         format: ``"peftlite"`` (one file) or ``"peft"``: a Hugging Face PEFT LoRA adapter directory
             (``adapter_config.json`` + ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained``
             loads; layers PEFT cannot compute exactly are refused (``PeftFormatError``).
+        name: the adapter to save; may be left out when the model has one. Heads and trainable tensors,
+            shared by all adapters, go into every file.
     Returns:
         the path written.
+    Raises:
+        ValueError: several adapters and no ``name``; nothing to save; bad arguments.
+        KeyError: an unknown ``name``.
     """
     if format not in ("peftlite", "peft"):
         raise ValueError(f"save: format must be 'peftlite' or 'peft', got {format!r}")
@@ -64,13 +94,14 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
         raise ValueError("save: the model is not wrapped; call peftlite.wrap(model, ...) first")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"save: dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
-    tensors = saved_tensors(model, state)
+    adapter = _which(state, name, "save")
+    tensors = saved_tensors(model, state, [adapter] if adapter else [])
     if include is not None:
         keep = set(selection.select_tensors(model, include, "save include", names=list(tensors)))
         tensors = {k: t for k, t in tensors.items() if k in keep}
     if not tensors:
         raise ValueError("save: nothing to save (no adapters, heads or trainable modules)")
-    config = model_config(model, state, include is not None)
+    config = model_config(model, state, adapter, include is not None)
     if format == "peft":
         peft_tensors, adapter_config = peft.to_peft(tensors, config)
         peft.check_direct_reads(model, list(config["layers"]))
@@ -104,10 +135,11 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, schema.validate(config, path)
 
 
-def read_any(path: str | os.PathLike, model: nn.Module | None = None):
-    """``(format, tensors, config)`` of a peftlite file or a PEFT directory (checked against ``model``)."""
+def read_any(path: str | os.PathLike, model: nn.Module | None = None, name: str | None = None):
+    """``(format, tensors, config)`` of a peftlite file or a PEFT directory (adapter ``name``'s subfolder
+    when it has one), checked against ``model``."""
     if os.path.isdir(path):
-        return "peft", *peft.read(path, model)
+        return "peft", *peft.read(path, model, name)
     return "peftlite", *read(path)
 
 
@@ -172,82 +204,144 @@ def _wrap_as_file(model: nn.Module, config: dict, built: dict[str, nn.Module]) -
     for (rank, alpha, dropout), names in groups.items():
         chosen = set(names)
         wrap(model, lambda n, m, chosen=chosen: n in chosen, rank=rank, alpha=alpha, dropout=dropout,
-             train_bn=config["train_bn"], **first)
+             train_bn=config["train_bn"], name=schema.adapter_name(config), **first)
         first = {}
     if first:  # a head-only or trainable-only file
         wrap(model, None, train_bn=config["train_bn"], **first)
 
 
-def _copy_in(model: nn.Module, tensors: Mapping[str, torch.Tensor], config: dict) -> None:
+def _copy_in(model: nn.Module, tensors: Mapping[str, torch.Tensor], layers: dict, adapter: str) -> None:
     current = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, value in tensors.items():
             if key in current:
                 current[key].copy_(value)
     modules = dict(model.named_modules())
-    for name, entry in config["layers"].items():  # the file's alpha is the scale its values were trained at
+    for name, entry in layers.items():  # the file's alpha is the scale its values were trained at
         module = modules.get(name)
-        if isinstance(module, AdaptedLayer):
-            for pair in module.active_pairs().values():
+        if isinstance(module, AdaptedLayer) and adapter in module.lora:
+            for pair in module.pairs(adapter).values():
                 pair.alpha = float(entry["alpha"])
 
 
 def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Module] | None = None,
-         strict: bool = True) -> nn.Module:
+         strict: bool = True, name: str | None = None) -> nn.Module:
     """Load an adapter file into ``model`` and return the model.
 
-    ``path`` may also be a Hugging Face PEFT LoRA adapter directory (see ``peft``); its
-    ``modules_to_save`` become peftlite ``trainable`` modules.
+    ``path`` may also be a Hugging Face PEFT LoRA adapter directory (see ``peft``; a directory that holds
+    several adapters in subfolders, as PEFT writes them, loads ``name``'s); its ``modules_to_save``
+    become peftlite ``trainable`` modules.
 
-    Into an unwrapped base model, it wraps the model as the file says (re-creating Linear/Conv2d heads;
-    other head types are passed again with ``heads=``). Into a model wrapped the same way, it loads the
-    values. Tensors are cast to the device and dtype of the tensors they replace. All or nothing: on any
-    error the model is left exactly as it was.
+    - Into an unwrapped base model, it wraps the model as the file says (re-creating Linear/Conv2d heads;
+      other head types are passed again with ``heads=``).
+    - Into a wrapped model that has an adapter of that name, it loads the values into it.
+    - Into a wrapped model without one, it adds the adapter, inactive (``peftlite.use`` switches), and
+      leaves the others untouched, merged or not. The file's heads and trainable tensors, shared by all
+      adapters, are loaded too (a warning says when their values change).
+
+    The adapter takes ``name`` (default: the name it was saved under). Tensors are cast to the device and
+    dtype of the tensors they replace. All or nothing: on any error the model is left exactly as it was.
 
     Raises:
         FileNotFoundError / AdapterFileError: the file cannot be read (the model is unchanged).
         ValueError: keys, shapes or dtypes do not fit the model (names the key, expected and found shapes).
     """
-    _, tensors, config = read_any(path, model)
+    if name is not None:
+        check_name(name, "load")
+    _, tensors, config = read_any(path, model, name)
+    adapter = name or schema.adapter_name(config)
+    tensors, config = schema.renamed(tensors, config, adapter)
     partial = bool(config.get("partial", False))
-    if wrap_state(model) is None:
+    state = wrap_state(model)
+    if state is None:
         built = _check_fresh(model, config, heads)
-        replaced = {name: model.get_submodule(name) for name in built}
+        replaced = {n: model.get_submodule(n) for n in built}
         try:
             _wrap_as_file(model, config, built)
-            _compare(path, saved_tensors(model, wrap_state(model)), tensors, strict, partial)
-            _copy_in(model, tensors, config)
+            _compare(path, saved_tensors(model, wrap_state(model), [adapter]), tensors, strict, partial)
+            _copy_in(model, tensors, config["layers"], adapter)
         except BaseException:
             _undo_wrap(model, replaced)
             raise
         return model
     if heads:
         raise ValueError("heads= is only for loading into an unwrapped model; this model is already wrapped")
-    merged = [n for n, m in adapted_layers(model) if m.adapter_state.merged]
-    if merged:
-        raise ValueError(f"load: the model is merged ({merged[0]}, ...); call peftlite.unmerge(model) first")
-    current = saved_tensors(model, wrap_state(model))
-    _compare(path, current, tensors, strict, partial)
+    if adapter in state.adapters or not config["layers"]:  # an adapter the model has, or heads only
+        return _load_values(model, path, tensors, config, adapter, strict, partial)
+    return _load_new(model, path, tensors, config, adapter, strict, partial)
+
+
+def _check_layers(model: nn.Module, path, config: dict, adapter: str, strict: bool, new: bool) -> None:
     modules = dict(model.named_modules())
+    state = wrap_state(model)
     for name, entry in config["layers"].items():
-        if not isinstance(modules.get(name), AdaptedLayer):
+        module = modules.get(name)
+        if new:
+            if under(name, state.heads):
+                raise ValueError(f"{path}: the file adapts {name!r}, which lies under the head {name!r} replaces")
+            schema.check_layer(name, module, entry)
+            registry.check_adaptable(name, module, adapter)
+        elif not isinstance(module, AdaptedLayer) or adapter not in module.lora:
             if strict:
-                raise ValueError(f"{path}: the file adapts {name!r}, which is not adapted in this model")
-            continue
-        schema.check_layer(name, modules[name], entry)
+                raise ValueError(f"{path}: the file adapts {name!r}, which has no adapter {adapter!r} in this model")
+        else:
+            schema.check_layer(name, module, entry)
+
+
+def _load_values(model, path, tensors, config, adapter, strict, partial) -> nn.Module:
+    """Load the file's values into the model's adapter ``adapter`` (and its heads), all or nothing."""
+    merged = [n for n, m in adapted_layers(model) if m.adapter_state.merged and adapter in m.adapter_state.active]
+    if merged:
+        raise ValueError(f"load: adapter {adapter!r} is merged into the weights ({merged[0]}, ...); call "
+                         "peftlite.unmerge(model) first")
+    current = saved_tensors(model, wrap_state(model), [adapter])
+    _compare(path, current, tensors, strict, partial)
+    _check_layers(model, path, config, adapter, strict, new=False)
     backup = {k: current[k].detach().clone() for k in tensors if k in current}
-    alphas = {id(p): p.alpha for _, m in adapted_layers(model) for p in m.active_pairs().values()}
+    pairs = [p for _, m in adapted_layers(model) if adapter in m.lora for p in m.pairs(adapter).values()]
+    alphas = [p.alpha for p in pairs]
     try:
-        _copy_in(model, tensors, config)
+        _copy_in(model, tensors, config["layers"], adapter)
     except BaseException:
-        _copy_in(model, backup, {"layers": {}})
-        for _, m in adapted_layers(model):
-            for p in m.active_pairs().values():
-                p.alpha = alphas[id(p)]
+        _copy_in(model, backup, {}, adapter)
+        for p, alpha in zip(pairs, alphas, strict=True):
+            p.alpha = alpha
         raise
     return model
 
 
+def _load_new(model, path, tensors, config, adapter, strict, partial) -> nn.Module:
+    """Add the file's adapter to a wrapped model as a new, inactive adapter ``adapter``, all or nothing."""
+    state = wrap_state(model)
+    _check_layers(model, path, config, adapter, strict, new=True)
+    modules = dict(model.named_modules())
+    shared = {k: t.detach().clone() for k, t in saved_tensors(model, state, [adapter]).items()}  # heads: no adapter yet
+    try:
+        for lname, entry in config["layers"].items():
+            module = modules[lname]
+            registry.attach(module, registry.kind_of(module), rank=entry["rank"], alpha=float(entry["alpha"]),
+                            dropout=float(entry.get("dropout", 0.0)), adapter=adapter)
+        state.adapters.append(adapter)
+        apply_active(model, state)
+        apply_adapter_grads(model, state)
+        _compare(path, saved_tensors(model, state, [adapter]), tensors, strict, partial)
+        changed = [k for k, t in shared.items() if k in tensors and not torch.equal(t, tensors[k].to(t))]
+        _copy_in(model, tensors, config["layers"], adapter)
+    except BaseException:
+        _copy_in(model, shared, {}, adapter)
+        for _, layer in adapted_layers(model):
+            if adapter in layer.lora:
+                registry.remove(layer, adapter)
+        if adapter in state.adapters:
+            state.adapters.remove(adapter)
+        apply_active(model, state)
+        apply_adapter_grads(model, state)
+        raise
+    if changed:
+        warnings.warn(f"load: heads and trainable tensors are shared by all adapters, and {path} changed "
+                      f"{len(changed)} of them ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})",
+                      UserWarning, stacklevel=3)
+    return model
 def _undo_wrap(model: nn.Module, replaced: dict[str, nn.Module]) -> None:
     """Take back a load's wrap of a fresh model: adapters dropped, the modules its heads replaced put back."""
     if wrap_state(model) is not None:

@@ -279,14 +279,23 @@ def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: s
     return out, schema.file_config(layers, {}, trainable, False, False, source=source)
 
 
-def read(path: str | os.PathLike, model: nn.Module | None = None
+def folder_of(path: str | os.PathLike, name: str | None) -> str:
+    """The folder of adapter ``name`` in a PEFT directory: ``path/name`` when PEFT saved it there (its
+    ``save_pretrained`` puts every adapter but the default in a subfolder of its name), else ``path``."""
+    path = os.fspath(path)
+    if name is not None and os.path.isfile(os.path.join(path, name, CONFIG_NAME)):
+        return os.path.join(path, name)
+    return path
+
+
+def read(path: str | os.PathLike, model: nn.Module | None = None, name: str | None = None
          ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a PEFT adapter directory as peftlite's ``(tensors, config)``.
+    """Read a PEFT adapter directory (its adapter ``name``'s subfolder, if it has one) as ``(tensors, config)``.
 
     With ``model``, every layer is checked against the model's (type, shape, PEFT-exact geometry) and
     conv geometry comes from the model; without, conv stride/padding/dilation/padding_mode are null.
     """
-    path = os.fspath(path)
+    path = folder_of(path, name)
     tensors, config = read_raw(path)
     return from_peft(tensors, config, path, model)
 
@@ -364,9 +373,10 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
     out: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
+    adapter = schema.adapter_name(config)
     for name, e in layers.items():
-        a = tensors[f"{name}.lora.{DEFAULT_ADAPTER}.A"]
-        b = tensors[f"{name}.lora.{DEFAULT_ADAPTER}.B"]
+        a = tensors[f"{name}.lora.{adapter}.A"]
+        b = tensors[f"{name}.lora.{adapter}.B"]
         r = int(e["rank"])
         if e["kind"] == "conv2d":
             kh, kw = e["kernel_size"]

@@ -27,10 +27,32 @@ class AdapterFileError(ValueError):
 
 
 def file_config(layers: dict[str, dict], heads: dict[str, dict], trainable: list[str], train_bn: bool,
-                partial: bool, **extra: Any) -> dict[str, Any]:
+                partial: bool, adapter: str = DEFAULT_ADAPTER, **extra: Any) -> dict[str, Any]:
     """The config of one adapter file (``extra``: ``peftlite_version``, ``source``)."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, **extra, "layers": layers, "heads": heads,
-            "trainable": list(trainable), "train_bn": bool(train_bn), "partial": bool(partial)}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **extra, "adapter": adapter, "layers": layers,
+            "heads": heads, "trainable": list(trainable), "train_bn": bool(train_bn), "partial": bool(partial)}
+
+
+def adapter_name(config: dict[str, Any]) -> str:
+    """The name the file's adapter was saved under (files before named adapters: ``"default"``)."""
+    return config.get("adapter", DEFAULT_ADAPTER)
+
+
+def renamed(tensors: dict, config: dict[str, Any], name: str) -> tuple[dict, dict[str, Any]]:
+    """The in-memory form with its adapter under ``name``: keys ``<layer>.lora.<old>.`` -> ``.lora.<name>.``."""
+    old = adapter_name(config)
+    if old == name:
+        return tensors, config
+    out = {}
+    for key, t in tensors.items():
+        layer = adapter_layer(key, config["layers"])
+        if layer is not None:
+            head = f"{layer}.lora." if layer else "lora."
+            rest = key[len(head):]
+            if rest.startswith(old + "."):
+                key = f"{head}{name}.{rest[len(old) + 1:]}"
+        out[key] = t
+    return out, {**config, "adapter": name}
 
 
 def _positive(value: object, integral: bool) -> bool:
@@ -69,6 +91,9 @@ def validate(config: object, where: str) -> dict[str, Any]:
             raise bad(f"head entry {name!r} is malformed (no type)")
     if not all(isinstance(t, str) for t in config["trainable"]):
         raise bad("trainable holds a name that is not a string")
+    name = config.get("adapter", DEFAULT_ADAPTER)
+    if not isinstance(name, str) or not name or "." in name:
+        raise bad(f"adapter name {name!r} is not a non-empty string without dots")
     return config
 
 
@@ -85,9 +110,9 @@ def layer_geometry(module: nn.Module) -> dict[str, Any]:
     return {"embed_dim": module.embed_dim, "num_heads": module.num_heads, "kdim": module.kdim, "vdim": module.vdim}
 
 
-def layer_entry(module: AdaptedLayer) -> dict[str, Any]:
-    """The config entry of an adapted layer's active adapter."""
-    pairs = module.active_pairs()
+def layer_entry(module: AdaptedLayer, adapter: str) -> dict[str, Any]:
+    """The config entry of one adapter of an adapted layer."""
+    pairs = module.pairs(adapter)
     first = next(iter(pairs.values()))
     return {"kind": module.adapter_kind, "rank": first.rank, "alpha": first.alpha, "dropout": first.dropout,
             "slots": list(pairs), "base_class": module.base_class.__name__, **layer_geometry(module)}
@@ -114,12 +139,12 @@ def build_head(entry: dict[str, Any]) -> nn.Module | None:
     return None
 
 
-def adapter_keys(name: str, module: nn.Module, rank: int) -> dict[str, tuple[int, ...]]:
+def adapter_keys(name: str, module: nn.Module, rank: int, adapter: str = DEFAULT_ADAPTER) -> dict[str, tuple[int, ...]]:
     """The state_dict keys and shapes that adapting ``module`` (at ``name``) with ``rank`` adds."""
     shapes = registry.adapter_shapes(module, rank)
     out = {}
     for slot, (a_shape, b_shape) in shapes.items():
-        prefix = f"{name}.lora.{DEFAULT_ADAPTER}" + ("" if list(shapes) == ["weight"] else f".{slot}")
+        prefix = f"{name}.lora.{adapter}" + ("" if list(shapes) == ["weight"] else f".{slot}")
         out[f"{prefix}.A"], out[f"{prefix}.B"] = a_shape, b_shape
     return out
 

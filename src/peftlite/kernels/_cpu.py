@@ -6,7 +6,8 @@ the escape of each element in one pass over the block, and blocks run on all of 
 implements the same scheme to the bit, so records are interchangeable and the tests compare the two.
 Without a C compiler (or with ``PEFTLITE_CPU_FUSED=0``) the torch ops run instead, logged at debug level.
 The library is built for the vector ISA torch detects (AVX-512 or AVX2, else the baseline) and cached per
-source, compiler and flags under ``$PEFTLITE_CACHE`` (default ``~/.cache/peftlite``).
+source, compiler and flags under ``$PEFTLITE_CACHE`` (default ``~/.cache/peftlite``); ``build`` does the
+same for the other C sources of this package (``_route.c``, see ``routing``).
 """
 
 from __future__ import annotations
@@ -39,20 +40,8 @@ T, R = TypeVar("T"), TypeVar("R")
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (logged) when they cannot be built or are turned off."""
-    if os.environ.get("PEFTLITE_CPU_FUSED", "1") == "0":
-        log.debug("peftlite kernels: PEFTLITE_CPU_FUSED=0; CPU merges use torch ops")
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        log.debug("peftlite kernels: no C compiler found; CPU merges use torch ops (slower, same result)")
-        return None
-    lib = None
-    for flags in _flag_sets():  # the vector ISA torch detected first, then the portable baseline
-        lib = _build(cc, flags)
-        if lib is not None:
-            break
+    lib = build(SOURCE, FLAGS, "CPU merges use torch ops (slower, same result)")
     if lib is None:
-        log.debug("peftlite kernels: %s failed to build; CPU merges use torch ops (slower, same result)", SOURCE.name)
         return None
     lib.pl_merge.argtypes = [ctypes.c_int, _p, _i64, _i64, _p, _p, _i64, ctypes.c_float, _p, _p, _p, _p]
     lib.pl_merge.restype = _i64
@@ -61,30 +50,52 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _flag_sets() -> list[list[str]]:
+def build(source: Path, flags: list[str], fallback: str) -> ctypes.CDLL | None:
+    """``source`` built into a shared library with the system C compiler (``$CC``, else ``cc``/``gcc``), or
+    None, logged at debug level with ``fallback`` (what runs instead), when it cannot be or is turned off.
+
+    Built with ``flags`` plus the vector ISA torch detects on this CPU, else with ``flags`` alone, and
+    cached per source, compiler and flags under ``$PEFTLITE_CACHE`` (``_cpu.c`` as ``cpu-<hash>.so``).
+    ``PEFTLITE_CPU_FUSED=0`` turns every such library off. The caller declares the argument types.
+    """
+    if os.environ.get("PEFTLITE_CPU_FUSED", "1") == "0":
+        log.debug("peftlite kernels: PEFTLITE_CPU_FUSED=0; %s", fallback)
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.debug("peftlite kernels: no C compiler found; %s", fallback)
+        return None
+    for flag_set in _flag_sets(flags):  # the vector ISA torch detected first, then the portable baseline
+        lib = _build(cc, source, flag_set)
+        if lib is not None:
+            return lib
+    log.debug("peftlite kernels: %s failed to build; %s", source.name, fallback)
+    return None
+
+
+def _flag_sets(flags: list[str]) -> list[list[str]]:
     """Compiler flags to try: with the vector ISA torch detected on this CPU (the loops are written to
-    vectorise; -ffp-contract=off keeps every result bit-identical to scalar code), then without."""
+    vectorise; in ``_cpu.c``, -ffp-contract=off keeps every result bit-identical to scalar code), then without."""
     arch = ARCH.get(torch.backends.cpu.get_cpu_capability())
-    return [FLAGS + [arch], FLAGS] if arch else [FLAGS]
+    return [flags + [arch], flags] if arch else [flags]
 
 
-def _build(cc: str, flags: list[str]) -> ctypes.CDLL | None:
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
+def _build(cc: str, source: Path, flags: list[str]) -> ctypes.CDLL | None:
+    key = hashlib.sha256(source.read_bytes() + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PEFTLITE_CACHE", Path.home() / ".cache" / "peftlite"))
-    target = cache / f"cpu-{key}.so"
+    target = cache / f"{source.stem.lstrip('_')}-{key}.so"
     try:
         if not target.exists():
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 out = Path(tmp) / target.name
-                subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], check=True,
+                subprocess.run([cc, *flags, str(source), "-o", str(out), "-lm"], check=True,
                                capture_output=True, text=True, timeout=120)
                 os.replace(out, target)  # atomic: concurrent builders both end with a whole file
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or e
-        log.debug("peftlite kernels: building %s failed with %s (%s)", SOURCE.name, " ".join(flags), detail)
+        log.debug("peftlite kernels: building %s failed with %s (%s)", source.name, " ".join(flags), detail)
         return None
 
 

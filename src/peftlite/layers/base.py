@@ -1,23 +1,28 @@
-"""What every adapted layer has: the low-rank pair, the per-layer state, and the adapter protocol.
+"""What every adapted layer has: the low-rank pairs, the per-layer state, and the adapter protocol.
 
 An adapted layer is the user's own module object with its class swapped to a peftlite subclass
 (``nn.Linear`` -> ``LoraLinear``). Its base parameters stay where they were (``_parameters["weight"]``),
-so no state_dict key changes; the pairs are added beside them under ``lora.<adapter name>``
+so no state_dict key changes; each named adapter's pair is added beside them under ``lora.<name>``
 (``layer4.0.conv1.lora.default.A``). ``AdaptedLayer`` is the protocol the rest of peftlite (merging,
 files, summary, the toolkit) reads; nothing outside ``layers`` touches a private attribute of a layer.
+
+Several adapters may live on one layer. ``LayerState.active`` says which ones the forward computes and
+with what weight; the layer folds them into one pair (``functional.fold``), so the forward, the
+effective weight and the merge see one ``(A, B, scale)`` whatever the combination.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional
 from ._guard import guard
+from .routing import lookup
 
 DEFAULT_ADAPTER = "default"
 
@@ -26,6 +31,8 @@ class LowRank(nn.Module):
     """One low-rank pair for one weight: ΔW = B @ A, applied with ``scale = alpha / rank``.
 
     A: (rank, fan_in), Kaiming-uniform. B: (fan_out, rank), zeros, so the layer starts as the base.
+    ``scale_buffer`` (a 0-d tensor, not saved) replaces the Python scale once the pair is prepared for
+    hot-swapping (``peftlite.prepare_hotswap``), so that a compiled forward reads no Python number.
     """
 
     def __init__(self, rank: int, fan_in: int, fan_out: int, alpha: float, dropout: float,
@@ -34,31 +41,52 @@ class LowRank(nn.Module):
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
         self.A = nn.Parameter(torch.empty(rank, fan_in, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(fan_out, rank, device=device, dtype=dtype))
+        self.register_buffer("scale_buffer", None, persistent=False)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def off(self) -> bool:
+        """A hot-swap pair that holds no adapter on this layer (alpha 0): left out of files."""
+        return self.alpha == 0.0
+
+    @property
+    def effective_scale(self) -> float | Tensor:
+        """What the forward multiplies by: ``scale_buffer`` once prepared for hot-swapping, else ``scale``."""
+        return self.scale_buffer if self.scale_buffer is not None else self.scale
+
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, fan_in={self.A.shape[1]}, "
                 f"fan_out={self.B.shape[0]}")
+
+
+class Term(NamedTuple):
+    """One active adapter's contribution to one weight: ``scale · B @ A``, its input dropped out by ``dropout``."""
+
+    A: Tensor
+    B: Tensor
+    scale: float | Tensor  # a 0-d tensor once prepared for hot-swapping
+    dropout: float
 
 
 @dataclass
 class LayerState:
     """Explicit per-layer adapter state. Only ``merged`` travels in the state_dict (``_extra_state``)."""
 
-    active: str = DEFAULT_ADAPTER  # the adapter the layer computes with
+    # adapter name -> weight, of the adapters the forward computes (in order); {} computes the base
+    active: dict[str, float] = field(default_factory=lambda: {DEFAULT_ADAPTER: 1.0})
     enabled: bool = True  # False inside ``peftlite.disabled``: the base layer's behaviour
-    merged: bool = False
+    merged: bool = False  # the active combination is folded into the weights
     # slot -> the record that makes unmerge bit-exact; empty when the merged state came from a state_dict
     records: dict = field(default_factory=dict)
 
     @property
     def computes_adapter(self) -> bool:
-        """Does the forward add the adapter itself (enabled and not folded into the weight)?"""
-        return self.enabled and not self.merged
+        """Does the forward add the adapters itself (enabled, not folded into the weight, something active)?"""
+        return self.enabled and not self.merged and bool(self.active)
 
 
 class AdaptedLayer:
@@ -79,13 +107,29 @@ class AdaptedLayer:
     adapter_state: LayerState
 
     def adapters(self) -> dict[str, dict[str, LowRank]]:
-        """Every adapter of the layer: ``{adapter name: {adapted parameter name: LowRank}}``."""
-        return {name: ({"weight": p} if isinstance(p, LowRank) else dict(p.items())) for name, p in self.lora.items()}
+        """Every adapter of the layer, in creation order: ``{name: {adapted parameter name: LowRank}}``."""
+        return {name: self.pairs(name) for name in self.lora}
 
-    def active_pairs(self) -> dict[str, LowRank]:
-        """The active adapter's pairs, by the parameter name they adapt (``{"weight": LowRank}``)."""
-        pairs = self.lora[self.adapter_state.active]
+    def pairs(self, name: str) -> dict[str, LowRank]:
+        """One adapter's pairs, by the parameter name they adapt (``{"weight": LowRank}``)."""
+        pairs = self.lora[name]
         return {"weight": pairs} if isinstance(pairs, LowRank) else dict(pairs.items())
+
+    def terms(self, slot: str) -> list[Term]:
+        """The active adapters' contributions to parameter ``slot`` (weights folded into the scales)."""
+        out = []
+        for name, weight in self.adapter_state.active.items():
+            pair = self.pairs(name).get(slot)
+            if pair is not None:
+                out.append(Term(pair.A, pair.B, pair.effective_scale * weight, pair.dropout))
+        return out
+
+    def folded(self, slot: str) -> tuple[Tensor, Tensor, float] | None:
+        """The active combination on ``slot`` as one ``(A, B, scale)`` (``functional.fold``), or None."""
+        terms = self.terms(slot)
+        if not terms:
+            return None
+        return functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
 
     def get_extra_state(self) -> Tensor:
         # The merged flag travels with the state_dict, so a merged checkpoint is never merged twice.
@@ -99,11 +143,12 @@ class AdaptedLayer:
 
 
 def effective_weight_property(slot: str) -> property:
-    """A class property for parameter ``slot`` that returns ``W + scale·ΔW`` while the adapter is computed.
+    """A class property for parameter ``slot`` that returns ``W + Σ scale·ΔW`` while adapters are computed.
 
     Code that reads the weight instead of calling the layer (torchvision's Swin, ``nn.MultiheadAttention``,
-    a subclass with its own forward) sees the adapter, so it is never bypassed. The raw parameter is
-    returned while merged, disabled, or before the layer's state exists.
+    a subclass with its own forward) sees the adapters, so they are never bypassed. The raw parameter is
+    returned while merged, disabled, or before the layer's state exists. Inside ``peftlite.per_sample``
+    there is no single weight per batch: a routed layer refuses to be read.
     """
 
     def get(self):
@@ -112,14 +157,22 @@ def effective_weight_property(slot: str) -> property:
         except KeyError:
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{slot}'") from None
         state = self.__dict__.get("adapter_state")
-        if w is None or state is None or not state.computes_adapter:
+        if w is None or state is None:
             return w
-        pair = self.active_pairs().get(slot)
-        if pair is None:
+        route = lookup(self)
+        if route is not None:
+            if route.routed:
+                raise RuntimeError(
+                    f"{route.name}: its weight is read directly (by its parent, or by its own forward), so one "
+                    "batch cannot use a different adapter per row there; leave this layer's adapters out of "
+                    "the per_sample route, or run the rows in separate batches with peftlite.use")
             return w
-        return guard(functional.effective_weight(w, pair.A, pair.B, pair.scale))
+        folded = self.folded(slot) if state.computes_adapter else None
+        if folded is None:
+            return w
+        return guard(functional.effective_weight(w, *folded))
 
-    return property(get, doc=f"``{slot}`` with the adapter applied (W + scale·ΔW) while enabled and unmerged.")
+    return property(get, doc=f"``{slot}`` with the active adapters applied (W + scale·ΔW) while computed.")
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:

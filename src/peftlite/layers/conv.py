@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from ..functional import ConvGeometry
-from . import conv_autograd
+from . import conv_autograd, routing
 from .base import AdaptedLayer, effective_weight_property
 
 # Forming W + scale·ΔW touches W about three times (read, temporary write, read by the conv); counted as
@@ -84,17 +84,26 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self._parameters["weight"]
+        geom = self.geometry
+        route = routing.lookup(self)
+        if route is not None and self.adapter_state.enabled:
+            pairs = [p["weight"] for p in self.adapters().values()]
+            return routing.conv2d(x, w, self.bias, route, geom, [p.A for p in pairs], [p.B for p in pairs],
+                                  [p.effective_scale for p in pairs], [p.dropout for p in pairs], self.training)
         if not self.adapter_state.computes_adapter:
             return self._conv_forward(x, w, self.bias)
-        p = self.lora[self.adapter_state.active]
-        geom = self.geometry
-        if p.dropout > 0.0 and self.training:
-            return functional.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, geom, p.dropout, True)
-        pixels = geom.output_pixels(x.shape)
-        if torch.is_grad_enabled() and (p.A.requires_grad or p.B.requires_grad):
-            path = training_path(geom, p.rank, pixels)
+        terms = self.terms("weight")
+        if self.training and any(t.dropout > 0.0 for t in terms):
+            y = self._conv_forward(x, w, self.bias)
+            for t in terms:
+                y = y + functional.conv2d_dropout_delta(x, t.A, t.B, t.scale, geom, t.dropout, True)
+            return y
+        A, B, scale = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
+        rank, pixels = A.shape[0], geom.output_pixels(x.shape)
+        if torch.is_grad_enabled() and any(t.A.requires_grad or t.B.requires_grad for t in terms):
+            path = training_path(geom, rank, pixels)
             if path == "dense":
-                return functional.lora_conv2d_merged(x, w, self.bias, p.A, p.B, p.scale, geom)
+                return functional.lora_conv2d_merged(x, w, self.bias, A, B, scale, geom)
         else:
-            path = inference_path(geom, p.rank, pixels)
-        return conv_autograd.lora_conv2d(x, w, self.bias, p.A, p.B, p.scale, geom, path)
+            path = inference_path(geom, rank, pixels)
+        return conv_autograd.lora_conv2d(x, w, self.bias, A, B, scale, geom, path)

@@ -8,7 +8,7 @@ Backward, with g = ∂L/∂y and u = g @ B  (..., r):
     ∂W = gᵀ @ x  (only if W trains)  ∂b = Σ g  (only if b trains)
 
 It saves x, h and references to the parameters; nothing output-sized. Under autocast the products run
-in the autocast dtype (as ``F.linear`` would), and ``h`` is kept in fp32 for ∂B. With dropout active
+in the autocast dtype (as ``F.linear`` would), and ``h`` is kept in fp32 (or wider) for ∂B. With dropout active
 in training the layer runs ``functional.lora_linear`` under plain autograd instead; that function is
 also the reference this one must match.
 """
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional
+from . import routing
 from .base import AdaptedLayer, effective_weight_property
 
 
@@ -33,7 +34,7 @@ class _LowRankLinear(torch.autograd.Function):
         y = torch.ops.aten._unsafe_view(y, y.shape)
         h = F.linear(x, A.to(x.dtype))  # (..., r)
         y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), B.to(y.dtype).t(), alpha=scale)
-        ctx.save_for_backward(x, weight, A, B, h.float())
+        ctx.save_for_backward(x, weight, A, B, h.to(torch.promote_types(h.dtype, torch.float32)))  # fp32 at least
         ctx.scale = scale
         ctx.has_bias = bias is not None
         return y
@@ -58,7 +59,7 @@ class _LowRankLinear(torch.autograd.Function):
         if need_a:
             ga = (u.t() @ x2.to(u.dtype)).mul_(scale).to(A.dtype)
         if need_bb:
-            gB = (g2.t().float() @ h.reshape(-1, h.shape[-1])).mul_(scale).to(B.dtype)
+            gB = (g2.t().to(h.dtype) @ h.reshape(-1, h.shape[-1])).mul_(scale).to(B.dtype)
         return gx, gw, gb, ga, gB, None
 
 
@@ -68,17 +69,27 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 
 
 class LoraLinear(AdaptedLayer, nn.Linear):
-    """``nn.Linear`` with low-rank adapters: ``x @ (W + scale·B A)ᵀ + b``, W frozen, A and B trained."""
+    """``nn.Linear`` with low-rank adapters: ``x @ (W + Σ scale·B A)ᵀ + b``, W frozen, the adapters trained."""
 
     adapter_kind = "linear"
     base_class = nn.Linear
     weight = effective_weight_property("weight")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.adapter_state.computes_adapter:
-            return nn.functional.linear(x, self._parameters["weight"], self.bias)
-        p = self.lora[self.adapter_state.active]
         w = self._parameters["weight"]
-        if p.dropout > 0.0 and self.training:
-            return functional.lora_linear(x, w, self.bias, p.A, p.B, p.scale, p.dropout, True)
-        return lora_linear(x, w, self.bias, p.A, p.B, p.scale)
+        route = routing.lookup(self)
+        if route is not None and self.adapter_state.enabled:
+            pairs = [p["weight"] for p in self.adapters().values()]
+            return routing.linear(x, w, self.bias, route, [p.A for p in pairs], [p.B for p in pairs],
+                                  [p.effective_scale for p in pairs], [p.dropout for p in pairs], self.training)
+        if not self.adapter_state.computes_adapter:
+            return nn.functional.linear(x, w, self.bias)
+        terms = self.terms("weight")
+        if self.training and any(t.dropout > 0.0 for t in terms):
+            y = nn.functional.linear(x, w, self.bias)
+            for t in terms:
+                y = y + functional.linear_delta(x, t.A, t.B, t.scale, t.dropout, True)
+            return y
+        A, B, scale = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
+        return lora_linear(x, w, self.bias, A, B, scale)
+

@@ -108,11 +108,18 @@ def adapted_class(cls: type, kind: Kind) -> type:
     return derived
 
 
-def check_adaptable(name: str, module: nn.Module) -> Kind:
-    """The module's kind, or a TypeError that says why it cannot be adapted; changes nothing."""
+def check_adaptable(name: str, module: nn.Module, adapter: str = DEFAULT_ADAPTER) -> Kind:
+    """The module's kind, or an error that says why it cannot take adapter ``adapter``; changes nothing.
+
+    Raises:
+        ValueError: the layer already has an adapter of that name.
+        TypeError: a type peftlite cannot adapt, or a module whose semantics could not be kept.
+    """
     if isinstance(module, AdaptedLayer):
-        raise TypeError(f"module {name!r} is already adapted ({type(module).__name__}); "
-                        "unwrap the model first, or leave it out of targets")
+        if adapter in module.lora:
+            raise ValueError(f"module {name!r} already has an adapter named {adapter!r}; give the new one another "
+                             f"name= (its adapters: {', '.join(module.lora)}), or peftlite.delete it first")
+        return kind_of(module)
     kind = kind_of(module)
     if kind is None:
         raise TypeError(f"module {name!r} is a {type(module).__name__}, which peftlite cannot adapt; "
@@ -147,17 +154,32 @@ def adapter_shapes(module: nn.Module, rank: int) -> dict[str, tuple[tuple[int, i
 
 def attach(module: nn.Module, kind: Kind, *, rank: int, alpha: float, dropout: float,
            adapter: str = DEFAULT_ADAPTER) -> None:
-    """Turn ``module`` into its adapted class, with fresh pairs (B = 0, so outputs are unchanged)."""
+    """Add adapter ``adapter`` to ``module`` with fresh pairs (B = 0, so outputs are unchanged).
+
+    An unadapted module first becomes its adapted class, with nothing active; the caller activates.
+    """
     pairs = {}
     for slot, (a_shape, b_shape) in adapter_shapes(module, rank).items():
         w = module._parameters[slot]
         dtype = torch.promote_types(w.dtype, torch.float32)  # adapters keep fp32 master precision
         pairs[slot] = LowRank(rank, a_shape[1], b_shape[0], alpha, dropout, device=w.device, dtype=dtype)
+    entry = pairs["weight"] if list(pairs) == ["weight"] else nn.ModuleDict(pairs)
+    if isinstance(module, AdaptedLayer):
+        module.lora[adapter] = entry
+        return
     module.__class__ = adapted_class(type(module), kind)
-    module.lora = nn.ModuleDict({adapter: pairs["weight"] if list(pairs) == ["weight"] else nn.ModuleDict(pairs)})
-    module.adapter_state = LayerState(active=adapter)
+    module.lora = nn.ModuleDict({adapter: entry})
+    module.adapter_state = LayerState(active={})
     if kind.name == "conv2d":
         module.geometry = ConvGeometry.of(module)
+
+
+def remove(module: AdaptedLayer, adapter: str) -> None:
+    """Drop one adapter from the layer; the last one gives the module its own class back."""
+    del module.lora[adapter]
+    module.adapter_state.active.pop(adapter, None)
+    if not len(module.lora):
+        detach(module)
 
 
 def detach(module: AdaptedLayer) -> None:

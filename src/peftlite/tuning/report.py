@@ -1,4 +1,8 @@
-"""summary(model): what trains, layer by layer, and the totals."""
+"""summary(model): what trains, layer by layer, and the totals.
+
+Each adapted layer's row lists its adapters with their ranks, the active ones starred (``a*:8 b:4``):
+what the forward computes and, after ``peftlite.use``, what trains.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ class Row:
     shape: str
     rank: str
     trainable: int
+    adapters: str = "-"  # "name:rank" per adapter, active ones starred
 
 
 @dataclass
@@ -33,10 +38,10 @@ class Summary:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        head = ("name", "type", "shape", "rank", "trainable")
-        body = [(r.name or "(root)", r.type, r.shape, r.rank, f"{r.trainable:,}") for r in self.rows]
+        head = ("name", "type", "shape", "rank", "adapters", "trainable")
+        body = [(r.name or "(root)", r.type, r.shape, r.rank, r.adapters, f"{r.trainable:,}") for r in self.rows]
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        line = lambda cells: "  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+        line = lambda cells: "  ".join(c.ljust(w) if i < 5 else c.rjust(w)
                                        for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
         out = [line(head), line(tuple("-" * w for w in widths))] + [line(b) for b in body]
         out.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({self.percent:.2f}%)")
@@ -65,12 +70,14 @@ def summary(model: nn.Module, blocks: bool = False) -> Summary:
         if id(m) in inside:
             continue
         if isinstance(m, AdaptedLayer):
-            pairs = m.active_pairs()
             n = sum(p.numel() for p in m.lora.parameters() if p.requires_grad)
             n += sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
-            rank = ",".join(sorted({str(p.rank) for p in pairs.values()}))
+            ranks = {a: next(iter(p.values())).rank for a, p in m.adapters().items()}
+            active = m.adapter_state.active
+            listed = " ".join(f"{a}{'*' if a in active else ''}:{r}" for a, r in ranks.items())
+            rank = ",".join(str(r) for a, r in ranks.items() if a in active) or "-"
             state = " merged" if m.adapter_state.merged else ""
-            rows.append(Row(name, f"{m.base_class.__name__} (lora{state})", _shape(m), rank, n))
+            rows.append(Row(name, f"{m.base_class.__name__} (lora{state})", _shape(m), rank, n, listed))
             continue
         own = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
         if own:
