@@ -52,7 +52,7 @@ def randomize_adapters(model: nn.Module, ratio: float = RATIO) -> None:
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
         if hasattr(m, "lora") and isinstance(m.lora, nn.ModuleDict):  # peftlite
-            p = m.active_pairs()["weight"]
+            p = m.pairs(next(iter(m.adapter_state.active)))["weight"]
             w = m._parameters["weight"]
             B = torch.randn(p.B.shape, generator=g)
             d = p.scale * (B @ p.A.detach().float())
@@ -272,6 +272,20 @@ def main() -> None:
     w = wrap_figure(reps)
     row("wrap of a 7B-shaped skeleton on meta (224 Linear)", fmt_ms(w["ours"]), fmt_ms(w.get("peft")),
         "≤ 50 ms", w["ours"] <= 0.050)
+    import mixed  # benchmarks/mixed.py: every row of a batch its own adapter, inference
+
+    for K in (4, 16, 64):
+        t = mixed.linear_case(K, 3 * reps)
+        ours, theirs = t["ours"] - t["base"], t.get("peft", float("nan")) - t["base"]
+        row(f"mixed batch, 2 × Linear 1024 r=16, batch 64, {K} adapters: time added over the base "
+            f"({fmt_ms(t['base'])}); ÷ PEFT's", f"{fmt_ms(ours)} ({ratio(ours, theirs)})", fmt_ms(theirs),
+            "≤ 1/3 of PEFT's" if K > 4 else "—", ours <= theirs / 3 if K > 4 and peft else None)
+    for K in (4, 16, 64):
+        t = mixed.resnet_case(K, max(3, reps - 4))
+        ours, theirs = t["ours"] - t["base"], t.get("peft", float("nan")) - t["base"]
+        row(f"mixed batch, ResNet-50 every Conv2d r=8, batch 16 96px, {K} adapters: time added over the base "
+            f"({fmt_ms(t['base'])}); throughput ÷ PEFT's", f"{fmt_ms(ours)} ({ratio(t.get('peft'), t['ours'])})",
+            fmt_ms(theirs), "reported", None)
     for dtype in (torch.float32, torch.bfloat16):
         pk = peak_memory(dtype, n)
         wbytes = n * n * (4 if dtype == torch.float32 else 2)

@@ -134,15 +134,19 @@ def _route(model: nn.Module, state: WrapState, rows: Sequence) -> dict[int, Rout
     out = {}
     for lname, layer in adapted_layers(model):
         local = {n: i for i, n in enumerate(layer.lora)}
-        slots = torch.tensor([local.get(n, -1) if n is not None else -1 for n in names], dtype=torch.int64)
-        routed = bool((slots >= 0).any())
+        numbers = [local.get(n, -1) if n is not None else -1 for n in names]
+        used = tuple(sorted({k for k in numbers if k >= 0}))
+        position = {k: i for i, k in enumerate(used)}
+        slots = torch.tensor(numbers, dtype=torch.int64)
+        packed = torch.tensor([position.get(k, -1) for k in numbers], dtype=torch.int64)
+        routed = bool(used)
         if routed and not isinstance(layer, (LoraLinear, LoraConv2d)):
             raise ValueError(
                 f"per_sample: {lname} ({type(layer).__name__}) computes with its weight as a whole, so one batch "
                 f"cannot use a different adapter per row there; route adapters that do not adapt it, or run "
                 "the rows in separate batches with peftlite.use")
         device = next(iter(layer.lora.parameters())).device
-        out[id(layer)] = Routed(lname, slots.to(device), routed)
+        out[id(layer)] = Routed(lname, slots.to(device), routed, used, packed.to(device))
     return out
 
 

@@ -56,7 +56,8 @@ class LowRank(nn.Module):
     @property
     def effective_scale(self) -> float | Tensor:
         """What the forward multiplies by: ``scale_buffer`` once prepared for hot-swapping, else ``scale``."""
-        return self.scale_buffer if self.scale_buffer is not None else self.scale
+        buffer = self._buffers["scale_buffer"]  # read directly: this runs per adapter in routed forwards
+        return buffer if buffer is not None else self.alpha / self.rank
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, fan_in={self.A.shape[1]}, "
@@ -109,6 +110,10 @@ class AdaptedLayer:
     def adapters(self) -> dict[str, dict[str, LowRank]]:
         """Every adapter of the layer, in creation order: ``{name: {adapted parameter name: LowRank}}``."""
         return {name: self.pairs(name) for name in self.lora}
+
+    def weight_pairs(self) -> list[LowRank]:
+        """Every adapter's pair, in creation order, for a layer that adapts one weight (Linear, Conv2d)."""
+        return list(self.lora._modules.values())  # read directly: routed forwards call this on every batch
 
     def pairs(self, name: str) -> dict[str, LowRank]:
         """One adapter's pairs, by the parameter name they adapt (``{"weight": LowRank}``)."""
@@ -176,5 +181,23 @@ def effective_weight_property(slot: str) -> property:
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
-    """Every adapted layer of ``model`` with its qualified name, in registration order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+    """Every adapted layer of ``model`` with its qualified name, in registration order.
+
+    As ``named_modules`` finds them (a module registered twice counts once, under its first name), but
+    without walking into the adapters themselves: with many named adapters that walk is most of it.
+    """
+    out, seen = [], set()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        adapted = isinstance(module, AdaptedLayer)
+        if adapted:
+            out.append((prefix, module))
+        for name, child in module._modules.items():
+            if child is not None and not (adapted and name == "lora"):
+                visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return out

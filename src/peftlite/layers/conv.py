@@ -87,9 +87,10 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
         geom = self.geometry
         route = routing.lookup(self)
         if route is not None and self.adapter_state.enabled:
-            pairs = [p["weight"] for p in self.adapters().values()]
-            return routing.conv2d(x, w, self.bias, route, geom, [p.A for p in pairs], [p.B for p in pairs],
-                                  [p.effective_scale for p in pairs], [p.dropout for p in pairs], self.training)
+            pairs = self.weight_pairs()
+            As, Bs = [p._parameters["A"] for p in pairs], [p._parameters["B"] for p in pairs]
+            return routing.conv2d(x, w, self.bias, route, geom, As, Bs, [p.effective_scale for p in pairs],
+                                  [p.dropout for p in pairs], self.training)
         if not self.adapter_state.computes_adapter:
             return self._conv_forward(x, w, self.bias)
         terms = self.terms("weight")

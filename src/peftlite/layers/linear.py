@@ -79,9 +79,10 @@ class LoraLinear(AdaptedLayer, nn.Linear):
         w = self._parameters["weight"]
         route = routing.lookup(self)
         if route is not None and self.adapter_state.enabled:
-            pairs = [p["weight"] for p in self.adapters().values()]
-            return routing.linear(x, w, self.bias, route, [p.A for p in pairs], [p.B for p in pairs],
-                                  [p.effective_scale for p in pairs], [p.dropout for p in pairs], self.training)
+            pairs = self.weight_pairs()
+            As, Bs = [p._parameters["A"] for p in pairs], [p._parameters["B"] for p in pairs]
+            return routing.linear(x, w, self.bias, route, As, Bs, [p.effective_scale for p in pairs],
+                                  [p.dropout for p in pairs], self.training)
         if not self.adapter_state.computes_adapter:
             return nn.functional.linear(x, w, self.bias)
         terms = self.terms("weight")

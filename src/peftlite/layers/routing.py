@@ -38,6 +38,8 @@ class Routed(NamedTuple):
     name: str  # the layer's qualified name, for errors
     slots: Tensor  # (N,) int64: the layer's adapter number for each row, -1 for the base
     routed: bool  # does any row use one of this layer's adapters?
+    used: tuple[int, ...]  # the adapter numbers the route uses on this layer, in order
+    packed: Tensor  # (N,) int64: each row's position in ``used``, -1 for the base (what the C kernel reads)
 
 
 ROUTE: contextvars.ContextVar[dict[int, Routed] | None] = contextvars.ContextVar("peftlite_route", default=None)
@@ -97,9 +99,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, route: Routed, As: li
     """The routed adapted Linear: ``x @ Wᵀ + b`` plus each row's own adapter."""
     _check_rows(route, x)
     y = F.linear(x, weight, bias)
-    fast = not (torch.is_grad_enabled() and any(t.requires_grad for t in (*As, *Bs, x))) \
-        and not torch.compiler.is_compiling() and not (training and any(dropouts))
-    if fast and route_linear_(y, x, route.slots, As, Bs, [float(s) for s in scales]):
+    fast = not torch.compiler.is_compiling() and not (training and any(dropouts)) \
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(As[k].requires_grad or Bs[k].requires_grad
+                                                                     for k in route.used)))
+    if fast and route_linear_(y, x, route.packed, [As[k] for k in route.used], [Bs[k] for k in route.used],
+                              [float(scales[k]) for k in route.used]):
         return y
     return y + linear_delta(x, route.slots, As, Bs, scales, dropouts, training).to(y.dtype)
 

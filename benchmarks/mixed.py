@@ -1,0 +1,128 @@
+"""Mixed-adapter batches: every row its own adapter, peftlite's per_sample against PEFT's adapter_names.
+
+    PYTHONPATH=src python benchmarks/mixed.py [--threads 1] [--repeats 15]
+
+Used by benchmarks/run.py for the table in docs/performance.md. Inference (PEFT's path runs in eval mode
+only), one process, contenders interleaved, medians. The figure is the time a mixed batch adds over the
+plain base model: ``ours - base`` against ``peft - base`` (goal: ours ≤ 1/3 of PEFT's at 16 and 64
+adapters on the Linear case).
+
+- Linear: two ``nn.Linear(1024, 1024)`` layers, r=16, batch 64, K = 4, 16, 64 adapters;
+- ResNet-50, every Conv2d adapted, r=8, batch 16 at 96 px, K = 4, 16, 64.
+
+Rows are spread over the K adapters at random with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+import run  # noqa: E402
+
+import peftlite  # noqa: E402
+
+try:
+    import peft
+except ImportError:  # pragma: no cover - the bench extra is optional
+    peft = None
+
+
+def _random_b(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora." in name and name.endswith(".B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+
+
+def _same_factors(ours: nn.Module, theirs: nn.Module) -> None:
+    """Give PEFT's adapters the values of ours, so that both compute the same thing."""
+    with torch.no_grad():
+        for lname, layer in peftlite.layers.adapted_layers(ours):
+            target = theirs.base_model.model.get_submodule(lname)
+            for n, pairs in layer.adapters().items():
+                pair = pairs["weight"]
+                target.lora_A[n].weight.copy_(pair.A.reshape(target.lora_A[n].weight.shape))
+                target.lora_B[n].weight.copy_(pair.B.reshape(target.lora_B[n].weight.shape))
+
+
+def contenders(base: nn.Module, targets: list[str], rank: int, K: int, route: list[int]):
+    """``{"base", "ours", "peft"}`` -> a no-grad forward callable, and the shared input's batch size."""
+    names = [f"a{k}" for k in range(K)]
+    ours = copy.deepcopy(base)
+    for n in names:
+        peftlite.wrap(ours, targets, rank=rank, alpha=float(rank), name=n)
+    _random_b(ours, 1)
+    rows = [names[k] for k in route]
+    fns = {"base": lambda x: base(x)}
+
+    def ours_fn(x):
+        with peftlite.per_sample(ours, rows):
+            return ours(x)
+
+    fns["ours"] = ours_fn
+    if peft is not None:
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=rank,
+                                                                          target_modules=targets),
+                                     adapter_name=names[0])
+        for n in names[1:]:
+            theirs.add_adapter(n, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
+        _same_factors(ours, theirs)
+        theirs.eval()
+        fns["peft"] = lambda x: theirs(x, adapter_names=rows)
+    return fns
+
+
+def measure(base: nn.Module, targets: list[str], rank: int, K: int, x: torch.Tensor, repeats: int) -> dict:
+    base.eval()
+    route = torch.randint(0, K, (x.shape[0],), generator=torch.Generator().manual_seed(0)).tolist()
+    fns = contenders(base, targets, rank, K, route)
+    with torch.no_grad():
+        want = fns["ours"](x)
+        if "peft" in fns:
+            torch.testing.assert_close(fns["peft"](x), want, rtol=1e-3, atol=1e-3)  # same adapters, same route
+        return run.timed({k: (lambda f=f: f(x)) for k, f in fns.items()}, repeats, warmup=2)
+
+
+def linear_case(K: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024))
+    return measure(base, ["0", "1"], 16, K, torch.randn(64, 1024), repeats)
+
+
+def resnet_case(K: int, repeats: int) -> dict:
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    base = resnet50()
+    convs = [n for n, m in base.named_modules() if isinstance(m, nn.Conv2d)]
+    return measure(base, convs, 8, K, torch.randn(16, 3, 96, 96), repeats)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=15)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{run.machine()}\n\n| case | K | base | peftlite adds | PEFT adds | ours ÷ PEFT (added) | "
+          "throughput ÷ PEFT |")
+    print("|---|---|---|---|---|---|---|")
+    cases = (("2 × Linear 1024, r=16, batch 64", linear_case), ("ResNet-50, r=8, batch 16, 96 px", resnet_case))
+    for case, fn in cases:
+        for K in (4, 16, 64):
+            t = fn(K, args.repeats if fn is linear_case else max(3, args.repeats // 3))
+            ours, theirs = t["ours"] - t["base"], t.get("peft", float("nan")) - t["base"]
+            print(f"| {case} | {K} | {1e3 * t['base']:.2f} ms | {1e3 * ours:.2f} ms | {1e3 * theirs:.2f} ms | "
+                  f"{ours / theirs:.2f} | {t.get('peft', float('nan')) / t['ours']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
