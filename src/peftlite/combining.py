@@ -26,7 +26,7 @@ from torch import nn
 
 from . import functional
 from .layers import adapted_layers, registry
-from .switching import known
+from .switching import is_dora, known
 from .wrapping import apply_active, apply_adapter_grads, check_name, wrap_state
 
 HOWS = ("linear", "cat", "svd")
@@ -60,6 +60,10 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     """
     weights = _weights(model, weights)
     state = wrap_state(model)
+    dora = [n for n in weights if is_dora(model, n)]
+    if dora:
+        raise ValueError(f"combine: {dora[0]!r} is a DoRA adapter; magnitudes do not add, so a combination of "
+                         "DoRA adapters has no defined meaning: combine LoRA adapters only")
     check_name(name, "combine")
     if name in state.adapters:
         raise ValueError(f"combine: the model already has an adapter named {name!r}; pick another name")

@@ -226,3 +226,45 @@ def combine_svd(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     total = float(S.square().sum())
     rest = float(S[rank:].square().sum())
     return A.float(), B.float(), (rest / total) ** 0.5 if total > 0 else 0.0
+
+
+# ---- DoRA: weight-decomposed adapters ----------------------------------------------------------------
+
+ROWS_PER_CHUNK = 256  # rows of W converted to fp32 at a time for 16-bit weights (a bounded temporary)
+
+
+def dora_norms(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """Row norms ``‖W_i + scale·(B A)_i‖`` of the adapted weight, without forming it.  -> (out,), fp32 or fp64.
+
+    ``‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ``: one product ``W Aᵀ`` (out × r) and an r × r Gram
+    matrix, never an (out × fan_in) tensor. A 16-bit W is read ``ROWS_PER_CHUNK`` rows at a time in fp32.
+
+    Args:
+        weight: (out, ...) the base weight; its rows are flattened to fan_in. A: (r, fan_in). B: (out, r).
+    """
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    W = weight.reshape(weight.shape[0], -1)
+    A, B = A.to(dtype), B.to(dtype)
+    if W.dtype == dtype:
+        sq, P = torch.linalg.vector_norm(W, dim=1).square(), W @ A.t()  # (out,), (out, r)
+    else:
+        parts = [W[i:i + ROWS_PER_CHUNK].to(dtype) for i in range(0, W.shape[0], ROWS_PER_CHUNK)]
+        sq = torch.cat([torch.linalg.vector_norm(p, dim=1).square() for p in parts])
+        P = torch.cat([p @ A.t() for p in parts])
+    gram = A @ A.t()  # (r, r)
+    n2 = sq + 2 * scale * (B * P).sum(1) + scale * scale * ((B @ gram) * B).sum(1)
+    return n2.clamp(min=0).sqrt()
+
+
+def dora_gain(magnitude: Tensor, norms: Tensor) -> Tensor:
+    """The per-row factor ``m / ‖W + s·ΔW‖``, defined as 0 on a row whose adapted weight is all zero."""
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return torch.where(norms > 0, magnitude / safe, torch.zeros_like(magnitude))
+
+
+def dora_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float, magnitude: Tensor) -> Tensor:
+    """The dense DoRA weight ``m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖_row`` in W's dtype (a W-sized reference)."""
+    V = weight.to(torch.promote_types(weight.dtype, torch.float32)) + scale * delta_weight(A, B, weight.shape)
+    norms = torch.linalg.vector_norm(V.reshape(V.shape[0], -1), dim=1)
+    g = dora_gain(magnitude.to(V.dtype), norms.detach())
+    return (V * g.view(-1, *([1] * (V.dim() - 1)))).to(weight.dtype)

@@ -29,7 +29,7 @@ from .formats import native, schema
 from .layers import AdaptedLayer, adapted_layers, registry
 from .layers.base import LowRank
 from .layers.routing import routes_any
-from .switching import known
+from .switching import is_dora, known
 from .wrapping import apply_adapter_grads, resolve_targets, wrap_state
 
 
@@ -67,6 +67,9 @@ def prepare_hotswap(model: nn.Module, max_rank: int = 64, targets=None) -> nn.Mo
     state = wrap_state(model)
     if state is None or not state.adapters:
         raise ValueError("prepare_hotswap: the model has no adapters; wrap (or load) one first")
+    dora = [n for n in state.adapters if is_dora(model, n)]
+    if dora:
+        raise ValueError(f"prepare_hotswap: {dora[0]!r} is a DoRA adapter; hot-swapping takes LoRA adapters only")
     if isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral) or max_rank < 1:
         raise ValueError(f"prepare_hotswap: max_rank must be a positive integer, got {max_rank!r}")
     _refuse_busy(model, "prepare_hotswap")
@@ -125,6 +128,8 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
         if lname not in union:
             raise ValueError(f"hotswap: {path} adapts {lname!r}, outside the layers prepared for hot-swapping; "
                              "list it in prepare_hotswap(targets=...)")
+        if entry.get("variant", "lora") != "lora":
+            raise ValueError(f"hotswap: {path} holds a DoRA layer ({lname}); hot-swapping takes LoRA adapters only")
         if entry["rank"] > max_rank:
             raise ValueError(f"hotswap: {path} has rank {entry['rank']} on {lname}, above max_rank={max_rank}")
         schema.check_layer(lname, modules[lname], entry)
@@ -160,7 +165,7 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
                 r = a.shape[0]
                 pair.A[:r] = a
                 pair.B[:, :r] = b
-                scale = float(entry["alpha"]) / r
+                scale = float(entry["alpha"]) / (r ** 0.5 if entry.get("rank_scaling") == "sqrt" else r)
                 pair.scale_buffer.fill_(scale)
                 pair.alpha = scale * max_rank
     if changed:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .layers import AdaptedLayer, adapted_layers
+from .layers import AdaptedLayer, adapted_layers, dora
 from .layers.routing import routes_any
 
 
@@ -60,8 +60,12 @@ def _check_pair(name: str, adapter: str, slot: str, pair, weight: float) -> None
 
 @torch.no_grad()
 def _matrix(layer: AdaptedLayer, slot: str):
+    """The slot's in-place matrix view with its folded pair and scale, and for DoRA the per-row gain."""
     A, B, scale = layer.folded(slot)
-    return kernels.as_matrix(layer._parameters[slot].data, A.detach(), B.detach()), scale
+    w = layer._parameters[slot].data
+    term = layer.dora_term(slot)
+    gain = None if term is None else dora.gain(w, A, B, scale, term.dora).detach().float()
+    return kernels.as_matrix(w, A.detach(), B.detach()), scale, gain
 
 
 def merge_layer(layer: AdaptedLayer) -> None:
@@ -70,8 +74,9 @@ def merge_layer(layer: AdaptedLayer) -> None:
     done = []
     try:
         for slot in _slots(layer):
-            (w2, a2, b2), scale = _matrix(layer, slot)
-            st.records[slot] = kernels.merge_(w2, a2, b2, scale)
+            (w2, a2, b2), scale, gain = _matrix(layer, slot)
+            st.records[slot] = kernels.merge_(w2, a2, b2, scale) if gain is None else \
+                kernels.merge_(w2, a2, b2, scale, gain=gain)
             done.append(slot)
     except BaseException:
         for slot in done:  # put the slots merged so far back, bit-exactly
@@ -80,9 +85,15 @@ def merge_layer(layer: AdaptedLayer) -> None:
     st.merged = True
 
 
+@torch.no_grad()
 def _unmerge_slot(layer: AdaptedLayer, slot: str) -> None:
-    (w2, a2, b2), scale = _matrix(layer, slot)
-    kernels.unmerge_(w2, a2, b2, scale, layer.adapter_state.records.get(slot))
+    record = layer.adapter_state.records.get(slot)
+    if record is None and layer.dora_term(slot) is not None:
+        raise RuntimeError("unmerge: this DoRA layer's merged weights came from a state_dict, without the record "
+                           "of its row gains; reload the unmerged weights and the adapter instead")
+    A, B, scale = layer.folded(slot)
+    w2, a2, b2 = kernels.as_matrix(layer._parameters[slot].data, A.detach(), B.detach())
+    kernels.unmerge_(w2, a2, b2, scale, record)
     layer.adapter_state.records.pop(slot, None)
 
 

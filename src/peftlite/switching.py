@@ -51,6 +51,12 @@ def _refuse_merged(model: nn.Module, what: str) -> None:
                            "adapters; call peftlite.unmerge(model) first")
 
 
+def is_dora(model: nn.Module, name: str) -> bool:
+    """Is adapter ``name`` a DoRA adapter (on any layer)?"""
+    return any(p.variant == "dora" for _, m in adapted_layers(model) if name in m.lora
+               for p in m.pairs(name).values())
+
+
 def adapters(model: nn.Module) -> list[str]:
     """The model's adapter names, in creation order (empty for a model without adapters)."""
     state = wrap_state(model)
@@ -98,6 +104,10 @@ def use(model: nn.Module, spec) -> nn.Module:
     """
     state = _state(model, "use")
     combination = _combination(state, spec, "use")
+    dora = [n for n in combination if is_dora(model, n)]
+    if dora and (len(combination) > 1 or combination[dora[0]] != 1.0):
+        raise ValueError(f"use: {dora[0]!r} is a DoRA adapter, whose magnitudes do not add: use it alone, at "
+                         f"weight 1 (got {combination})")
     _refuse_merged(model, "use")
     if routes_any(m for _, m in adapted_layers(model)):
         raise RuntimeError("use: inside peftlite.per_sample the route picks each row's adapter; use() after the block")

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import merging, selection
 from .layers import adapted_layers, batchnorm, registry
+from .layers.base import RANK_SCALINGS, VARIANTS
 
 
 @dataclass
@@ -210,9 +211,17 @@ def check_name(name: object, what: str) -> str:
     return name
 
 
+def _check_variant(variant, rank_scaling) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
+    if rank_scaling not in RANK_SCALINGS:
+        raise ValueError(f"rank_scaling must be 'linear' (scale = alpha / rank) or 'sqrt' (rsLoRA: alpha / "
+                         f"sqrt(rank)), got {rank_scaling!r}")
+
+
 def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
          heads: Mapping[str, nn.Module] | None = None, trainable=None, train_bn: bool = False,
-         name: str = "default") -> nn.Module:
+         name: str = "default", variant: str = "lora", rank_scaling: str = "linear") -> nn.Module:
     """Freeze ``model`` and add LoRA adapters to the ``targets``, new ``heads``, and ``trainable`` tensors.
 
     Works in place and returns the same object. Everything is validated before the model is touched.
@@ -236,6 +245,9 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
         train_bn: False: BatchNorms use and keep their running statistics, even in train().
             True: BatchNorm affine params train, their statistics adapt, and all of it is saved.
         name: the adapter's name (``"default"``).
+        variant: ``"lora"``, or ``"dora"`` (weight-decomposed: a learned per-output-row magnitude times the
+            direction of ``W + scale·ΔW``; docs/guide.md, "DoRA").
+        rank_scaling: ``"linear"`` (scale = alpha / rank) or ``"sqrt"`` (rsLoRA: alpha / sqrt(rank)).
     Returns:
         ``model``, wrapped.
     Raises:
@@ -247,6 +259,7 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
         raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
     alpha = _check_hparams(rank, alpha, dropout)
     name = check_name(name, "wrap")
+    _check_variant(variant, rank_scaling)
     index = selection.Index.of(model)
     heads = resolve_heads(model, heads, index)
     units = trainable_units(model, trainable, index) if trainable is not None else []
@@ -273,7 +286,8 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
         _replace(model, head_name, head)
         state.heads.append(head_name)
     for (_, module), kind in zip(plan, kinds, strict=True):
-        registry.attach(module, kind, rank=rank, alpha=alpha, dropout=dropout, adapter=name)
+        registry.attach(module, kind, rank=rank, alpha=alpha, dropout=dropout, adapter=name, variant=variant,
+                        rank_scaling=rank_scaling)
     if plan and name not in state.adapters:
         state.adapters.append(name)
         state.active = {name: 1.0}

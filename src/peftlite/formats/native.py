@@ -198,16 +198,23 @@ def _wrap_as_file(model: nn.Module, config: dict, built: dict[str, nn.Module]) -
     """Wrap an unwrapped model as the file says: one wrap call per (rank, alpha, dropout)."""
     groups: dict[tuple, list[str]] = {}
     for name, entry in config["layers"].items():
-        groups.setdefault((entry["rank"], float(entry["alpha"]), float(entry.get("dropout", 0.0))), []).append(name)
+        groups.setdefault(_hparams(entry), []).append(name)
     trainable = list(config["trainable"]) or None
     first = {"heads": built or None, "trainable": trainable}
-    for (rank, alpha, dropout), names in groups.items():
+    for (rank, alpha, dropout, variant, rank_scaling), names in groups.items():
         chosen = set(names)
         wrap(model, lambda n, m, chosen=chosen: n in chosen, rank=rank, alpha=alpha, dropout=dropout,
-             train_bn=config["train_bn"], name=schema.adapter_name(config), **first)
+             train_bn=config["train_bn"], name=schema.adapter_name(config), variant=variant,
+             rank_scaling=rank_scaling, **first)
         first = {}
     if first:  # a head-only or trainable-only file
         wrap(model, None, train_bn=config["train_bn"], **first)
+
+
+def _hparams(entry: dict) -> tuple:
+    """(rank, alpha, dropout, variant, rank_scaling) of a layer entry: what ``wrap`` needs to rebuild it."""
+    return (entry["rank"], float(entry["alpha"]), float(entry.get("dropout", 0.0)), entry.get("variant", "lora"),
+            entry.get("rank_scaling", "linear"))
 
 
 def _copy_in(model: nn.Module, tensors: Mapping[str, torch.Tensor], layers: dict, adapter: str) -> None:
@@ -221,7 +228,7 @@ def _copy_in(model: nn.Module, tensors: Mapping[str, torch.Tensor], layers: dict
         module = modules.get(name)
         if isinstance(module, AdaptedLayer) and adapter in module.lora:
             for pair in module.pairs(adapter).values():
-                pair.alpha = float(entry["alpha"])
+                pair.alpha, pair.rank_scaling = float(entry["alpha"]), entry.get("rank_scaling", "linear")
 
 
 def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Module] | None = None,
@@ -299,13 +306,13 @@ def _load_values(model, path, tensors, config, adapter, strict, partial) -> nn.M
     _check_layers(model, path, config, adapter, strict, new=False)
     backup = {k: current[k].detach().clone() for k in tensors if k in current}
     pairs = [p for _, m in adapted_layers(model) if adapter in m.lora for p in m.pairs(adapter).values()]
-    alphas = [p.alpha for p in pairs]
+    alphas = [(p.alpha, p.rank_scaling) for p in pairs]
     try:
         _copy_in(model, tensors, config["layers"], adapter)
     except BaseException:
         _copy_in(model, backup, {}, adapter)
-        for p, alpha in zip(pairs, alphas, strict=True):
-            p.alpha = alpha
+        for p, (alpha, rank_scaling) in zip(pairs, alphas, strict=True):
+            p.alpha, p.rank_scaling = alpha, rank_scaling
         raise
     return model
 
@@ -319,8 +326,9 @@ def _load_new(model, path, tensors, config, adapter, strict, partial) -> nn.Modu
     try:
         for lname, entry in config["layers"].items():
             module = modules[lname]
-            registry.attach(module, registry.kind_of(module), rank=entry["rank"], alpha=float(entry["alpha"]),
-                            dropout=float(entry.get("dropout", 0.0)), adapter=adapter)
+            rank, alpha, dropout, variant, rank_scaling = _hparams(entry)
+            registry.attach(module, registry.kind_of(module), rank=rank, alpha=alpha, dropout=dropout,
+                            adapter=adapter, variant=variant, rank_scaling=rank_scaling)
         state.adapters.append(adapter)
         apply_active(model, state)
         apply_adapter_grads(model, state)

@@ -11,13 +11,17 @@ Both directions go through peftlite's in-memory file form, ``(tensors, config)``
                       PEFT B (out, r)         <-> peftlite B (out, r)
     Conv2d, groups=1: PEFT A (r, in, kh, kw)  <-> peftlite A (r, in*kh*kw)
                       PEFT B (out, r, 1, 1)   <-> peftlite B (out, r)
-    scale:            lora_alpha / r (or / sqrt(r) with use_rslora) <-> alpha / rank
+    scale:            lora_alpha / r                      <-> alpha / rank
+                      lora_alpha / sqrt(r), use_rslora     <-> rank_scaling "sqrt"
+    DoRA (use_dora):  PEFT lora_magnitude_vector (out,) for a Linear, (1, out, 1, 1) for a Conv2d
+                                                            <-> peftlite magnitude (out,), variant "dora"
     modules_to_save   <-> peftlite ``trainable`` modules (peftlite heads are written as modules_to_save)
 
 What PEFT cannot express, or computes differently from the base layer, is refused with an error naming
 the feature: grouped-conv adapters, dilated or non-zero padding_mode convs (PEFT's LoRA conv drops both),
-MultiheadAttention and subclass layers, BatchNorm statistics (``train_bn=True``); and on reading, DoRA,
-non-LoRA methods, ``fan_in_fan_out``, ``lora_bias``, trained biases and other LoRA variants.
+MultiheadAttention and subclass layers, BatchNorm statistics (``train_bn=True``), DoRA and LoRA layers in one
+adapter (PEFT's ``use_dora`` is one flag); and on reading, non-LoRA methods, ``fan_in_fan_out``,
+``lora_bias``, trained biases and other LoRA variants.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
 # Config fields that change what a LoRA layer computes, and that peftlite does not implement.
 _UNSUPPORTED_FLAGS = {
-    "use_dora": "DoRA (use_dora)",
     "lora_bias": "a bias on lora_B (lora_bias)",
     "fan_in_fan_out": "transposed base weights (fan_in_fan_out, GPT-2 Conv1D)",
     "use_qalora": "QA-LoRA (use_qalora)",
@@ -200,12 +203,14 @@ def _layer(where: str, name: str, a: torch.Tensor, b: torch.Tensor, config: dict
             raise PeftFormatError(f"{where}: {name} has {shapes}, which do not fit the model's "
                                   f"{type(module).__name__} (A {want_a}, B {want_b} as peftlite stores them)")
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     if kind == "linear":
         geometry = {"in_features": a.shape[1], "out_features": b.shape[0]}
     else:
         geometry = _conv_geometry(module, a, b)
-    return {"kind": kind, "rank": r, "alpha": scale * r, "dropout": float(config.get("lora_dropout") or 0.0),
+    variant = {k: v for k, v in (("variant", "dora" if config.get("use_dora") else "lora"),
+                                 ("rank_scaling", "sqrt" if config.get("use_rslora") else "linear"))
+               if v not in ("lora", "linear")}
+    return {"kind": kind, "rank": r, "alpha": alpha, "dropout": float(config.get("lora_dropout") or 0.0), **variant,
             "slots": ["weight"], "base_class": "Linear" if kind == "linear" else "Conv2d", **geometry}
 
 
@@ -221,8 +226,9 @@ def _split_keys(where: str, tensors: dict[str, torch.Tensor]):
     rest: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         m = _LORA_KEY.match(key)
-        if "lora_magnitude_vector" in key:
-            raise PeftFormatError(f"{where}: {key} is a DoRA magnitude vector; DoRA is not supported")
+        if key.endswith(".lora_magnitude_vector"):  # DoRA's magnitude, no ".weight" suffix
+            pairs.setdefault(key[:-len(".lora_magnitude_vector")], {})["m"] = t
+            continue
         if ".lora_embedding_" in key:
             raise PeftFormatError(f"{where}: {key} is an Embedding adapter; peftlite adapts Linear and Conv2d")
         if m:
@@ -233,7 +239,7 @@ def _split_keys(where: str, tensors: dict[str, torch.Tensor]):
         else:
             rest[key] = t
     for name, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             raise PeftFormatError(f"{where}: {name} has lora_{''.join(ab)} but not both lora_A and lora_B")
     return pairs, rest
 
@@ -262,6 +268,14 @@ def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: s
         layers[name] = _layer(where, name, a, b, config, modules[name] if modules is not None else None)
         out[f"{name}.lora.{DEFAULT_ADAPTER}.A"] = a.reshape(a.shape[0], -1)  # (r, in*kh*kw)
         out[f"{name}.lora.{DEFAULT_ADAPTER}.B"] = b.reshape(b.shape[0], a.shape[0])  # (out, r)
+        if bool(config.get("use_dora")) != ("m" in ab):
+            raise PeftFormatError(f"{where}: {name} {'lacks' if config.get('use_dora') else 'has'} a DoRA "
+                                  f"lora_magnitude_vector while use_dora is {bool(config.get('use_dora'))}")
+        if "m" in ab:
+            if ab["m"].numel() != b.shape[0]:
+                raise PeftFormatError(f"{where}: {name} has a magnitude of shape {tuple(ab['m'].shape)} for "
+                                      f"{b.shape[0]} outputs")
+            out[f"{name}.lora.{DEFAULT_ADAPTER}.magnitude"] = ab["m"].reshape(-1)  # (out,)
     save = config.get("modules_to_save") or []
     trainable: list[str] = []
     for key, t in rest.items():
@@ -370,6 +384,11 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
         if any(name == s or name.startswith(s + ".") for s in save):
             raise PeftFormatError(f"{where}: {name} is adapted inside the fully trained module "
                                   f"{next(s for s in save if name.startswith(s))!r}; PEFT cannot express both")
+    dora = {e.get("variant", "lora") == "dora" for e in layers.values()}
+    if len(dora) > 1:
+        raise PeftFormatError(f"{where}: the adapter has DoRA and plain LoRA layers; PEFT's use_dora is one flag for "
+                              "all of them, so save it in peftlite format")
+    rslora = all(e.get("rank_scaling", "linear") == "sqrt" for e in layers.values()) and bool(layers)
     out: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -384,7 +403,13 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
             b = b.reshape(b.shape[0], r, 1, 1)
         out[f"{PREFIX}{name}.lora_A.weight"] = a
         out[f"{PREFIX}{name}.lora_B.weight"] = b
-        ranks[name], alphas[name] = r, float(e["alpha"])
+        if e.get("variant") == "dora":
+            m = tensors[f"{name}.lora.{adapter}.magnitude"]
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = m.reshape(1, -1, 1, 1) if e["kind"] == "conv2d" else m
+        # a layer's scale, in the flag PEFT will read: alpha/sqrt(r) with use_rslora, else alpha/r
+        sqrt = e.get("rank_scaling", "linear") == "sqrt"
+        ranks[name] = r
+        alphas[name] = float(e["alpha"]) * (math.sqrt(r) if sqrt and not rslora else 1.0)
     for key, t in tensors.items():
         if schema.adapter_layer(key, layers) is None:
             out[PREFIX + key] = t
@@ -404,8 +429,8 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
         "alpha_pattern": {_anchored(n): _number(a) for n, a in alphas.items() if a != alpha_default},
         "modules_to_save": save or None,
         "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": rslora,  # rsLoRA and plain layers mixed: every alpha written for alpha / r
+        "use_dora": dora == {True},
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,

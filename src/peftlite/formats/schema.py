@@ -18,7 +18,7 @@ from ..functional import ConvGeometry
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, registry
 
 FORMAT = "peftlite-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reader reads; 2 adds DoRA and rsLoRA layers (a plain file is still 1)
 KINDS = ("linear", "conv2d", "mha")
 
 
@@ -28,8 +28,14 @@ class AdapterFileError(ValueError):
 
 def file_config(layers: dict[str, dict], heads: dict[str, dict], trainable: list[str], train_bn: bool,
                 partial: bool, adapter: str = DEFAULT_ADAPTER, **extra: Any) -> dict[str, Any]:
-    """The config of one adapter file (``extra``: ``peftlite_version``, ``source``)."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, **extra, "adapter": adapter, "layers": layers,
+    """The config of one adapter file (``extra``: ``peftlite_version``, ``source``).
+
+    Its ``format_version`` is the lowest that expresses it: 2 when a layer is DoRA or rsLoRA, so that an
+    older peftlite (which reads 1) refuses the file instead of loading it silently wrong; 1 otherwise.
+    """
+    version = 2 if any(e.get("variant", "lora") != "lora" or e.get("rank_scaling", "linear") != "linear"
+                       for e in layers.values()) else 1
+    return {"format": FORMAT, "format_version": version, **extra, "adapter": adapter, "layers": layers,
             "heads": heads, "trainable": list(trainable), "train_bn": bool(train_bn), "partial": bool(partial)}
 
 
@@ -86,6 +92,11 @@ def validate(config: object, where: str) -> dict[str, Any]:
             raise bad(f"layer {name!r} has dropout {dropout!r}, not a probability in [0, 1)")
         if not isinstance(entry.get("slots", ["weight"]), list):
             raise bad(f"layer {name!r} has slots {entry.get('slots')!r}, not a list")
+        if entry.get("variant", "lora") not in ("lora", "dora"):
+            raise bad(f"layer {name!r} has variant {entry.get('variant')!r}; this peftlite knows 'lora' and 'dora'")
+        if entry.get("rank_scaling", "linear") not in ("linear", "sqrt"):
+            raise bad(f"layer {name!r} has rank_scaling {entry.get('rank_scaling')!r}; this peftlite knows "
+                      "'linear' and 'sqrt'")
     for name, entry in config["heads"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
             raise bad(f"head entry {name!r} is malformed (no type)")
@@ -114,8 +125,10 @@ def layer_entry(module: AdaptedLayer, adapter: str) -> dict[str, Any]:
     """The config entry of one adapter of an adapted layer."""
     pairs = module.pairs(adapter)
     first = next(iter(pairs.values()))
+    variant = {k: v for k, v in (("variant", first.variant), ("rank_scaling", first.rank_scaling))
+               if v not in ("lora", "linear")}  # only when not the default: plain files stay as they were
     return {"kind": module.adapter_kind, "rank": first.rank, "alpha": first.alpha, "dropout": first.dropout,
-            "slots": list(pairs), "base_class": module.base_class.__name__, **layer_geometry(module)}
+            **variant, "slots": list(pairs), "base_class": module.base_class.__name__, **layer_geometry(module)}
 
 
 def head_entry(module: nn.Module) -> dict[str, Any]:
@@ -139,13 +152,16 @@ def build_head(entry: dict[str, Any]) -> nn.Module | None:
     return None
 
 
-def adapter_keys(name: str, module: nn.Module, rank: int, adapter: str = DEFAULT_ADAPTER) -> dict[str, tuple[int, ...]]:
+def adapter_keys(name: str, module: nn.Module, rank: int, adapter: str = DEFAULT_ADAPTER,
+                 variant: str = "lora") -> dict[str, tuple[int, ...]]:
     """The state_dict keys and shapes that adapting ``module`` (at ``name``) with ``rank`` adds."""
     shapes = registry.adapter_shapes(module, rank)
     out = {}
     for slot, (a_shape, b_shape) in shapes.items():
         prefix = f"{name}.lora.{adapter}" + ("" if list(shapes) == ["weight"] else f".{slot}")
         out[f"{prefix}.A"], out[f"{prefix}.B"] = a_shape, b_shape
+        if variant == "dora":
+            out[f"{prefix}.magnitude"] = (b_shape[0],)
     return out
 
 

@@ -27,26 +27,35 @@ from .routing import lookup
 DEFAULT_ADAPTER = "default"
 
 
+VARIANTS = ("lora", "dora")
+RANK_SCALINGS = ("linear", "sqrt")
+
+
 class LowRank(nn.Module):
-    """One low-rank pair for one weight: ΔW = B @ A, applied with ``scale = alpha / rank``.
+    """One low-rank pair for one weight: ΔW = B @ A, applied with ``scale = alpha / rank`` (or, with
+    ``rank_scaling="sqrt"``, rsLoRA's ``alpha / sqrt(rank)``).
 
     A: (rank, fan_in), Kaiming-uniform. B: (fan_out, rank), zeros, so the layer starts as the base.
+    ``variant="dora"`` adds ``magnitude`` (fan_out,): the layer computes ``m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖``
+    per output row (weight-decomposed LoRA), and ``attach`` starts m at ‖W‖ so that it starts as the base.
     ``scale_buffer`` (a 0-d tensor, not saved) replaces the Python scale once the pair is prepared for
     hot-swapping (``peftlite.prepare_hotswap``), so that a compiled forward reads no Python number.
     """
 
     def __init__(self, rank: int, fan_in: int, fan_out: int, alpha: float, dropout: float,
-                 *, device=None, dtype=None):
+                 *, variant: str = "lora", rank_scaling: str = "linear", device=None, dtype=None):
         super().__init__()
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
+        self.variant, self.rank_scaling = variant, rank_scaling
         self.A = nn.Parameter(torch.empty(rank, fan_in, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(fan_out, rank, device=device, dtype=dtype))
+        self.magnitude = nn.Parameter(torch.ones(fan_out, device=device, dtype=dtype)) if variant == "dora" else None
         self.register_buffer("scale_buffer", None, persistent=False)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / (math.sqrt(self.rank) if self.rank_scaling == "sqrt" else self.rank)
 
     @property
     def off(self) -> bool:
@@ -57,20 +66,24 @@ class LowRank(nn.Module):
     def effective_scale(self) -> float | Tensor:
         """What the forward multiplies by: ``scale_buffer`` once prepared for hot-swapping, else ``scale``."""
         buffer = self._buffers["scale_buffer"]  # read directly: this runs per adapter in routed forwards
-        return buffer if buffer is not None else self.alpha / self.rank
+        return buffer if buffer is not None else self.scale
 
     def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in (("variant", self.variant), ("rank_scaling", self.rank_scaling))
+                        if v not in ("lora", "linear"))
         return (f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, fan_in={self.A.shape[1]}, "
-                f"fan_out={self.B.shape[0]}")
+                f"fan_out={self.B.shape[0]}{extra}")
 
 
 class Term(NamedTuple):
-    """One active adapter's contribution to one weight: ``scale · B @ A``, its input dropped out by ``dropout``."""
+    """One active adapter's contribution to one weight: ``scale · B @ A``, its input dropped out by ``dropout``;
+    for DoRA, the pair itself (``dora``), whose magnitude rescales the adapted weight's rows."""
 
     A: Tensor
     B: Tensor
     scale: float | Tensor  # a 0-d tensor once prepared for hot-swapping
     dropout: float
+    dora: LowRank | None = None
 
 
 @dataclass
@@ -121,20 +134,39 @@ class AdaptedLayer:
         return {"weight": pairs} if isinstance(pairs, LowRank) else dict(pairs.items())
 
     def terms(self, slot: str) -> list[Term]:
-        """The active adapters' contributions to parameter ``slot`` (weights folded into the scales)."""
-        out = []
+        """The active adapters' contributions to parameter ``slot`` (weights folded into the scales).
+
+        Raises:
+            RuntimeError: a DoRA adapter active with others, or weighted: magnitudes do not add
+                (``peftlite.use`` refuses such combinations before they get here).
+        """
+        out, weights = [], []
         for name, weight in self.adapter_state.active.items():
             pair = self.pairs(name).get(slot)
             if pair is not None:
-                out.append(Term(pair.A, pair.B, pair.effective_scale * weight, pair.dropout))
+                out.append(Term(pair.A, pair.B, pair.effective_scale * weight, pair.dropout,
+                                pair if pair.variant == "dora" else None))
+                weights.append(weight)
+        if any(t.dora is not None for t in out) and (len(out) > 1 or weights[0] != 1.0):
+            raise RuntimeError(f"a DoRA adapter is active with others or weighted ({self.adapter_state.active}); "
+                               "magnitudes do not add: use it alone")
         return out
 
     def folded(self, slot: str) -> tuple[Tensor, Tensor, float] | None:
-        """The active combination on ``slot`` as one ``(A, B, scale)`` (``functional.fold``), or None."""
+        """The active combination on ``slot`` as one ``(A, B, scale)`` (``functional.fold``), or None.
+
+        A DoRA adapter is only ever active alone (``peftlite.use`` refuses to sum or weight it): its
+        magnitude is applied by the caller (``dora.gain``).
+        """
         terms = self.terms(slot)
         if not terms:
             return None
         return functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
+
+    def dora_term(self, slot: str) -> Term | None:
+        """The active DoRA term on ``slot`` (then the only active one), or None."""
+        terms = self.terms(slot)
+        return terms[0] if len(terms) == 1 and terms[0].dora is not None else None
 
     def get_extra_state(self) -> Tensor:
         # The merged flag travels with the state_dict, so a merged checkpoint is never merged twice.
@@ -175,6 +207,9 @@ def effective_weight_property(slot: str) -> property:
         folded = self.folded(slot) if state.computes_adapter else None
         if folded is None:
             return w
+        dora = self.dora_term(slot)
+        if dora is not None:
+            return guard(functional.dora_weight(w, *folded, dora.dora.magnitude))
         return guard(functional.effective_weight(w, *folded))
 
     return property(get, doc=f"``{slot}`` with the active adapters applied (W + scale·ΔW) while computed.")

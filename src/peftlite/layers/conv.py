@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from ..functional import ConvGeometry
-from . import conv_autograd, routing
+from . import conv_autograd, dora, routing
 from .base import AdaptedLayer, effective_weight_property
 
 # Forming W + scale·ΔW touches W about three times (read, temporary write, read by the conv); counted as
@@ -89,13 +89,25 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
         if route is not None and self.adapter_state.enabled:
             pairs = self.weight_pairs()
             As, Bs = [p._parameters["A"] for p in pairs], [p._parameters["B"] for p in pairs]
-            return routing.conv2d(x, w, self.bias, route, geom, As, Bs, [p.effective_scale for p in pairs],
-                                  [p.dropout for p in pairs], self.training)
+            scales = [p.effective_scale for p in pairs]
+            return routing.conv2d(x, w, self.bias, route, geom, As, Bs, scales, [p.dropout for p in pairs],
+                                  routing.gains(w, pairs, As, Bs, scales, route), self.training)
         if not self.adapter_state.computes_adapter:
             return self._conv_forward(x, w, self.bias)
         terms = self.terms("weight")
+        dora_pair = terms[0].dora if len(terms) == 1 else None
+        y = self._adapted(x, w, None if dora_pair is not None else self.bias, terms)
+        if dora_pair is None:
+            return y
+        t = terms[0]
+        y = y * dora.gain(w, t.A, t.B, t.scale, dora_pair).to(y.dtype).view(-1, 1, 1)
+        return y if self.bias is None else y + self.bias.view(-1, 1, 1)
+
+    def _adapted(self, x: Tensor, w: Tensor, bias: Tensor | None, terms) -> Tensor:
+        """The conv with ``W + Σ scale·ΔW`` by the cheapest exact path (module docstring)."""
+        geom = self.geometry
         if self.training and any(t.dropout > 0.0 for t in terms):
-            y = self._conv_forward(x, w, self.bias)
+            y = self._conv_forward(x, w, bias)
             for t in terms:
                 y = y + functional.conv2d_dropout_delta(x, t.A, t.B, t.scale, geom, t.dropout, True)
             return y
@@ -104,7 +116,7 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
         if torch.is_grad_enabled() and any(t.A.requires_grad or t.B.requires_grad for t in terms):
             path = training_path(geom, rank, pixels)
             if path == "dense":
-                return functional.lora_conv2d_merged(x, w, self.bias, A, B, scale, geom)
+                return functional.lora_conv2d_merged(x, w, bias, A, B, scale, geom)
         else:
             path = inference_path(geom, rank, pixels)
-        return conv_autograd.lora_conv2d(x, w, self.bias, A, B, scale, geom, path)
+        return conv_autograd.lora_conv2d(x, w, bias, A, B, scale, geom, path)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional
-from . import routing
+from . import dora, routing
 from .base import AdaptedLayer, effective_weight_property
 
 
@@ -81,16 +81,23 @@ class LoraLinear(AdaptedLayer, nn.Linear):
         if route is not None and self.adapter_state.enabled:
             pairs = self.weight_pairs()
             As, Bs = [p._parameters["A"] for p in pairs], [p._parameters["B"] for p in pairs]
-            return routing.linear(x, w, self.bias, route, As, Bs, [p.effective_scale for p in pairs],
-                                  [p.dropout for p in pairs], self.training)
+            scales = [p.effective_scale for p in pairs]
+            return routing.linear(x, w, self.bias, route, As, Bs, scales, [p.dropout for p in pairs],
+                                  routing.gains(w, pairs, As, Bs, scales, route), self.training)
         if not self.adapter_state.computes_adapter:
             return nn.functional.linear(x, w, self.bias)
         terms = self.terms("weight")
+        dora_pair = terms[0].dora if len(terms) == 1 else None
+        bias = None if dora_pair is not None else self.bias  # DoRA scales the rows first, then adds the bias
         if self.training and any(t.dropout > 0.0 for t in terms):
-            y = nn.functional.linear(x, w, self.bias)
+            y = nn.functional.linear(x, w, bias)
             for t in terms:
                 y = y + functional.linear_delta(x, t.A, t.B, t.scale, t.dropout, True)
+        else:
+            A, B, scale = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
+            y = lora_linear(x, w, bias, A, B, scale)
+        if dora_pair is None:
             return y
-        A, B, scale = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
-        return lora_linear(x, w, self.bias, A, B, scale)
-
+        t = terms[0]
+        y = y * dora.gain(w, t.A, t.B, t.scale, dora_pair).to(y.dtype)
+        return y if self.bias is None else y + self.bias

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import functional
 from ..functional import ConvGeometry
 from .attention import PROJECTIONS, LoraMultiheadAttention, projection_slots
 from .base import DEFAULT_ADAPTER, AdaptedLayer, LayerState, LowRank, effective_weight_property
@@ -153,8 +154,9 @@ def adapter_shapes(module: nn.Module, rank: int) -> dict[str, tuple[tuple[int, i
 
 
 def attach(module: nn.Module, kind: Kind, *, rank: int, alpha: float, dropout: float,
-           adapter: str = DEFAULT_ADAPTER) -> None:
-    """Add adapter ``adapter`` to ``module`` with fresh pairs (B = 0, so outputs are unchanged).
+           adapter: str = DEFAULT_ADAPTER, variant: str = "lora", rank_scaling: str = "linear") -> None:
+    """Add adapter ``adapter`` to ``module`` with fresh pairs (B = 0, so outputs are unchanged; a DoRA
+    magnitude starts at the rows' norms ‖W_i‖ for the same reason).
 
     An unadapted module first becomes its adapted class, with nothing active; the caller activates.
     """
@@ -162,7 +164,11 @@ def attach(module: nn.Module, kind: Kind, *, rank: int, alpha: float, dropout: f
     for slot, (a_shape, b_shape) in adapter_shapes(module, rank).items():
         w = module._parameters[slot]
         dtype = torch.promote_types(w.dtype, torch.float32)  # adapters keep fp32 master precision
-        pairs[slot] = LowRank(rank, a_shape[1], b_shape[0], alpha, dropout, device=w.device, dtype=dtype)
+        pairs[slot] = LowRank(rank, a_shape[1], b_shape[0], alpha, dropout, variant=variant,
+                              rank_scaling=rank_scaling, device=w.device, dtype=dtype)
+        if variant == "dora":
+            with torch.no_grad():
+                pairs[slot].magnitude.copy_(functional.dora_norms(w.detach(), pairs[slot].A, pairs[slot].B, 0.0))
     entry = pairs["weight"] if list(pairs) == ["weight"] else nn.ModuleDict(pairs)
     if isinstance(module, AdaptedLayer):
         module.lora[adapter] = entry

@@ -83,6 +83,31 @@ def _dropped(x: Tensor, slots: Tensor, dropouts: list[float]) -> Tensor:
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
+def gains(weight: Tensor, pairs: list, As: list[Tensor], Bs: list[Tensor], scales: list, route: Routed) -> list:
+    """Each adapter's DoRA row factor (``dora.gain``), or None for a plain LoRA adapter; eager calls
+    compute it for the adapters the route uses only (a compiled one for all: its structure stays fixed)."""
+    from .dora import gain  # dora imports base, which imports this module
+
+    wanted = range(len(pairs)) if torch.compiler.is_compiling() else route.used
+    out = [None] * len(pairs)
+    for k in wanted:
+        if pairs[k].variant == "dora":
+            out[k] = gain(weight, As[k], Bs[k], scales[k], pairs[k])
+    return out
+
+
+def _rescaled(y: Tensor, bias: Tensor | None, slots: Tensor, gains: list, channel_dims: int) -> Tensor:
+    """DoRA rows: ``y[n] * g_k + b`` for a row whose adapter is DoRA, ``y[n] + b`` for the others."""
+    ones = y.new_ones(y.shape[1] if channel_dims else y.shape[-1])
+    G = torch.stack([ones if g is None else g.to(y.dtype) for g in gains] + [ones])[torch.where(slots < 0, len(gains),
+                                                                                               slots)]  # (N, out)
+    G = G.view(G.shape[0], *([1] * (y.dim() - 2)), -1) if not channel_dims else G.view(*G.shape, *([1] * channel_dims))
+    y = y * G
+    if bias is None:
+        return y
+    return y + (bias.view(-1, *([1] * channel_dims)) if channel_dims else bias)
+
+
 def linear_delta(x: Tensor, slots: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list,
                  dropouts: list[float], training: bool) -> Tensor:
     """Σ of each row's own ``scale·(x A_kᵀ) B_kᵀ`` by stacked factors.  x: (N, ..., in) -> (N, ..., out)."""
@@ -95,29 +120,32 @@ def linear_delta(x: Tensor, slots: Tensor, As: list[Tensor], Bs: list[Tensor], s
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, route: Routed, As: list[Tensor], Bs: list[Tensor],
-           scales: list, dropouts: list[float], training: bool) -> Tensor:
-    """The routed adapted Linear: ``x @ Wᵀ + b`` plus each row's own adapter."""
+           scales: list, dropouts: list[float], dora: list, training: bool) -> Tensor:
+    """The routed adapted Linear: ``x @ Wᵀ + b`` plus each row's own adapter (``dora``: per adapter, its
+    DoRA row factor or None)."""
     _check_rows(route, x)
-    y = F.linear(x, weight, bias)
+    rescale = any(g is not None for g in dora)
+    y = F.linear(x, weight, None if rescale else bias)
     fast = not torch.compiler.is_compiling() and not (training and any(dropouts)) \
         and not (torch.is_grad_enabled() and (x.requires_grad or any(As[k].requires_grad or Bs[k].requires_grad
                                                                      for k in route.used)))
-    if fast and route_linear_(y, x, route.packed, [As[k] for k in route.used], [Bs[k] for k in route.used],
-                              [float(scales[k]) for k in route.used]):
-        return y
-    return y + linear_delta(x, route.slots, As, Bs, scales, dropouts, training).to(y.dtype)
+    if not (fast and route_linear_(y, x, route.packed, [As[k] for k in route.used], [Bs[k] for k in route.used],
+                                   [float(scales[k]) for k in route.used])):
+        y = y + linear_delta(x, route.slots, As, Bs, scales, dropouts, training).to(y.dtype)
+    return _rescaled(y, bias, route.slots, dora, 0) if rescale else y
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, route: Routed, geom: ConvGeometry, As: list[Tensor],
-           Bs: list[Tensor], scales: list, dropouts: list[float], training: bool) -> Tensor:
+           Bs: list[Tensor], scales: list, dropouts: list[float], dora: list, training: bool) -> Tensor:
     """The routed adapted Conv2d: the base conv plus each row's own ``scale·conv(x, ΔW_k)``, every geometry.
 
     The batch is folded into the groups: the input becomes one sample of ``N·in`` channels, and each row's
     filters (A_k repeated per conv group, then B_k as a grouped 1x1 conv) act on its own channels.
     """
     _check_rows(route, x)
+    rescale = any(d is not None for d in dora)
     xp, g = functional.pad_input(x, geom)
-    y = F.conv2d(xp, weight, bias, g.stride, g.padding, g.dilation, g.groups)  # (N, out, H', W')
+    y = F.conv2d(xp, weight, None if rescale else bias, g.stride, g.padding, g.dilation, g.groups)  # (N, out, H', W')
     if training and any(dropouts):
         xp, g = functional.pad_input(_dropped(x, route.slots, dropouts), geom)
     A, B = _stacked(As, Bs, scales, route.slots)  # (N, R, fan_in), (N, out, R)
@@ -129,4 +157,5 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, route: Routed, geom: 
                  n * g.groups)  # (1, N·G·r, H', W')
     b = B.reshape(n * g.out_channels, r, 1, 1)  # each conv group's out/G outputs read that group's r channels
     d = F.conv2d(h, b, None, 1, 0, 1, n * g.groups).reshape(y.shape)
-    return y + d.to(y.dtype)
+    y = y + d.to(y.dtype)
+    return _rescaled(y, bias, route.slots, dora, 2) if rescale else y
