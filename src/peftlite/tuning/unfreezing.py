@@ -47,10 +47,15 @@ class Unfreezer:
             optimizer's default LR). Scheduled parameters already in the optimizer keep their group.
         lrs, layer_decay, no_decay: as in ``param_groups``, for the added groups.
         weight_decay: for the added groups' decaying parameters (default: the optimizer's default).
+        loraplus_ratio: LoRA+ for the added groups, as in ``param_groups``: each added adapter B gets the
+            ratio times the LR its A gets from these options (schedule a pair's A and B together, as
+            a layer or module pattern does). Groups already in the optimizer are left as they are.
     Raises:
         ValueError: a bad schedule (an epoch that is not an int >= 0, a stage that selects nothing or
             names a missing module, a parameter in two stages), bad options, or an optimizer that already
-            has an LR scheduler when groups must be added. The model and optimizer are then unchanged.
+            has an LR scheduler when groups must be added; with ``loraplus_ratio``, no adapter B among
+            the added parameters, or an added B whose A is already in the optimizer (its LR is set
+            there). The model and optimizer are then unchanged.
         TypeError: not an optimizer, or a schedule that is not a dict of patterns.
     """
 
@@ -58,7 +63,7 @@ class Unfreezer:
                  schedule: Mapping[int, Sequence[str]], *, lr: float | None = None,
                  lrs: Mapping[str, float] | None = None,
                  layer_decay: float | None = None, weight_decay: float | None = None,
-                 no_decay: Sequence[str] = ("bias", "norm")):
+                 no_decay: Sequence[str] = ("bias", "norm"), loraplus_ratio: float | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Unfreezer takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.optimizer = model, optimizer
@@ -66,15 +71,19 @@ class Unfreezer:
         lr = optimizer.defaults.get("lr") if lr is None else lr
         if weight_decay is None:
             weight_decay = optimizer.defaults.get("weight_decay", 0.0)
-        options = groups_.check_options(lr, lrs, layer_decay, weight_decay, no_decay, "Unfreezer")
+        options = groups_.check_options(lr, lrs, layer_decay, weight_decay, no_decay, loraplus_ratio, "Unfreezer")
 
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         params = dict(model.named_parameters())
-        new = []
+        new, added = [], []
         for epoch, names in self.stages.items():
             missing = [n for n in names if id(params[n]) not in held]
             if missing:
-                new += groups_.build(model, missing, *options, prefix=f"unfreeze@{epoch}/")
+                new += groups_.build(model, missing, *options, prefix=f"unfreeze@{epoch}/", what="Unfreezer")
+            added += missing
+        if loraplus_ratio is not None:
+            _check_loraplus(groups_.lora_pairs(model), added, {n for n, p in params.items() if id(p) in held},
+                            loraplus_ratio)
         if new and any("initial_lr" in g for g in optimizer.param_groups):
             raise ValueError("Unfreezer: the optimizer already has an LR scheduler (its groups have "
                              "initial_lr), and the Unfreezer must add groups; create the Unfreezer before "
@@ -141,6 +150,20 @@ class Unfreezer:
     def __repr__(self) -> str:
         stages = ", ".join(f"{e}: {len(n)} params" for e, n in self.stages.items())
         return f"Unfreezer({{{stages}}}, epoch={self.epoch}, added_groups={len(self.added)})"
+
+
+def _check_loraplus(a_of: Mapping[str, str], added: Sequence[str], held: set[str], ratio: float) -> None:
+    """Raise when loraplus_ratio would do nothing, or would have to follow an A the optimizer already holds."""
+    bs = [n for n in added if n in a_of]
+    if not bs:
+        raise ValueError(f"Unfreezer: loraplus_ratio={ratio!r} applies to the adapter B matrices the Unfreezer "
+                         "adds to the optimizer, and it adds none (the optimizer has them already, or the "
+                         "schedule selects none); leave loraplus_ratio out")
+    split = [n for n in bs if a_of[n] in held]
+    if split:
+        raise ValueError(f"Unfreezer: the schedule adds {split[0]!r} but its A {a_of[split[0]]!r} is already in "
+                         "the optimizer, so loraplus_ratio cannot set B's LR from A's; schedule both in one "
+                         "stage (e.g. by their layer's name) or neither")
 
 
 def _check_schedule(model: nn.Module, schedule) -> dict[int, list[str]]:
