@@ -3,17 +3,18 @@
 The Unfreezer puts layer3 and layer2 in the optimizer from the start, frozen, so the LR scheduler sees
 every group from its first step; step(epoch) unfreezes them on time.
 
-    python examples/03_progressive_unfreezing.py
+    python examples/03_progressive_unfreezing.py [--tensorboard runs]    # then: tensorboard --logdir runs
 """
 
 import torch
 from torch import nn
 
 import peftlite
-from peftlite.demo.digits import NEW_CLASSES, accuracy, digit_split, pretrained_backbone, train
+from peftlite.demo.digits import NEW_CLASSES, accuracy, digit_split, example_arguments, pretrained_backbone, train
 
 EPOCHS = 10
 
+args = example_arguments(__doc__)
 torch.manual_seed(0)
 model = pretrained_backbone()
 model.fc = nn.Linear(model.fc.in_features, len(NEW_CLASSES))
@@ -36,7 +37,7 @@ def on_epoch(epoch):
 
 
 split = digit_split(NEW_CLASSES)
-history = train(model, split, opt, epochs=EPOCHS, desc="progressive", on_epoch=on_epoch)
+history = train(model, split, opt, epochs=EPOCHS, desc="progressive", on_epoch=on_epoch, tensorboard=args.tensorboard)
 print("test accuracy per epoch:", " ".join(f"{h['accuracy']:.2f}" for h in history))
 acc = accuracy(model, split.x_test, split.y_test)
 print(f"final accuracy on digits 5-9 (progressive unfreezing): {acc:.3f}")

@@ -4,7 +4,7 @@ Tasks on digits 5-9: "digit" (which digit, 5-way) and "parity" (odd or even). Th
 after the other, each is saved to its own file, and the files are loaded one at a time into a second
 model with untrained heads.
 
-    python examples/05_multitask_heads.py
+    python examples/05_multitask_heads.py [--tensorboard runs]    # then: tensorboard --logdir runs
 """
 
 import os
@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 import peftlite
-from peftlite.demo.digits import NEW_CLASSES, Split, accuracy, digit_split, pretrained_backbone, tiny_resnet, train
+from peftlite.demo.digits import (
+    NEW_CLASSES,
+    Split,
+    accuracy,
+    digit_split,
+    example_arguments,
+    pretrained_backbone,
+    tiny_resnet,
+    train,
+)
 
 
 class MultiTask(nn.Module):
@@ -43,6 +52,7 @@ class Task(nn.Module):
         return self.model(x, self.task)
 
 
+args = example_arguments(__doc__)
 torch.manual_seed(0)
 pretrained = pretrained_backbone()
 weights = {k: v.clone() for k, v in pretrained.state_dict().items()}
@@ -57,7 +67,7 @@ for task, split in splits.items():  # separately: only this task's head trains
     peftlite.freeze(model, "heads")
     peftlite.unfreeze(model, f"heads.{task}")
     opt = torch.optim.AdamW(peftlite.param_groups(model, 1e-2))
-    train(Task(model, task), split, opt, epochs=8, desc=task)
+    train(Task(model, task), split, opt, epochs=8, desc=task, tensorboard=args.tensorboard)
     path = peftlite.save(model, os.path.join(folder, f"{task}.safetensors"), include=[f"heads.{task}*"])
     print(f"saved head {task!r}: {os.path.getsize(path):,} bytes")
 

@@ -8,7 +8,7 @@ The levels, bottom to top (docs/design.md):
     3  merging, wrapping, switching, combining
     4  formats, hotswapping
     5  tuning
-    6  cli, demo
+    6  cli, demo, integrations
 
 A module may import its own level or below; files must not import each other in a cycle; nothing but
 the package's ``__init__`` and ``__main__`` imports the package root.
@@ -26,7 +26,7 @@ import peftlite
 SRC = Path(peftlite.__file__).parent
 LEVELS = {"functional": 0, "kernels": 0, "_version": 0, "layers": 1, "selection": 2, "merging": 3,
           "wrapping": 3, "switching": 3, "combining": 3, "formats": 4, "hotswapping": 4, "tuning": 5, "cli": 6,
-          "demo": 6}
+          "demo": 6, "integrations": 6}
 ROOT_FILES = ("peftlite", "peftlite.__main__")
 
 

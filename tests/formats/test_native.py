@@ -245,3 +245,14 @@ def test_a_load_that_fails_midway_leaves_a_wrapped_model_as_it_was(tmp_path, mon
     monkeypatch.undo()
     assert_unchanged(other, snap)
     assert other.layer4[0].conv1.lora.default.alpha == 2.0  # the file's alpha (4.0) was not kept either
+
+
+def test_saved_files_are_readable_as_any_other(tmp_path):
+    import stat
+
+    model, path = trained(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask  # not the temporary file's private 0600
+    folder = peftlite.save(model, tmp_path / "peft_dir", format="peft")
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o777 & ~mask

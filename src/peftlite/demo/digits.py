@@ -2,17 +2,25 @@
 
 scikit-learn ships 1,797 8x8 handwritten digits. A small torchvision-style ResNet is "pretrained" on
 digits 0-4, then adapted to digits 5-9: a transfer task that runs in seconds on a laptop CPU.
-Needs the ``demo`` extra (scikit-learn, tqdm).
+Needs the ``demo`` extra (scikit-learn, tqdm); TensorBoard logging (``--tensorboard DIR``) the
+``tensorboard`` extra.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
+
+from ..integrations.tensorboard import summary_writer
+from . import options
 
 BASE_CLASSES = (0, 1, 2, 3, 4)
 NEW_CLASSES = (5, 6, 7, 8, 9)
@@ -90,34 +98,54 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 def train(model: nn.Module, split: Split, optimizer: torch.optim.Optimizer, epochs: int, *,
           batch_size: int = 64, seed: int = 0, desc: str = "train", progress: bool = True,
-          on_epoch=None) -> list[dict]:
+          on_epoch=None, tensorboard: str | os.PathLike | None = None) -> list[dict]:
     """Plain supervised training; returns one ``{"epoch", "loss", "accuracy"}`` dict per epoch.
 
     ``on_epoch(epoch)`` is called before each epoch (e.g. for ``peftlite.Unfreezer.step``).
+    ``tensorboard``: a folder; each epoch's ``loss/train`` and ``accuracy/test`` are also logged to the
+    TensorBoard run ``<tensorboard>/<desc as a name>`` (``"head only"``: ``head_only``), step = epoch.
     """
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
     history = []
     n = len(split.y_train)
-    for epoch in range(epochs):
-        if on_epoch is not None:
-            on_epoch(epoch)
-        model.train()
-        order = torch.randperm(n, generator=g)
-        total = 0.0
-        bar = tqdm(range(0, n, batch_size), desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not progress)
-        for start in bar:
-            idx = order[start:start + batch_size]
-            loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        history.append({"epoch": epoch + 1, "loss": total / n,
-                        "accuracy": accuracy(model, split.x_test, split.y_test)})
+    log = contextlib.nullcontext() if tensorboard is None else summary_writer(os.path.join(tensorboard, run_name(desc)))
+    with log as writer:
+        for epoch in range(epochs):
+            if on_epoch is not None:
+                on_epoch(epoch)
+            model.train()
+            order = torch.randperm(n, generator=g)
+            total = 0.0
+            bar = tqdm(range(0, n, batch_size), desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+                       disable=not progress)
+            for start in bar:
+                idx = order[start:start + batch_size]
+                loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(idx)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            history.append({"epoch": epoch + 1, "loss": total / n,
+                            "accuracy": accuracy(model, split.x_test, split.y_test)})
+            if writer is not None:
+                writer.add_scalar("loss/train", history[-1]["loss"], epoch + 1)
+                writer.add_scalar("accuracy/test", history[-1]["accuracy"], epoch + 1)
     return history
+
+
+def run_name(desc: str) -> str:
+    """A folder name for a TensorBoard run: ``"LoRA on every Conv2d + head"`` -> ``lora_on_every_conv2d_head``."""
+    return re.sub(r"[^a-z0-9]+", "_", desc.lower()).strip("_") or "train"
+
+
+def example_arguments(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """The examples' command line, ``--tensorboard DIR``; ``doc``'s first line is the description."""
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    options.add_tensorboard(p)
+    return p.parse_args(argv)
 
 
 def pretrained_backbone(seed: int = 0, epochs: int = 8, progress: bool = True) -> nn.Module:

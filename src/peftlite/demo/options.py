@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..integrations import tensorboard
+
 DESCRIPTION = "pretrain a small CNN on digits 0-4, adapt it to 5-9 four ways, ship and merge the adapter"
 
 
@@ -16,6 +18,19 @@ def _epochs(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _tensorboard_dir(text: str) -> str:
+    if not tensorboard.available():  # refused before any training starts
+        raise argparse.ArgumentTypeError(tensorboard.MISSING)
+    return text
+
+
+def add_tensorboard(p: argparse.ArgumentParser) -> None:
+    """``--tensorboard DIR``, shared by the demo and the examples."""
+    p.add_argument("--tensorboard", type=_tensorboard_dir, default=None, metavar="DIR",
+                   help="also log loss/train and accuracy/test per epoch to TensorBoard, one run per method "
+                        f"under DIR (needs {tensorboard.INSTALL})")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,3 +42,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument("--quick", action="store_true", help="a few seconds: 2 pretraining epochs, 1 per method")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    add_tensorboard(p)

@@ -4,8 +4,9 @@
     python -m peftlite.demo --quick    # a few seconds: what the test suite runs
 
 Real data with no download (scikit-learn's 1,797 bundled 8x8 digits), no GPU. Writes into ``--out``
-(default ``demo_out/``): base.safetensors, one adapter file per method, curves.png and report.md.
-Needs the ``demo`` extra: ``pip install 'peftlite[demo]'``.
+(default ``demo_out/``): base.safetensors, one adapter file per method, curves.png and report.md; with
+``--tensorboard DIR``, also one TensorBoard run per method under DIR (``tensorboard --logdir DIR``).
+Needs the ``demo`` extra: ``pip install 'peftlite[demo]'`` (and ``'peftlite[tensorboard]'`` for that).
 """
 
 from __future__ import annotations
@@ -62,14 +63,14 @@ METHODS = {
 
 
 def adapt(method: str, base_path: str, split: digits.Split, epochs: int, seed: int, out: str,
-          progress: bool) -> tuple[Result, nn.Module]:
+          progress: bool, tensorboard: str | None = None) -> tuple[Result, nn.Module]:
     prepare, lr = METHODS[method]
     torch.manual_seed(seed)
     model = prepare(fresh_base(base_path))
     params = [p for p in model.parameters() if p.requires_grad]
     start = time.perf_counter()
     history = digits.train(model, split, torch.optim.AdamW(params, lr=lr), epochs, seed=seed, desc=method,
-                            progress=progress)
+                            progress=progress, tensorboard=tensorboard)
     seconds = time.perf_counter() - start
     slug = method.split(" ")[0].lower()
     if wrap_state(model) is not None:
@@ -177,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     new = digits.digit_split(digits.NEW_CLASSES, args.seed)
     results, models = [], {}
     for method in METHODS:
-        result, models[method] = adapt(method, base_path, new, args.epochs, args.seed, args.out, progress)
+        result, models[method] = adapt(method, base_path, new, args.epochs, args.seed, args.out, progress,
+                                       args.tensorboard)
         results.append(result)
         print(f"   {method}: {100 * result.accuracy:.1f}% in {result.seconds:.1f} s")
     print()
@@ -197,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     report(os.path.join(args.out, "report.md"), results, checks, base_acc, args, seconds)
     print(f"4. wrote {os.path.join(args.out, 'curves.png')} and {os.path.join(args.out, 'report.md')} "
           f"({seconds:.0f} s in all)")
+    if args.tensorboard is not None:
+        print(f"   TensorBoard runs, one per method: tensorboard --logdir {args.tensorboard}")
     ok = checks["reloaded outputs identical"] and checks["unmerge restores every weight bit-exactly"]
     return 0 if ok else 1
 

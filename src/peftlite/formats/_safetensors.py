@@ -29,6 +29,12 @@ def file_tensors(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None 
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _folder(path: str, what: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -49,6 +55,7 @@ def write_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], met
         save_file(dict(tensors), tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); a saved file is as any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -68,6 +75,7 @@ def write_folder(path: str | os.PathLike, files: Mapping[str, Callable[[str], No
         raise FileExistsError(f"{what}: {path!r} is a file, but a folder is written there; give a folder path")
     tmp = tempfile.mkdtemp(dir=_folder(path, what), prefix=".peftlite-")
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
         for name, write in files.items():
             write(os.path.join(tmp, name))
             with open(os.path.join(tmp, name), "rb") as f:

@@ -11,17 +11,16 @@ product on every call. Under ``torch.compile`` it is computed in the graph every
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import functional
-from .base import LowRank
 
 
 def _key(weight: Tensor, A: Tensor, B: Tensor, scale) -> tuple:
     return tuple((id(t), t._version, t.data_ptr()) for t in (weight, A, B)) + (float(scale),)
 
 
-def gain(weight: Tensor, A: Tensor, B: Tensor, scale, pair: LowRank) -> Tensor:
+def gain(weight: Tensor, A: Tensor, B: Tensor, scale, pair: nn.Module) -> Tensor:
     """``m / ‖W + scale·B A‖`` per output row (0 where the norm is 0), differentiable in m only.  -> (out,)"""
     if torch.compiler.is_compiling():
         with torch.no_grad():

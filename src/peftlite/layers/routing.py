@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import functional
 from ..functional import ConvGeometry
 from ..kernels.routing import route_linear_
+from .dora import gain
 
 
 class Routed(NamedTuple):
@@ -86,8 +87,6 @@ def _dropped(x: Tensor, slots: Tensor, dropouts: list[float]) -> Tensor:
 def gains(weight: Tensor, pairs: list, As: list[Tensor], Bs: list[Tensor], scales: list, route: Routed) -> list:
     """Each adapter's DoRA row factor (``dora.gain``), or None for a plain LoRA adapter; eager calls
     compute it for the adapters the route uses only (a compiled one for all: its structure stays fixed)."""
-    from .dora import gain  # dora imports base, which imports this module
-
     wanted = range(len(pairs)) if torch.compiler.is_compiling() else route.used
     out = [None] * len(pairs)
     for k in wanted:
