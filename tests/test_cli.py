@@ -216,7 +216,7 @@ PEFTLITE = shutil.which("peftlite", path=os.path.dirname(sys.executable))
 HAS_DEMO_EXTRA = all(importlib.util.find_spec(m) for m in ("sklearn", "matplotlib", "tqdm"))
 M18 = "merge --model torchvision:resnet18 --weights base.safetensors --adapter a.safetensors --out merged.safetensors"
 RUNS = {  # name: the command line, run in tmp/name/
-    "demo": "peftlite demo --quick --out DIR --epochs 1 --seed 1 --no-progress",
+    "demo": "peftlite demo --quick --out DIR --epochs 1 --seed 1 --no-progress --tensorboard TB",
     "merge": f"peftlite {M18}",
     "merge --kw": f"peftlite {M18} --kw num_classes=10",  # the guide's "pass them again: --kw ..."
     "inspect": "peftlite inspect adapter.safetensors",
@@ -235,7 +235,7 @@ DOCUMENTED = {  # each command line of README.md's "Command line" and docs/guide
     "peftlite convert peft_dir adapter.safetensors --to peftlite": ("to peftlite",),
     f"peftlite {M18}": ("merge",),
     f"peftlite {M18.replace('a.safetensors', 'adapter.safetensors')}": ("merge",),
-    "peftlite demo [--quick] [--out DIR] [--epochs N] [--seed S]": ("demo",),
+    "peftlite demo [--quick] [--out DIR] [--epochs N] [--seed S] [--tensorboard DIR]": ("demo",),
 }
 
 
@@ -393,6 +393,7 @@ def test_line_demo(runs):
     report = (folder / "DIR" / "report.md").read_text()
     assert "(1 epochs each, seed 1, quick mode)" in report  # --epochs, --seed and --quick were read
     assert (folder / "DIR" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len([p for p in (folder / "TB").rglob("events.out.tfevents.*")]) == 4  # one run per method
 
 
 def test_line_bad_path(runs):

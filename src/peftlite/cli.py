@@ -4,7 +4,7 @@
     peftlite merge --model torchvision:resnet18 --weights base.safetensors \\
                    --adapter adapter.safetensors --out merged.safetensors [--kw num_classes=10]
     peftlite convert adapter.safetensors peft_dir --to peft     # and back: peft_dir file --to peftlite
-    peftlite demo [--quick] [--out DIR] [--epochs N] [--seed S] [--no-progress]
+    peftlite demo [--quick] [--out DIR] [--epochs N] [--seed S] [--no-progress] [--tensorboard DIR]
 
 Bad paths and bad files give a one-line error on stderr and exit code 2 (``PEFTLITE_DEBUG=1`` shows the
 traceback instead).
