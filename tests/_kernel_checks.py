@@ -45,6 +45,42 @@ def sequential_delta(A, B, scale):
     return torch.from_numpy(d * np.float32(scale))
 
 
+def adversarial(dtype, seed, nan=False):
+    """(48, 80) weights with zeros of both signs, subnormals, powers of two, extremes, infinities (and NaN)."""
+    g = torch.Generator().manual_seed(seed)
+    fi = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, fi.tiny, -fi.tiny, fi.tiny / 8, -fi.tiny / 2, fi.smallest_normal * 3,
+                            1.0, -1.0, 2.0, 0.5, fi.max / 4, -fi.max / 4, float("inf"), float("-inf")]
+                           + [float("nan")] * nan).to(dtype)
+    W = (torch.randn(48, 80, generator=g) * 10.0 ** torch.randint(-6, 4, (48, 80), generator=g)).to(dtype)
+    pick = torch.rand(48, 80, generator=g) < 0.3
+    W[pick] = special[torch.randint(0, special.numel(), (int(pick.sum()),), generator=g)]
+    return W
+
+
+def random_gain(rows, seed, special=True):
+    """(rows,) float32 gains uniform in [0.5, 2]; with ``special``, some negated, some exact zeros (both
+    signs) and ones."""
+    g = torch.Generator().manual_seed(seed)
+    gain = 0.5 + 1.5 * torch.rand(rows, generator=g)
+    if special:
+        pick = torch.randint(0, 8, (rows,), generator=g)
+        gain = torch.where(pick == 0, -gain, gain)
+        gain = torch.where(pick == 1, torch.ones_like(gain), gain)
+        gain[pick == 2] = torch.where(torch.rand(int((pick == 2).sum()), generator=g) < 0.5, 0.0, -0.0)
+    return gain
+
+
+def gained_reference(W0, A, B, scale, gain):
+    """The DoRA merge by its definition, elementwise in numpy fp32: t = fp32(w + d), u = fp32(t·g_row), then
+    one rounding of u to W's dtype (by torch, as numpy has no bf16).  W0: (out, ...); gain: (out,)"""
+    d = sequential_delta(A, B, scale).numpy().reshape(W0.shape)
+    w = W0.float().numpy()
+    g = gain.numpy().astype(np.float32).reshape((-1,) + (1,) * (W0.dim() - 1))
+    t = (w + d).astype(np.float32)
+    return torch.from_numpy((t * g).astype(np.float32)).to(W0.dtype)
+
+
 def overflow_at(A, B, row, col, dtype):
     """Make ΔW zero except a huge positive value at (row, col), enough to overflow W's max there."""
     A.zero_()
@@ -187,6 +223,23 @@ def check_triton_layouts():
     from peftlite import kernels
     os.environ["PEFTLITE_KERNELS"] = "triton"
     return layouts(kernels, expect="triton")
+
+
+def check_triton_gain():
+    """Gain merges (DoRA) go to the torch backend where Triton is chosen; plain merges stay on Triton."""
+    from peftlite import kernels
+    os.environ["PEFTLITE_KERNELS"] = "triton"
+    for dtype in DTYPES:
+        W, A, B, scale = problem(32, 128, 4, dtype, 0.3)
+        W0 = W.clone()
+        gain = random_gain(32, seed=1)
+        rec = kernels.merge_(W, A, B, scale, gain=gain)
+        assert rec.backend == "torch", rec.backend
+        assert same_bits(W, gained_reference(W0, A, B, scale, gain)), f"{dtype}: merged differs from the definition"
+        kernels.unmerge_(W, A, B, scale, rec)
+        assert same_bits(W, W0), f"{dtype}: not exact"
+        assert kernels.merge_(W, A, B, scale).backend == "triton"
+    return "routed to torch"
 
 
 def layouts(kernels, expect):

@@ -65,7 +65,7 @@ def _matrix(layer: AdaptedLayer, slot: str):
     w = layer._parameters[slot].data
     term = layer.dora_term(slot)
     gain = None if term is None else dora.gain(w, A, B, scale, term.dora).detach().float()
-    return kernels.as_matrix(w, A.detach(), B.detach()), scale, gain
+    return kernels.as_matrix(w, A.detach(), B.detach(), gain=gain), scale, gain
 
 
 def merge_layer(layer: AdaptedLayer) -> None:
@@ -75,8 +75,7 @@ def merge_layer(layer: AdaptedLayer) -> None:
     try:
         for slot in _slots(layer):
             (w2, a2, b2), scale, gain = _matrix(layer, slot)
-            st.records[slot] = kernels.merge_(w2, a2, b2, scale) if gain is None else \
-                kernels.merge_(w2, a2, b2, scale, gain=gain)
+            st.records[slot] = kernels.merge_(w2, a2, b2, scale, gain=gain)
             done.append(slot)
     except BaseException:
         for slot in done:  # put the slots merged so far back, bit-exactly

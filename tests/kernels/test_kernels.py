@@ -23,6 +23,7 @@ from peftlite.kernels._bits import FORMATS, bits, from_ordinal, merged_value, or
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _kernel_checks import (  # noqa: E402
     DTYPES,
+    adversarial,
     assert_close_to_oracle,
     cycles,
     layouts,
@@ -149,19 +150,6 @@ def test_wrapped_conv_model_merges_and_unmerges_exactly():
 
 # ---- the fused CPU pass: the same scheme to the bit ----------------------------------------------
 
-def _adversarial(dtype, seed, nan=False):
-    """Weights with zeros of both signs, subnormals, powers of two, extremes, infinities (and NaN)."""
-    g = torch.Generator().manual_seed(seed)
-    fi = torch.finfo(dtype)
-    special = torch.tensor([0.0, -0.0, fi.tiny, -fi.tiny, fi.tiny / 8, -fi.tiny / 2, fi.smallest_normal * 3,
-                            1.0, -1.0, 2.0, 0.5, fi.max / 4, -fi.max / 4, float("inf"), float("-inf")]
-                           + [float("nan")] * nan).to(dtype)
-    W = (torch.randn(48, 80, generator=g) * 10.0 ** torch.randint(-6, 4, (48, 80), generator=g)).to(dtype)
-    pick = torch.rand(48, 80, generator=g) < 0.3
-    W[pick] = special[torch.randint(0, special.numel(), (int(pick.sum()),), generator=g)]
-    return W
-
-
 @needs_fused
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ratio", [0.0, 1e-3, 0.05, 1.0, 1e3])
@@ -170,7 +158,7 @@ def test_fused_records_are_bit_identical_to_the_torch_ops(dtype, ratio):
     for case in ("random", "adversarial"):
         W, A, B, scale = problem(48, 80, 4, dtype, max(ratio, 1e-30), seed=11)
         if case == "adversarial":
-            W = _adversarial(dtype, 5)  # typical entries ~1 to 1e3; the extremes stay finite for ratio ≤ 1e3
+            W = adversarial(dtype, 5)  # typical entries ~1 to 1e3; the extremes stay finite for ratio ≤ 1e3
         W0, Wf = W.clone(), W.clone()
         ops = _torch.merge_(W, A, B, scale, block_elements=1024, fused=False)
         fus = _torch.merge_(Wf, A, B, scale, block_elements=1024, fused=True)
@@ -202,7 +190,7 @@ def test_fused_huge_deltas_and_zero_weights_stay_exact_and_bounded(dtype):
 def test_nan_weights_come_back_with_their_bits(dtype, fused):
     """A NaN weight stays NaN when merged (its payload may change: torch's own casts disagree on NaN
     payloads between vectorised and scalar code), and unmerge restores its exact bits from an escape."""
-    W = _adversarial(dtype, 6, nan=True)
+    W = adversarial(dtype, 6, nan=True)
     W.view(-1)[::97] = torch.tensor(float("nan")).to(dtype)
     W0 = W.clone()
     A, B = torch.randn(4, 80), torch.randn(48, 4)
@@ -311,7 +299,7 @@ def test_triton_interpreter_rounding_and_refusals():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_interpreter_cycles_and_layouts():
-    _interp("check_triton_cycles", "check_triton_layouts")
+    _interp("check_triton_cycles", "check_triton_layouts", "check_triton_gain")
 
 
 # ---- CUDA -------------------------------------------------------------------------------------

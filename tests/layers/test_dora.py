@@ -166,3 +166,31 @@ def test_bad_variant_arguments():
         peftlite.wrap(nn.Sequential(nn.Linear(2, 2)), "0", variant="vera")
     with pytest.raises(ValueError, match=r"rank_scaling must be 'linear' .* or 'sqrt' .*got 'log'"):
         peftlite.wrap(nn.Sequential(nn.Linear(2, 2)), "0", rank_scaling="log")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_merge_folds_the_gain_and_unmerge_is_bit_exact(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 5 * 5, 6)).to(dtype)
+    peftlite.wrap(model, (nn.Conv2d, nn.Linear), rank=3, variant="dora")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            if n.endswith(".magnitude"):
+                p.mul_(0.5 + 1.5 * torch.rand(p.shape, generator=g))
+                p[0] = -p[0]  # nothing keeps a magnitude positive
+                p[1] = 0.0
+    x = torch.randn(2, 3, 5, 5).to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(x)
+        for _ in range(50):
+            peftlite.merge(model)
+            merged = model(x)
+            peftlite.unmerge(model)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    torch.testing.assert_close(merged.float(), want.float(), rtol=tol, atol=tol)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.view(torch.uint8), before[k].view(torch.uint8)), k  # to the bit, NaN-free here

@@ -61,18 +61,27 @@ def from_ordinal(o: Tensor, fmt: Format) -> Tensor:
     return b.to(fmt.int_dtype).view(fmt.dtype)
 
 
-def merged_value(w: Tensor, d: Tensor) -> Tensor:
-    """``round(w + d)`` exactly as merge computes it: summed in fp32, rounded once to w's dtype."""
+def merged_value(w: Tensor, d: Tensor, g: Tensor | None = None) -> Tensor:
+    """``round(w + d)`` exactly as merge computes it: summed in fp32, rounded once to w's dtype.
+
+    With a gain ``g`` (DoRA, broadcast against ``w``): ``round(fp32(fp32(w + d)·g))``, the sum and the
+    product each rounded to fp32, then one rounding to w's dtype.
+    """
     if w.dtype == torch.float32:
-        return w + d
-    return (w.float() + d).to(w.dtype)
+        return w + d if g is None else (w + d) * g
+    t = w.float() + d
+    return (t if g is None else t * g).to(w.dtype)
 
 
-def unmerged_guess(wm: Tensor, d: Tensor) -> Tensor:
-    """``round(W' - d)``: the original weight wherever merging lost no bits."""
+def unmerged_guess(wm: Tensor, d: Tensor, g: Tensor | None = None) -> Tensor:
+    """``round(W' - d)``: the original weight wherever merging lost no bits.
+
+    With a gain: ``round(fp32(fp32(W'/g) - d))``, right wherever the gain's rounding lost nothing.
+    """
     if wm.dtype == torch.float32:
-        return wm - d
-    return (wm.float() - d).to(wm.dtype)
+        return wm - d if g is None else wm / g - d
+    v = wm.float()
+    return ((v if g is None else v / g) - d).to(wm.dtype)
 
 
 def may_lose(guess: Tensor, merged: Tensor, d: Tensor, fmt: Format) -> Tensor:

@@ -7,7 +7,8 @@ consecutive ordinals ``[lo, lo + k)``; it is found by galloping then bisecting f
 stores only ``ordinal(w) - lo``, in ``ceil(log2 k)`` bits (nothing when ``k == 1``), packed
 back-to-back in 32-bit words in element order. Both directions call ``candidates`` on the same inputs,
 so they agree on every ``k``. An original outside its run (which the scheme says cannot happen) is
-kept verbatim as an escape instead of being encoded.
+kept verbatim as an escape instead of being encoded. With a per-row gain (DoRA, ``_gain``) the merged
+value is ``round(g·(w + d))`` and the same search runs on it, the sign of a negative gain folded first.
 
 All functions take 1-D tensors of the flagged elements, in element order.
 """
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._bits import Format, bits, from_ordinal, merged_value, ordinal
+from ._gain import fold_sign
 
 
 def _first_true(pred, start: Tensor, low: int, high: int) -> Tensor:
@@ -80,36 +82,44 @@ def _gallop(pred, start: Tensor, low: int, high: int) -> Tensor:
     return hi
 
 
-def _estimate(bound: Tensor, d: Tensor, fmt: Format, low: int, high: int) -> Tensor:
-    """The ordinal nearest ``bound - d`` (in fp64): a starting point a step or two from a run's end."""
-    est = (bound - d.double()).to(torch.float32).to(fmt.dtype)
+def _estimate(bound: Tensor, d: Tensor, fmt: Format, low: int, high: int, g: Tensor | None) -> Tensor:
+    """The ordinal nearest ``bound - d`` (``bound/g - d`` with a gain; in fp64): a step or two from a run's end."""
+    est = ((bound if g is None else bound / g.double()) - d.double()).to(torch.float32).to(fmt.dtype)
     return ordinal(bits(est), fmt).clamp(low, high)
 
 
-def candidates(merged: Tensor, d: Tensor, fmt: Format) -> tuple[Tensor, Tensor]:
+def candidates(merged: Tensor, d: Tensor, fmt: Format, gain: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The run of originals that merge to ``merged`` under ``d``: (first ordinal, count), both int64.
 
-    The run's ends are where ``w + d`` crosses the midpoints between ``merged`` and its neighbours;
-    the search starts from there, so it takes a few steps whatever the run's length.
+    The run's ends are where ``w + d`` (``g·(w + d)`` with a gain) crosses the midpoints between
+    ``merged`` and its neighbours; the search starts from there, so it takes a few steps whatever the
+    run's length. A negative gain is folded into the sign of ``merged`` (``_gain.fold_sign``), so the
+    merged-value function searched is always increasing.
 
     Args:
-        merged: (n,) merged values, in the weight's dtype. d: (n,) fp32 deltas.
+        merged: (n,) merged values, in the weight's dtype. d: (n,) fp32 deltas. gain: (n,) nonzero fp32
+            gains (DoRA), or None for ``round(w + d)``.
     """
+    if gain is not None:
+        merged, gain = fold_sign(merged, gain, fmt)
     target = ordinal(bits(merged), fmt)
     low, high = -1 - fmt.max_finite, fmt.max_finite
 
+    def f(o: Tensor, i: Tensor) -> Tensor:
+        return ordinal(bits(merged_value(from_ordinal(o, fmt), d[i], None if gain is None else gain[i])), fmt)
+
     def at_least(o: Tensor, i: Tensor) -> Tensor:
-        return ordinal(bits(merged_value(from_ordinal(o, fmt), d[i])), fmt) >= target[i]
+        return f(o, i) >= target[i]
 
     def above(o: Tensor, i: Tensor) -> Tensor:
-        return ordinal(bits(merged_value(from_ordinal(o, fmt), d[i])), fmt) > target[i]
+        return f(o, i) > target[i]
 
     inf = torch.full_like(merged, float("inf"))
     m = merged.double()
     below_mid = (m + torch.nextafter(merged, -inf).double()) / 2  # where w + d starts rounding to merged
     above_mid = (m + torch.nextafter(merged, inf).double()) / 2
-    first = _first_true(at_least, _estimate(below_mid, d, fmt, low, high), low, high)
-    end = _first_true(above, _estimate(above_mid, d, fmt, low, high), low, high)
+    first = _first_true(at_least, _estimate(below_mid, d, fmt, low, high, gain), low, high)
+    end = _first_true(above, _estimate(above_mid, d, fmt, low, high, gain), low, high)
     return first, (end - first).clamp(min=0)
 
 
@@ -150,15 +160,16 @@ def unpack(words: Tensor, width: Tensor) -> Tensor:
     return (both >> shift) & ((1 << width) - 1)
 
 
-def encode(orig: Tensor, merged: Tensor, d: Tensor, fmt: Format) -> tuple[Tensor, Tensor]:
+def encode(orig: Tensor, merged: Tensor, d: Tensor, fmt: Format,
+           gain: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Codes for flagged elements: (int32 words, bool mask of originals that must be escapes)."""
-    first, count = candidates(merged, d, fmt)
+    first, count = candidates(merged, d, fmt, gain)
     index = ordinal(bits(orig), fmt) - first
     escape = (index < 0) | (index >= count)
     return pack(torch.where(escape, 0, index), widths(count)), escape
 
 
-def decode(words: Tensor, merged: Tensor, d: Tensor, fmt: Format) -> Tensor:
+def decode(words: Tensor, merged: Tensor, d: Tensor, fmt: Format, gain: Tensor | None = None) -> Tensor:
     """The originals of flagged elements from their codes (escapes come out wrong; the caller fixes them)."""
-    first, count = candidates(merged, d, fmt)
+    first, count = candidates(merged, d, fmt, gain)
     return from_ordinal(first + unpack(words, widths(count)), fmt)

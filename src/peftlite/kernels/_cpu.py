@@ -43,9 +43,9 @@ def library() -> ctypes.CDLL | None:
     lib = build(SOURCE, FLAGS, "CPU merges use torch ops (slower, same result)")
     if lib is None:
         return None
-    lib.pl_merge.argtypes = [ctypes.c_int, _p, _i64, _i64, _p, _p, _i64, ctypes.c_float, _p, _p, _p, _p]
+    lib.pl_merge.argtypes = [ctypes.c_int, _p, _i64, _i64, _p, _p, _i64, ctypes.c_float, _p, _p, _p, _p, _p]
     lib.pl_merge.restype = _i64
-    lib.pl_unmerge.argtypes = [ctypes.c_int, _p, _i64, _i64, _p, _p, _i64, ctypes.c_float, _p, _i64]
+    lib.pl_unmerge.argtypes = [ctypes.c_int, _p, _i64, _i64, _p, _p, _i64, ctypes.c_float, _p, _p, _i64]
     lib.pl_unmerge.restype = None
     return lib
 
@@ -115,10 +115,18 @@ class Block(NamedTuple):
     flagged: int
 
 
-def merge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float) -> Block:
+def _address(gain: Tensor | None) -> int | None:
+    """The gains' address for C (NULL for a plain merge); the caller's slice of a contiguous (rows,) tensor."""
+    if gain is not None and not gain.is_contiguous():
+        raise ValueError(f"the fused CPU pass needs contiguous gains, got strides {gain.stride()}")
+    return None if gain is None else gain.data_ptr()
+
+
+def merge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float, gain: Tensor | None = None) -> Block:
     """Merge ``scale·B_rows@A`` (see ``_torch.delta``) into the contiguous (rows, cols) block in place.
 
-    A: (r, cols) and B_rows: (rows, r), contiguous fp32.
+    A: (r, cols) and B_rows: (rows, r), contiguous fp32. gain: the block's (rows,) contiguous fp32 per-row
+    gains (DoRA, see ``_gain``), or None. Rows with gain 0 get no codes: the caller keeps them.
     """
     rows, cols = blk.shape
     n = blk.numel()
@@ -127,20 +135,22 @@ def merge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float) -> Block:
     esc_values = torch.empty(n, dtype=blk.dtype)
     out = torch.zeros(3, dtype=torch.int64)
     bad = library().pl_merge(KINDS[blk.dtype], blk.data_ptr(), rows, cols, A.data_ptr(), B_rows.data_ptr(),
-                             A.shape[0], scale, words.data_ptr(), esc_index.data_ptr(), esc_values.data_ptr(),
-                             out.data_ptr())
+                             A.shape[0], scale, _address(gain), words.data_ptr(), esc_index.data_ptr(),
+                             esc_values.data_ptr(), out.data_ptr())
     if bad >= 0:
         return Block(bad, words[:0], esc_index[:0], esc_values[:0], 0)
     n_words, n_esc, n_flag = out.tolist()
     return Block(-1, words[:n_words].clone(), esc_index[:n_esc].clone(), esc_values[:n_esc].clone(), n_flag)
 
 
-def unmerge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float, words: Tensor) -> None:
-    """Unmerge one contiguous block in place from its code words (the caller writes the escapes)."""
+def unmerge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float, words: Tensor,
+                  gain: Tensor | None = None) -> None:
+    """Unmerge one contiguous block in place from its code words (the caller writes the escapes, and the rows
+    with gain 0)."""
     rows, cols = blk.shape
     words = words.contiguous()
     library().pl_unmerge(KINDS[blk.dtype], blk.data_ptr(), rows, cols, A.data_ptr(), B_rows.data_ptr(),
-                         A.shape[0], scale, words.data_ptr(), words.numel())
+                         A.shape[0], scale, _address(gain), words.data_ptr(), words.numel())
 
 
 def run_blocks(fn: Callable[[T], R], items: list[T]) -> list[R]:

@@ -12,14 +12,17 @@ from einops import rearrange
 from torch import Tensor
 
 
-def as_matrix(weight: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def as_matrix(weight: Tensor, A: Tensor, B: Tensor, gain: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(W2, A2, B2)`` with ``W2`` a contiguous view of ``weight`` and ``W2 + B2 @ A2`` its update.
 
     Args:
         weight: (out, ...) in contiguous or channels_last layout, or a transposed 2-D weight.
         A: (r, fan_in) in the weight's logical column order. B: (out, r).
+        gain: the (out,) per-output-row gain to be merged (DoRA), if any; only checked here: ``W2``'s rows
+            must be the output rows, which a transposed weight's are not.
     Raises:
-        ValueError: the weight's layout has no matrix view (it would need a copy).
+        ValueError: the weight's layout has no matrix view (it would need a copy), or it is transposed and
+            a gain is given.
     """
     out = weight.shape[0]
     if weight.is_contiguous():
@@ -29,6 +32,12 @@ def as_matrix(weight: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Ten
         a = rearrange(A, "r (c kh kw) -> r (kh kw c)", c=c, kh=kh, kw=kw)  # columns in NHWC memory order
         return weight.permute(0, 2, 3, 1).view(out, -1), a, B
     if weight.dim() == 2 and weight.t().is_contiguous():  # W = Vᵀ with V contiguous: V += Aᵀ Bᵀ
+        if gain is not None:
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} with strides {weight.stride()} is stored transposed, so "
+                "its matrix view's rows are its inputs and a per-output-row gain cannot be merged in place; make "
+                "it contiguous (weight.data = weight.data.contiguous()) before merging"
+            )
         return weight.t(), B.t(), A.t()
     raise ValueError(
         f"weight of shape {tuple(weight.shape)} with strides {weight.stride()} has no in-place matrix view; "

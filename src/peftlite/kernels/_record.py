@@ -20,6 +20,10 @@ class MergeRecord:
     ``_bits.may_lose`` from their candidate-index ``codes`` (see ``_codec``), then writes the
     ``escapes`` verbatim. ``chunks[i]`` is the first word of the codes of the i-th block of elements
     (the backend's blocking), so blocks decode independently.
+
+    A merge with a per-row gain (DoRA, see ``_gain``) also keeps the gains, since unmerge needs them to
+    recompute the merged-value function, and keeps verbatim the rows whose gain is zero (nothing of them
+    is left in ``W'``). Its guess is ``round(W'/g - ΔW)`` and its flag ``_gain.exact_flag``.
     """
 
     backend: str
@@ -31,12 +35,21 @@ class MergeRecord:
     escape_index: Tensor  # (n,) int64 flat indices into the matrix
     escape_values: Tensor  # (n,) original values, in W's dtype
     flagged: int = 0  # elements whose codes were computed (for reports)
+    gain: Tensor | None = None  # (rows,) float32 per-row gains of a DoRA merge; None for a plain merge
+    raw_index: Tensor | None = None  # (n,) int64 rows whose gain is 0, kept verbatim
+    raw_values: Tensor | None = None  # (n, cols) their original values, in W's dtype
 
     @property
     def nbytes(self) -> int:
-        """Bytes held while merged: codes, block offsets and escapes."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.chunks, self.escape_index,
-                                                           self.escape_values))
+        """Bytes held while merged: codes, block offsets, escapes, and a gain merge's gains and raw rows."""
+        held = (self.codes, self.chunks, self.escape_index, self.escape_values, self.gain, self.raw_index,
+                self.raw_values)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    @property
+    def raw_rows(self) -> int:
+        """Rows kept verbatim because their gain was zero (excepted from the memory bound)."""
+        return 0 if self.raw_index is None else self.raw_index.numel()
 
     @property
     def bits_per_element(self) -> float:

@@ -10,6 +10,10 @@ Per block of rows (about ``BLOCK_ELEMENTS`` elements, so the temporaries stay in
 ``d`` comes from the same function on the same blocks in both directions, so it is bit-identical.
 Weights of other float dtypes (fp64) keep a plain escape list: every element whose guess is wrong.
 
+With a per-row gain (DoRA, ``_gain``): ``W_blk <- round(fp32(fp32(W_blk + d)·g))``, the guess is
+``round(W_blk'/g - d)``, the flag is the exact one for every dtype (``_gain.exact_flag``), the codec
+searches with the gain (sign folded), and rows with ``g == 0`` are kept verbatim in the record.
+
 On CPU tensors each block runs as one C function (``_cpu``: ``d`` in the same order, then the flag, runs,
 codes and escapes), blocks on all of torch's threads, when a C compiler is at hand; it produces the same
 records to the bit, so ``fused`` only changes the speed.
@@ -21,7 +25,8 @@ import torch
 from torch import Tensor
 
 from . import _codec, _cpu
-from ._bits import FORMATS, bits, may_lose, unmerged_guess
+from ._bits import FORMATS, bits, may_lose, merged_value, unmerged_guess
+from ._gain import check_gain, exact_flag
 from ._record import MergeRecord, NonFiniteMergeError
 
 BACKEND = "torch"
@@ -54,10 +59,14 @@ def delta(A: Tensor, B_rows: Tensor, scale: float) -> Tensor:
 
 
 class _Builder:
-    """Collects the per-block codes and escapes of one merge."""
+    """Collects the per-block codes and escapes of one merge, and, with a gain, keeps the gain and the
+    rows it zeroes (taken from ``weight`` before anything is written)."""
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, gain: Tensor | None):
         self.weight = weight
+        self.gain = gain
+        self.raw_index = None if gain is None else (gain == 0).nonzero().view(-1)
+        self.raw_values = None if gain is None else weight[self.raw_index].clone()
         self.codes: list[Tensor] = []
         self.chunks = [0]
         self.esc_index: list[Tensor] = []
@@ -75,14 +84,25 @@ class _Builder:
         self.flagged += flagged
 
     def record(self, shape: tuple[int, int]) -> MergeRecord:
+        """The record of the first ``shape[0]`` rows (all of them, or the blocks merged so far)."""
         w = self.weight
         cat = lambda ts, dtype: torch.cat(ts) if ts else torch.empty(0, dtype=dtype, device=w.device)
-        return MergeRecord(
+        rec = MergeRecord(
             backend=BACKEND, dtype=w.dtype, device=w.device, shape=shape,
             codes=cat(self.codes, torch.int32), chunks=torch.tensor(self.chunks, dtype=torch.int64),
             escape_index=cat(self.esc_index, torch.int64), escape_values=cat(self.esc_values, w.dtype),
             flagged=self.flagged,
         )
+        if self.gain is not None:
+            within = self.raw_index < shape[0]
+            rec.gain, rec.raw_index, rec.raw_values = (self.gain[:shape[0]], self.raw_index[within],
+                                                       self.raw_values[within])
+        return rec
+
+    def restore_raw(self) -> None:
+        """Write the rows kept verbatim back into the weight."""
+        if self.raw_index is not None and self.raw_index.numel():
+            self.weight[self.raw_index] = self.raw_values
 
 
 def _fused(weight: Tensor, factors: torch.dtype, fused: bool | None) -> bool:
@@ -95,77 +115,115 @@ def _fused(weight: Tensor, factors: torch.dtype, fused: bool | None) -> bool:
     return fused
 
 
-def _merge_fused(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: int) -> MergeRecord:
+def _merge_fused(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: int,
+                 out: _Builder) -> MergeRecord:
     """``merge_`` by the fused C pass, blocks on all of torch's threads."""
     rows, cols = weight.shape
+    gain = out.gain
     spans = list(_blocks(rows, cols, block_elements))
-    done = _cpu.run_blocks(lambda s: _cpu.merge_block(weight[s[0]:s[1]], A, B[s[0]:s[1]], scale), spans)
+
+    def merge_block(span: tuple[int, int]) -> _cpu.Block:
+        start, stop = span
+        return _cpu.merge_block(weight[start:stop], A, B[start:stop], scale,
+                                None if gain is None else gain[start:stop])
+
+    done = _cpu.run_blocks(merge_block, spans)
     failed = [(start, blk) for (start, _), blk in zip(spans, done) if blk.overflow >= 0]
     if failed:  # an overflowing block restored itself; take the others back out, then report the first
-        _cpu.run_blocks(lambda i: _unmerge_block(weight, A, B, scale, spans[i], done[i]),
+        _cpu.run_blocks(lambda i: _unmerge_block(weight, A, B, scale, spans[i], done[i], gain),
                         [i for i, blk in enumerate(done) if blk.overflow < 0])
+        out.restore_raw()  # rows with gain 0 have no codes: the C pass leaves them to the caller
         start, blk = failed[0]
         row, col = start + blk.overflow // cols, blk.overflow % cols
-        raise _overflow_error(weight, row, col, weight[row, col].item())
-    out = _Builder(weight)
+        raise _overflow_error(weight, row, col, weight[row, col].item(), gain)
     for (start, _), blk in zip(spans, done):
         out.block(start * cols, blk.codes, blk.esc_index, blk.esc_values, blk.flagged)
     return out.record((rows, cols))
 
 
 def _unmerge_block(weight: Tensor, A: Tensor, B: Tensor, scale: float, span: tuple[int, int],
-                   blk: _cpu.Block) -> None:
+                   blk: _cpu.Block, gain: Tensor | None) -> None:
     start, stop = span
-    _cpu.unmerge_block(weight[start:stop], A, B[start:stop], scale, blk.codes)
+    _cpu.unmerge_block(weight[start:stop], A, B[start:stop], scale, blk.codes,
+                       None if gain is None else gain[start:stop])
     weight[start:stop].view(-1)[blk.esc_index] = blk.esc_values
 
 
-def _overflow_error(weight: Tensor, row: int, col: int, value: float) -> NonFiniteMergeError:
+def _overflow_error(weight: Tensor, row: int, col: int, value: float,
+                    gain: Tensor | None = None) -> NonFiniteMergeError:
+    what = f"{value!r} + ΔW" if gain is None else f"gain[{row}] = {gain[row].item()!r} times ({value!r} + ΔW)"
     return NonFiniteMergeError(
-        f"merging would make weight[{row}, {col}] non-finite ({value!r} + ΔW overflows {weight.dtype}); "
+        f"merging would make weight[{row}, {col}] non-finite ({what} overflows {weight.dtype}); "
         "the weight is unchanged. Lower the adapter scale or merge in a wider dtype"
     )
 
 
+def _row_gain(gain: Tensor | None, start: int, stop: int, cols: int) -> tuple[Tensor | None, Tensor | None]:
+    """The block's gains as a column, and flat, one per element: (rows_blk, 1), (rows_blk·cols,); or Nones."""
+    if gain is None:
+        return None, None
+    g = gain[start:stop, None]
+    return g, g.expand(stop - start, cols).reshape(-1)
+
+
 @torch.no_grad()
-def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float,
-           block_elements: int = BLOCK_ELEMENTS, fused: bool | None = None) -> MergeRecord:
+def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: int = BLOCK_ELEMENTS,
+           fused: bool | None = None, gain: Tensor | None = None) -> MergeRecord:
     """Fold ``scale·B@A`` into the (rows, cols) row-major matrix ``weight`` in place.
 
+    Args:
+        gain: (rows,) float32 per-row gains (DoRA): ``W' = round(g_i·(W_ij + ΔW_ij))``; rows with gain 0
+            are kept verbatim in the record. None: ``W' = round(W + ΔW)``.
     Returns:
         The record that makes ``unmerge_`` bit-exact.
     Raises:
-        NonFiniteMergeError: some merged value would be non-finite where W was finite; W is restored
-            bit-exactly before raising.
+        NonFiniteMergeError: a non-finite gain (nothing written), or some merged value would be non-finite
+            where W was finite; W is restored bit-exactly before raising.
+        ValueError: a gain of the wrong shape, dtype or device.
     """
     rows, cols = weight.shape
     fmt = FORMATS.get(weight.dtype)
     A, B = _factors(A, B)
+    if gain is not None:
+        check_gain(weight, gain)
+        gain = gain.detach().clone()  # the record's own: the caller's magnitudes may train on
+    out = _Builder(weight, gain)
     if _fused(weight, A.dtype, fused):
-        return _merge_fused(weight, A.contiguous(), B.contiguous(), scale, block_elements)
-    out = _Builder(weight)
+        return _merge_fused(weight, A.contiguous(), B.contiguous(), scale, block_elements, out)
     for start, stop in _blocks(rows, cols, block_elements):
         blk = weight[start:stop]
         d = delta(A, B[start:stop], scale)
+        g, g_flat = _row_gain(gain, start, stop, cols)
         orig = blk.clone()
-        blk.add_(d)  # in fp32, rounded once to W's dtype
+        if g is None:
+            blk.add_(d)  # in fp32, rounded once to W's dtype
+        else:
+            blk.copy_(merged_value(orig, d, g) if fmt is not None else (orig + d) * g)  # fp64: in fp64
         if not bool(torch.isfinite(blk).all()):
             bad = torch.isfinite(orig) & ~torch.isfinite(blk)
             if bad.any():
                 blk.copy_(orig)
                 unmerge_(weight[:start], A, B[:start], scale, out.record((start, cols)), block_elements, False)
                 pos = int(bad.view(-1).nonzero()[0])
-                raise _overflow_error(weight, start + pos // cols, pos % cols, orig.view(-1)[pos].item())
-        guess = unmerged_guess(blk, d).view(-1)
+                row, col = start + pos // cols, pos % cols
+                raise _overflow_error(weight, row, col, orig.view(-1)[pos].item(), gain)
+        guess = unmerged_guess(blk, d, g).view(-1)
         o = orig.view(-1)
+        live = None if g is None else g_flat != 0  # rows with gain 0 are kept verbatim instead
         if fmt is None:  # no codec for this dtype: every wrong guess is an escape
-            lost = (guess != o).nonzero().view(-1)
+            wrong = guess != o
+            lost = (wrong if live is None else wrong & live).nonzero().view(-1)
             out.block(start * cols, None, lost, o[lost], 0)
             continue
-        flag = may_lose(guess, blk, d, fmt)
-        plain = (~flag & (bits(guess) != bits(o))).nonzero().view(-1)
+        if g is None:
+            flag = may_lose(guess, blk, d, fmt)
+            plain = (~flag & (bits(guess) != bits(o))).nonzero().view(-1)
+        else:
+            flag = exact_flag(guess, blk, d.view(-1), g_flat, fmt) & live
+            plain = (~flag & live & (bits(guess) != bits(o))).nonzero().view(-1)
         pos = flag.nonzero().view(-1)
-        codes, esc = _codec.encode(o[pos], blk.view(-1)[pos], d.view(-1)[pos], fmt)
+        codes, esc = _codec.encode(o[pos], blk.view(-1)[pos], d.view(-1)[pos], fmt,
+                                   None if g is None else g_flat[pos])
         lost = torch.cat([plain, pos[esc]]).sort().values
         out.block(start * cols, codes, lost, o[lost], pos.numel())
     return out.record((rows, cols))
@@ -176,43 +234,55 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
              block_elements: int = BLOCK_ELEMENTS, fused: bool | None = None) -> None:
     """Take ``scale·B@A`` back out of ``weight`` in place; bit-exact given the merge's record.
 
-    With ``record=None`` (merged state loaded from a state_dict) the result is ``round(W' - ΔW)``, which
-    can differ from the original W in the last bit where merging crossed into a coarser binade.
+    A gain merge's record holds its gains (and the rows of gain 0), so unmerge takes no gain. With
+    ``record=None`` (merged state loaded from a state_dict) the result is ``round(W' - ΔW)``, which can
+    differ from the original W in the last bit where merging crossed into a coarser binade (and a gain
+    merge cannot be undone at all without its record).
     """
     rows, cols = weight.shape
     if rows == 0:
         return
     fmt = FORMATS.get(weight.dtype)
     A, B = _factors(A, B)
+    gain = None if record is None else record.gain
     if record is not None and _fused(weight, A.dtype, fused):
         A, B = A.contiguous(), B.contiguous()
         chunks = record.chunks.tolist()
 
         def block(i_span):
             i, (start, stop) = i_span
-            _cpu.unmerge_block(weight[start:stop], A, B[start:stop], scale, record.codes[chunks[i]:chunks[i + 1]])
+            _cpu.unmerge_block(weight[start:stop], A, B[start:stop], scale, record.codes[chunks[i]:chunks[i + 1]],
+                               None if gain is None else gain[start:stop])
 
         _cpu.run_blocks(block, list(enumerate(_blocks(rows, cols, block_elements))))
     else:
         _unmerge_ops(weight, A, B, scale, record, fmt, block_elements)
     if record is not None and record.escape_index.numel():
         weight.view(-1)[record.escape_index] = record.escape_values
+    if record is not None and record.raw_rows:
+        weight[record.raw_index] = record.raw_values
 
 
 def _unmerge_ops(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRecord | None, fmt,
                  block_elements: int) -> None:
     rows, cols = weight.shape
+    gain = None if record is None else record.gain
     for i, (start, stop) in enumerate(_blocks(rows, cols, block_elements)):
         blk = weight[start:stop]
         d = delta(A, B[start:stop], scale)
-        guess = unmerged_guess(blk, d)
+        g, g_flat = _row_gain(gain, start, stop, cols)
+        guess = unmerged_guess(blk, d, g)
         if record is None or fmt is None:
-            blk.copy_(guess)
+            blk.copy_(guess)  # rows with gain 0 are written afterwards, from the record
             continue
-        flag = may_lose(guess, blk, d, fmt)
+        if g is None:
+            flag = may_lose(guess, blk, d, fmt)
+        else:
+            flag = exact_flag(guess, blk, d.view(-1), g_flat, fmt) & (g_flat != 0)
         pos = flag.nonzero().view(-1)
         merged = blk.view(-1)[pos]
         blk.copy_(guess)
         if pos.numel():
             words = record.codes[int(record.chunks[i]):int(record.chunks[i + 1])]
-            blk.view(-1)[pos] = _codec.decode(words, merged, d.view(-1)[pos], fmt)
+            blk.view(-1)[pos] = _codec.decode(words, merged, d.view(-1)[pos], fmt,
+                                              None if g is None else g_flat[pos])

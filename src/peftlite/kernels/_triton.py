@@ -5,6 +5,9 @@ registers, so merge and unmerge are each one pass over W. A merge record holds t
 (``codes``: int32 words; each tile's codes start at the bit ``chunks[tile]``, an int64 offset kept on
 the device), and the escapes (non-finite originals). Code order follows the order in which tiles
 reserved their bits, so records of equal merges may differ in layout, never in what they decode to.
+
+Merges with a per-row gain (DoRA) do not run here: ``kernels.merge_`` routes them to the torch backend
+(``_torch``, torch ops on the weight's device), whose record then names "torch" for the unmerge.
 """
 
 from __future__ import annotations
