@@ -196,11 +196,11 @@ def test_any_error_on_a_later_layer_unmerges_the_earlier_ones(monkeypatch, error
     real = peftlite.kernels.merge_
     calls = []
 
-    def failing(weight, *args):
+    def failing(weight, *args, **kwargs):
         calls.append(weight.shape)
         if len(calls) == 3:  # layers 0 and 2 are merged by now
             raise error
-        return real(weight, *args)
+        return real(weight, *args, **kwargs)
 
     monkeypatch.setattr(peftlite.kernels, "merge_", failing)
     with pytest.raises(type(error), match=r"cannot merge 4 \(every layer is unmerged again\): "):

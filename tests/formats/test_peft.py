@@ -240,10 +240,18 @@ def test_refuses_unsupported_configs_and_leaves_model(tmp_path, change, words):
     assert "_peftlite" not in model.__dict__
 
 
-def test_refuses_real_dora_file(tmp_path):
+def test_loads_real_dora_file_and_refuses_a_config_that_contradicts_its_tensors(tmp_path):
     model = get_peft_model(base(), LoraConfig(r=2, target_modules=["proj"], use_dora=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
     model.save_pretrained(tmp_path / "dora")
-    with pytest.raises(PeftFormatError, match="DoRA"):
+    ours = peftlite.load(base(), tmp_path / "dora")  # DoRA is read now (tests/formats/test_variants.py)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X), model.eval()(X), rtol=1e-5, atol=1e-6)
+    _edit_config(tmp_path / "dora", use_dora=False)
+    with pytest.raises(PeftFormatError, match="has a DoRA lora_magnitude_vector while use_dora is False"):
         peftlite.load(base(), tmp_path / "dora")
 
 
