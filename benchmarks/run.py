@@ -272,7 +272,17 @@ def main() -> None:
     w = wrap_figure(reps)
     row("wrap of a 7B-shaped skeleton on meta (224 Linear)", fmt_ms(w["ours"]), fmt_ms(w.get("peft")),
         "≤ 50 ms", w["ours"] <= 0.050)
+    import dora  # benchmarks/dora.py
     import mixed  # benchmarks/mixed.py: every row of a batch its own adapter, inference
+
+    d = dora.forward(reps)
+    row("DoRA unmerged Linear forward N=1024 d=4096 r=16, ÷ base (norms reused; with fresh norms: "
+        f"{ratio(d['fresh'], d['base'])})", ratio(d["ours"], d["base"]), ratio(d.get("peft"), d["base"]), "≤ 1.10",
+        d["ours"] / d["base"] <= 1.10)
+    raw = dora.step_memory()
+    mem = {k: f"{v / 2**20:.1f} MiB" for k, v in raw.items()}
+    row(f"DoRA training step, bytes saved for backward (plain LoRA: {mem['lora']})", mem["dora"],
+        mem.get("peft-dora", "n/a"), "≤ LoRA's + r-sized terms", raw["dora"] - raw["lora"] <= 1024 * 16 * 4 * 4)
 
     for K in (4, 16, 64):
         t = mixed.linear_case(K, 3 * reps)
