@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .layers import AdaptedLayer, adapted_layers, dora
+from .layers import AdaptedLayer, adapted_layers, dora, registry
 from .layers.routing import routes_any
 
 
@@ -28,6 +28,29 @@ def _require_layers(model: nn.Module, what: str) -> list[tuple[str, AdaptedLayer
     if not found:
         raise ValueError(f"{what}: the model has no adapted layers; call peftlite.wrap(model, targets=...) first")
     return found
+
+
+def _refuse_sharded(layers: list[tuple[str, AdaptedLayer]], what: str, model: nn.Module | None = None) -> None:
+    """Raise RuntimeError, before anything is written, if a layer is sharded by FSDP2's ``fully_shard``.
+
+    The merge kernels work on whole weights: a shard of W with shards of A and B is not a merge of W,
+    and the gathered weights FSDP2 leaves on a module after an inference forward are temporaries (a
+    write there is lost). So a layer with a DTensor parameter is refused, and with ``model``, every
+    layer of a model that holds an ``FSDPModule``.
+    """
+    dtensor = getattr(torch.distributed, "tensor", None)  # there once imported: a DTensor exists only then
+    fsdp = getattr(torch.distributed, "fsdp", None)
+    if dtensor is None and fsdp is None:
+        return
+    managed = fsdp is not None and model is not None and any(isinstance(m, fsdp.FSDPModule) for m in model.modules())
+    for name, layer in layers:
+        sharded = [n for n, p in layer.named_parameters() if dtensor is not None and isinstance(p, dtensor.DTensor)]
+        if sharded or managed:
+            what_is = f"its parameter {sharded[0]!r} is a DTensor" if sharded else "the model is an FSDPModule"
+            raise RuntimeError(
+                f"cannot {what} {name}: it is sharded by fully_shard ({what_is}) and merging works on whole "
+                "weights; the model is unchanged. Merge after gathering: peftlite.save(model, path) on every "
+                "rank, then peftlite.load the file into an unsharded model and merge that one")
 
 
 def _slots(layer: AdaptedLayer) -> list[str]:
@@ -107,13 +130,42 @@ def unmerge_layer(layer: AdaptedLayer, name: str = "layer") -> None:
     st.merged = False
 
 
+def _refuse_meta(layers: list[tuple[str, AdaptedLayer]]) -> None:
+    """Raise RuntimeError, before anything is written, if a layer's weights are on the meta device (no values)."""
+    for name, layer in layers:
+        for slot in _slots(layer):
+            if layer._parameters[slot].is_meta:
+                raise RuntimeError(
+                    f"cannot merge {name}: its {slot!r} is on the meta device and holds no values; the model is "
+                    "unchanged. Materialise the model first: model.to_empty(device=...), load its base weights "
+                    "and peftlite.load the adapter, then merge")
+
+
+def check_unmergeable(layers: list[tuple[str, AdaptedLayer]], what: str = "unmerge") -> None:
+    """Raise RuntimeError, before any weight is written, if a merged layer cannot be unmerged exactly: it
+    was moved to another device or dtype while merged (``model.double()``), so its merge records no longer
+    describe its weights."""
+    for name, layer in layers:
+        for slot, record in layer.adapter_state.records.items():
+            w = layer._parameters[slot]
+            if w.dtype != record.dtype or w.device != record.device:
+                raise RuntimeError(
+                    f"{what} {name}: merged as {record.dtype} on {record.device}, but the weight is now {w.dtype} on "
+                    f"{w.device} ({slot!r} moved while merged); the model is unchanged. Move it back "
+                    f"(.to({record.dtype}) / .to({str(record.device)!r})) to unmerge exactly, and unmerge before "
+                    ".to(...) next time")
+
+
 def merge_all(layers: list[tuple[str, AdaptedLayer]]) -> None:
     """Merge each layer, all or nothing: on any error the merged ones are unmerged and the error names the layer.
 
     Raises:
         ValueError: a non-finite adapter (before anything is written) or a merged value that overflows.
+        RuntimeError: a layer's weights are sharded (FSDP2), before anything is written.
         Any other error from a layer, re-raised as the same type with the layer's name prefixed.
     """
+    _refuse_sharded(layers, "merge")
+    _refuse_meta(layers)
     for name, layer in layers:
         check_finite(name, layer)
     done: list[tuple[str, AdaptedLayer]] = []
@@ -140,16 +192,49 @@ def _named(error: Exception, prefix: str) -> Exception:
         return RuntimeError(f"{prefix}: {type(error).__name__}: {error}")
 
 
-def merge(model: nn.Module) -> nn.Module:
+def untie_shared(model: nn.Module, layers: list[tuple[str, AdaptedLayer]], untie: bool, call: str
+                 ) -> list[AdaptedLayer]:
+    """Before a merge: refuse tied weights, or with ``untie`` give each its own copy (the layers untied).
+
+    A tied weight (``registry.shared_weights``: GPT-2's, T5's and BERT-MLM's output Linear shares the
+    input embedding's tensor) cannot take ``W + scale·ΔW`` in place: the other module would change too.
+
+    Raises:
+        ValueError: a layer's weight is shared and ``untie`` is False (names both; nothing is changed).
+    """
+    shared = registry.shared_weights(model, layers)
+    if shared and not untie:
+        (name, slot), others = next(iter(shared.items()))
+        more = f" ({len(shared) - 1} more tied weight(s) too)" if len(shared) > 1 else ""
+        raise ValueError(
+            f"cannot merge {name}: {name}.{slot} is shared with {', '.join(others)} (tied weights){more}, so "
+            f"merging in place would change {others[0]} too; the model is unchanged. Call {call}(model, "
+            f"untie=True) to merge into a copy of {name}.{slot} of its own, or leave {name} out of targets")
+    by_name = dict(layers)
+    for name, slot in shared:
+        registry.untie(by_name[name], slot)
+    return list({id(by_name[n]): by_name[n] for n, _ in shared}.values())
+
+
+def merge(model: nn.Module, untie: bool = False) -> nn.Module:
     """Fold every adapter into its base weight, in place, so the forward costs what the base costs.
 
     All or nothing: adapters are checked to be finite before any weight is written, and a layer that
     fails (a merge that would overflow the weight's dtype, or any other error) puts every weight back
     bit-exactly and raises with the layer's name. Merging a merged model warns and does nothing.
 
+    Tied weights (an output Linear sharing the input embedding's tensor, the transformers default for
+    GPT-2, T5 and BERT-MLM) are refused: merging in place would change the embedding too. With
+    ``untie=True`` such a layer merges into a copy of its own; the state_dict then holds the merged
+    weight under the layer's key and the base weight under the other module's, and ``unmerge`` (exact)
+    ties the layer to the shared tensor again. Unmerged, a tied layer needs nothing: it adds its adapter
+    to its own output, and the embedding keeps W.
+
     Raises:
-        ValueError: non-finite adapters or merged weights (the model is unchanged), or no adapters.
-        RuntimeError: called inside ``peftlite.disabled(model)``.
+        ValueError: non-finite adapters or merged weights (the model is unchanged), no adapters, or a
+            tied weight without ``untie=True``.
+        RuntimeError: called inside ``peftlite.disabled(model)``, or on sharded weights (FSDP2's
+            ``fully_shard``; the model is unchanged): merge an unsharded model that loaded the adapter.
     """
     found = _require_layers(model, "merge")
     if any(not m.adapter_state.enabled for _, m in found):
@@ -161,21 +246,32 @@ def merge(model: nn.Module) -> nn.Module:
     if not todo:
         warnings.warn("merge: the model is already merged; nothing to do", stacklevel=2)
         return model
-    merge_all(todo)
+    _refuse_sharded(todo, "merge", model)
+    untied = untie_shared(model, todo, untie, "peftlite.merge")
+    try:
+        merge_all(todo)
+    except BaseException:
+        for layer in untied:
+            registry.retie(layer)
+        raise
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Take every adapter back out of its base weight, restoring the weights bit-exactly.
 
-    Unmerging an unmerged model warns and does nothing.
+    A layer merged with ``untie=True`` shares its tied tensor again (its copy is dropped). Unmerging an
+    unmerged model warns and does nothing; a sharded one (FSDP2) is refused (RuntimeError).
     """
     todo = [(n, m) for n, m in _require_layers(model, "unmerge") if m.adapter_state.merged]
     if not todo:
         warnings.warn("unmerge: the model is not merged; nothing to do", stacklevel=2)
         return model
+    _refuse_sharded(todo, "unmerge", model)
+    check_unmergeable(todo)
     for name, layer in todo:
         unmerge_layer(layer, name)
+        registry.retie(layer)
     return model
 
 
@@ -187,6 +283,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """
     found = _require_layers(model, "disabled")
     merged = [(n, m) for n, m in found if m.adapter_state.merged]
+    _refuse_sharded(merged, "unmerge (for peftlite.disabled)", model)
+    check_unmergeable(merged, "peftlite.disabled: unmerge")
     for name, layer in merged:
         unmerge_layer(layer, name)
     previous = [m.adapter_state.enabled for _, m in found]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -78,14 +79,41 @@ def trained_names(model: nn.Module, state: WrapState) -> set[str]:
     return set(adapter_tensors(model, list(state.active))) | {n for n, _ in model.named_parameters() if under(n, units)}
 
 
+def alias_names(model: nn.Module) -> list[str]:
+    """The names under which a module registered earlier appears again (timm's CoaT shares its position
+    encodings between blocks). ``named_modules()`` lists such a module once, under its first name;
+    ``state_dict()`` lists its tensors under every name."""
+    seen, out = {id(model)}, []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            full = f"{prefix}.{name}" if prefix else name
+            if id(child) in seen:
+                out.append(full)
+            else:
+                seen.add(id(child))
+                visit(full, child)
+
+    visit("", model)
+    return out
+
+
 def saved_tensors(model: nn.Module, state: WrapState, adapters: Sequence[str] | None = None
                   ) -> dict[str, torch.Tensor]:
     """What files hold, by state_dict key: the adapters ``adapters`` (all when None; a file holds one) and
-    every tensor of the full units."""
+    every tensor of the full units.
+
+    A module registered under several names is saved once, under its first name (as ``adapted_layers``
+    and ``named_modules`` name it), even where a full unit holds one of its other names; a model that
+    loads the file has the same module under the other names, so they see the values too.
+    """
     units = full_units(model, state)
     adapters = adapter_tensors(model, adapters)
+    aliases = alias_names(model)
     return {k: t for k, t in model.state_dict().items()
-            if not k.endswith("_extra_state") and (k in adapters or under(k, units))}
+            if not k.endswith("_extra_state") and (k in adapters or under(k, units)) and not under(k, aliases)}
 
 
 def apply_adapter_grads(model: nn.Module, state: WrapState) -> None:
@@ -288,6 +316,7 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
     for (_, module), kind in zip(plan, kinds, strict=True):
         registry.attach(module, kind, rank=rank, alpha=alpha, dropout=dropout, adapter=name, variant=variant,
                         rank_scaling=rank_scaling)
+    on_meta = [n for n, module in plan if any(p.is_meta for p in module.lora[name].parameters())]
     if plan and name not in state.adapters:
         state.adapters.append(name)
         state.active = {name: 1.0}
@@ -295,18 +324,30 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
     state.trainable += [n for n in units if n not in state.trainable]
     apply_freezing(model, state)
     if not state.train_bn:
-        for name, m in model.named_modules():
-            if batchnorm.freezable(m) and not under(name, state.heads + state.trainable):
+        for bn_name, m in model.named_modules():
+            if batchnorm.freezable(m) and not under(bn_name, state.heads + state.trainable):
                 batchnorm.freeze_stats(m)
+    if on_meta:
+        warnings.warn(
+            f"wrap: {len(on_meta)} adapted layer(s) are on the meta device ({on_meta[0]}, ...), so their new "
+            f"adapters {name!r} hold no values, and model.to_empty(...) leaves them uninitialised (B is not zero). "
+            "Materialise, then load them: model.to_empty(device=...), the base weights, then peftlite.load(model, "
+            "adapter_file). To train fresh adapters, wrap after the model holds its weights", UserWarning, stacklevel=2)
     return model
 
 
-def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
+def unwrap(model: nn.Module, merge: bool = True, untie: bool = False) -> nn.Module:
     """Give back plain torch modules: adapters merged into the weights (``merge=True``) or dropped.
 
     Frozen BatchNorms get their class back, base parameters their requires_grad from before wrap; new
     heads stay. The state_dict keys are the original model's again (plus any new head's). The merge is
     all or nothing: if any layer fails, the model is left wrapped and unmerged.
+
+    A tied weight (GPT-2's, T5's, BERT-MLM's output Linear shares the embedding's tensor) is refused as
+    ``peftlite.merge`` refuses it; with ``untie=True`` the layer keeps a merged copy of its own, so the
+    model comes back untied (the embedding keeps W). A transformers config that says
+    ``tie_word_embeddings=True`` would tie them again on reload: set it to False before ``save_pretrained``.
+    With ``merge=False`` every weight is the base one again, ties included.
     """
     state = wrap_state(model)
     if state is None:
@@ -316,10 +357,19 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     if merge and todo:
         if any(not m.adapter_state.enabled for _, m in found):
             raise RuntimeError("unwrap(merge=True) inside peftlite.disabled(model); unwrap after the block")
-        merging.merge_all(todo)
+        untied = merging.untie_shared(model, todo, untie, "peftlite.unwrap")
+        try:
+            merging.merge_all(todo)
+        except BaseException:
+            for layer in untied:
+                registry.retie(layer)
+            raise
+    if not merge:
+        merging.check_unmergeable([(n, m) for n, m in found if m.adapter_state.merged], "unwrap(merge=False)")
     for name, layer in found:
         if not merge and layer.adapter_state.merged:
             merging.unmerge_layer(layer, name)
+            registry.retie(layer)
         registry.detach(layer)
     for _, m in model.named_modules():
         if isinstance(m, batchnorm.FrozenStats):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional
-from ._guard import guard
+from ._guard import effective
 from .routing import lookup
 
 DEFAULT_ADAPTER = "default"
@@ -96,6 +96,8 @@ class LayerState:
     merged: bool = False  # the active combination is folded into the weights
     # slot -> the record that makes unmerge bit-exact; empty when the merged state came from a state_dict
     records: dict = field(default_factory=dict)
+    # slot -> the shared (tied) parameter that ``merge(untie=True)`` replaced by the layer's own copy
+    untied: dict = field(default_factory=dict)
 
     @property
     def computes_adapter(self) -> bool:
@@ -185,8 +187,22 @@ def effective_weight_property(slot: str) -> property:
     Code that reads the weight instead of calling the layer (torchvision's Swin, ``nn.MultiheadAttention``,
     a subclass with its own forward) sees the adapters, so they are never bypassed. The raw parameter is
     returned while merged, disabled, or before the layer's state exists. Inside ``peftlite.per_sample``
-    there is no single weight per batch: a routed layer refuses to be read.
+    there is no single weight per batch: a routed layer refuses to be read. The value returned is lazy
+    (``_guard.EffectiveWeight``): its dtype, shape and device cost nothing (T5 reads ``wo.weight.dtype``
+    before each call), and ``W + scale·ΔW`` is built once its values are used, with autograd to A and B.
+
+    A sharded parameter (a ``DTensor``: FSDP2's ``fully_shard`` between forwards) is returned as it is:
+    its readers then are FSDP itself (its lazy init checks that ``module.weight`` is the parameter it
+    sharded) or code that wants the shard, and the adapters (sharded alike) cannot be added to it. In
+    the forward FSDP2 has swapped in the gathered plain parameters, so the adapters apply as usual.
     """
+    plain = (nn.Parameter, Tensor)
+
+    def sharded(w: Tensor) -> bool:
+        if type(w) in plain:  # the common case costs one type check
+            return False
+        dtensor = getattr(torch.distributed, "tensor", None)  # there once imported: a DTensor exists only then
+        return dtensor is not None and isinstance(w, dtensor.DTensor)
 
     def get(self):
         try:
@@ -194,7 +210,7 @@ def effective_weight_property(slot: str) -> property:
         except KeyError:
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{slot}'") from None
         state = self.__dict__.get("adapter_state")
-        if w is None or state is None:
+        if w is None or state is None or sharded(w):
             return w
         route = lookup(self)
         if route is not None:
@@ -204,13 +220,14 @@ def effective_weight_property(slot: str) -> property:
                     "batch cannot use a different adapter per row there; leave this layer's adapters out of "
                     "the per_sample route, or run the rows in separate batches with peftlite.use")
             return w
-        folded = self.folded(slot) if state.computes_adapter else None
-        if folded is None:
+        terms = self.terms(slot) if state.computes_adapter else None
+        if not terms:
             return w
-        dora = self.dora_term(slot)
-        if dora is not None:
-            return guard(functional.dora_weight(w, *folded, dora.dora.magnitude))
-        return guard(functional.effective_weight(w, *folded))
+        if terms[0].dora is not None:  # then the only term (``terms`` says so)
+            t = terms[0]
+            return effective(functional.dora_weight, w, t.A, t.B, t.scale, t.dora.magnitude)
+        folded = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
+        return effective(functional.effective_weight, w, *folded)
 
     return property(get, doc=f"``{slot}`` with the active adapters applied (W + scale·ΔW) while computed.")
 

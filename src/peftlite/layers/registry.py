@@ -16,6 +16,10 @@ class derived at run time here, and only here (``adapted_class``):
 - if its own forward never reads the weight, it is refused: its semantics could not be kept.
 
 To adapt a new layer type, write its ``Lora<Type>`` class beside the others and add a row to ``KINDS``.
+
+Tied weights (an adapted weight that another module shares, as GPT-2's ``lm_head`` shares the input
+embedding's) are found here (``shared_weights``); ``untie`` / ``retie`` give a layer its own copy for the
+length of a merge (``peftlite.merge(model, untie=True)``).
 """
 
 from __future__ import annotations
@@ -194,3 +198,80 @@ def detach(module: AdaptedLayer) -> None:
     del module.adapter_state
     module.__dict__.pop("geometry", None)
     module.__class__ = type(module).base_class
+
+
+# ---- tied weights --------------------------------------------------------------------------------
+
+def _span(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(storage address, first byte, end byte)`` that ``t`` covers, or None where it has no storage to
+    compare (meta tensors, tensor subclasses such as DTensor): those compare by identity only."""
+    if type(t) not in (torch.Tensor, nn.Parameter) or t.device.type == "meta" or t.numel() == 0:
+        return None
+    size = t.element_size()
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    return t.untyped_storage().data_ptr(), t.storage_offset() * size, (t.storage_offset() + last + 1) * size
+
+
+def _overlaps(a: tuple[int, int, int] | None, b: tuple[int, int, int] | None) -> bool:
+    return a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
+def shared_weights(model: nn.Module, layers: list[tuple[str, AdaptedLayer]]) -> dict[tuple[str, str], list[str]]:
+    """The adapted weights that another tensor of ``model`` shares (tied weights), and who shares them.
+
+    A weight is shared when another parameter or buffer, registered anywhere in ``model``, is the same
+    tensor or overlaps its storage: GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``, T5's is
+    ``shared.weight``, BERT's MLM decoder's is the word embeddings'. The same module registered under
+    several names (an alias, as in timm's CoaT) is not a tie: it is one layer.
+
+    Ties do not matter unmerged (the layer adds its adapter to its own output; the other module keeps
+    W), but merging writes ``W + scale·ΔW`` into the one tensor, so the other module would change too.
+
+    Returns:
+        ``{(layer name, slot): [qualified names of the other tensors]}``, in registration order; empty
+        when nothing is shared.
+    """
+    wanted = {}  # (layer name, slot) -> (layer, weight, span)
+    by_tensor: dict[int, list[tuple[str, str]]] = {}  # id of a weight -> its keys
+    by_storage: dict[int, list[tuple[str, str]]] = {}  # storage address -> keys of weights in it
+    for name, layer in layers:
+        for slot in dict.fromkeys(s for pairs in layer.adapters().values() for s in pairs):
+            w = layer._parameters.get(slot)
+            if w is not None:
+                key, span = (name, slot), _span(w)
+                wanted[key] = (layer, w, span)
+                by_tensor.setdefault(id(w), []).append(key)
+                if span is not None:
+                    by_storage.setdefault(span[0], []).append(key)
+    found: dict[tuple[str, str], list[str]] = {}
+    for owner, module in model.named_modules(remove_duplicate=False) if wanted else ():
+        if isinstance(module, LowRank):
+            continue
+        for tname, t in (*module._parameters.items(), *module._buffers.items()):
+            span = None if t is None else _span(t)
+            candidates = [] if t is None else by_tensor.get(id(t), []) + by_storage.get(span and span[0], [])
+            for key in dict.fromkeys(candidates):
+                layer, w, wspan = wanted[key]
+                if (module is layer and tname == key[1]) or not (t is w or _overlaps(span, wspan)):
+                    continue
+                names = found.setdefault(key, [])
+                qualified = f"{owner}.{tname}" if owner else tname
+                if qualified not in names:
+                    names.append(qualified)
+    return {key: found[key] for key in wanted if key in found}
+
+
+def untie(layer: AdaptedLayer, slot: str) -> None:
+    """Give ``layer`` its own copy of its shared weight ``slot`` (same values, strides, requires_grad);
+    the shared parameter is kept in ``adapter_state.untied`` for ``retie``."""
+    shared = layer._parameters[slot]
+    copy = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    layer._parameters[slot] = copy
+    layer.adapter_state.untied[slot] = shared
+
+
+def retie(layer: AdaptedLayer) -> None:
+    """Put back the shared parameters ``untie`` replaced (the layer's copies are dropped)."""
+    for slot, shared in layer.adapter_state.untied.items():
+        layer._parameters[slot] = shared
+    layer.adapter_state.untied.clear()
