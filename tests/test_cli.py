@@ -405,3 +405,36 @@ def test_line_bad_path(runs):
 def test_line_python_m(runs):
     out, _ = ok(runs, "python -m")
     assert out.startswith("usage: peftlite ") and all(c in out for c in ("inspect", "merge", "convert", "demo"))
+
+
+class Tied(nn.Module):
+    """An output Linear tied to an embedding, as transformers ties them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(self.emb(ids))
+
+
+def test_merge_refuses_a_tied_weight_unless_untie(tmp_path, capsys):
+    torch.manual_seed(0)
+    base = Tied()
+    weights = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items() if k != "out.weight"}, str(weights))
+    wrapped = peftlite.wrap(Tied(), "out", rank=2)
+    with torch.no_grad():
+        wrapped.out.lora.default.B.normal_()
+    adapter = peftlite.save(wrapped, tmp_path / "a.safetensors")
+    argv = ["merge", "--model", "test_cli:Tied", "--weights", weights, "--adapter", adapter, "--out",
+            tmp_path / "m.safetensors"]
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and "shared with emb.weight" in err and "untie=True" in err
+    rc, out, err = run(capsys, *argv, "--untie")
+    assert rc == 0, err
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    assert torch.equal(merged["emb.weight"], base.emb.weight)  # the embedding keeps W
+    assert not torch.equal(merged["out.weight"], base.emb.weight)  # the head has its merged copy

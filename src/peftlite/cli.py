@@ -166,12 +166,15 @@ def cmd_merge(args) -> int:
         detail = " ".join(str(e).split())[:300]
         raise CliError(f"{args.weights} does not fit {args.model} ({detail}); pass the constructor "
                        "arguments it was built with (e.g. --kw num_classes=10)") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CliError(f"{args.weights} does not fit {args.model}: missing {result.missing_keys[:3]}, "
+    current = model.state_dict()
+    loaded = {current[k].data_ptr() for k in state if k in current}
+    missing = [k for k in result.missing_keys if current[k].data_ptr() not in loaded]  # a tied key is there
+    if missing or result.unexpected_keys:
+        raise CliError(f"{args.weights} does not fit {args.model}: missing {missing[:3]}, "
                        f"unexpected {result.unexpected_keys[:3]}; pass the constructor arguments it was "
                        "built with (e.g. --kw num_classes=10)")
     native.load(model, args.adapter)
-    unwrap(model, merge=True)
+    unwrap(model, merge=True, untie=args.untie)
     write_file(args.out, file_tensors(model.state_dict()), {"format": "pt"}, "merge")
     print(f"wrote {args.out}: {args.model} with {args.adapter} merged ({len(model.state_dict())} tensors)")
     return 0
@@ -212,6 +215,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="merged weights to write (.safetensors)")
     s.add_argument("--kw", action="append", default=[], metavar="NAME=VALUE",
                    help="constructor argument for --model, e.g. num_classes=10 (JSON values); repeatable")
+    s.add_argument("--untie", action="store_true",
+                   help="merge a layer whose weight another module shares (tied embeddings) into a copy of its own")
     s.set_defaults(run=cmd_merge)
     s = sub.add_parser("convert", help="peftlite file <-> PEFT directory (no model needed)")
     s.add_argument("src", help="input: a peftlite file or a PEFT adapter directory")
