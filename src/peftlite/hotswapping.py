@@ -122,6 +122,9 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
     _refuse_busy(model, "hotswap")
     _, tensors, config = native.read_any(path, model)
     tensors, config = schema.renamed(tensors, config, name)
+    for key, t in tensors.items():  # as load does: a diverged adapter is refused
+        if schema.adapter_layer(key, config["layers"]) is not None and native.non_finite(t):
+            raise ValueError(f"hotswap: {path} holds non-finite values (NaN or Inf) in {key}; the model is unchanged")
     max_rank, union = state.hotswap["max_rank"], state.hotswap["layers"]
     modules = dict(model.named_modules())
     for lname, entry in config["layers"].items():

@@ -1,8 +1,9 @@
 """save / load: one safetensors file per adapter, with its configuration in the file's metadata.
 
 Safety: nothing is unpickled; a save is atomic (temporary file, then ``os.replace``); a load checks every
-key, shape and dtype before it touches the model, and on any error, even one raised while the values
-are being copied in, leaves the model exactly as it was.
+key, shape and dtype (from the file's header) before it touches the model, then reads the file one tensor
+at a time as it copies the values in, refusing NaN and Inf in adapter tensors; on any error, even one
+raised while the values are being copied in, it leaves the model exactly as it was.
 
 dtype policy: a file stores tensors in the dtype they had, or in ``save(dtype=...)``. Loading casts each
 tensor to the device and dtype of the tensor it replaces: adapters created by wrap are fp32 (fp64 on an
@@ -13,6 +14,7 @@ replace.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -36,7 +38,7 @@ from ..wrapping import (
     wrap_state,
 )
 from . import peft, schema
-from ._safetensors import file_tensors, read_file, write_file
+from ._safetensors import TensorFile, file_tensors, write_file
 from .schema import AdapterFileError
 
 METADATA_KEY = "peftlite"
@@ -96,6 +98,9 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
         raise ValueError(f"save: dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
     adapter = _which(state, name, "save")
     tensors = saved_tensors(model, state, [adapter] if adapter else [])
+    if any(t.is_meta for t in tensors.values()):
+        raise ValueError("save: the adapter's tensors are on the meta device and hold no values; call "
+                         "model.to_empty(device=...) and train or load the adapter first")
     if include is not None:
         keep = set(selection.select_tensors(model, include, "save include", names=list(tensors)))
         tensors = {k: t for k, t in tensors.items() if k in keep}
@@ -111,28 +116,63 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
 
 def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: dict[str, Any],
           dtype: torch.dtype | None = None) -> str:
-    """Write tensors and a peftlite config as one safetensors file, atomically."""
+    """Write tensors and a peftlite config as one safetensors file, atomically.
+
+    Sharded tensors (FSDP2's DTensors) are gathered whole (``file_tensors``, a collective): call it on
+    every rank. Every rank then writes the same tensors; the writes are atomic, so ranks may share a path.
+    """
     meta = {"format": "pt", METADATA_KEY: json.dumps(config, separators=(",", ":"))}
     return write_file(path, file_tensors(tensors, dtype), meta, "save")
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and config of a peftlite adapter file.
+def _refuse_meta(model: nn.Module, what: str, then: str) -> None:
+    """A model on the meta device holds no values: nowhere to load values to (they would be dropped)."""
+    if any(t.is_meta for t in model.state_dict().values()):
+        raise ValueError(f"{what}: the model has tensors on the meta device, which hold no values; call "
+                         f"model.to_empty(device=...) and {then} first")
 
-    Raises:
-        FileNotFoundError: no such file.
-        AdapterFileError: truncated, corrupt, not safetensors, or not a peftlite adapter (names the reason).
-    """
-    path = os.fspath(path)
-    tensors, meta = read_file(path)
+
+def _config(path: str, meta: Mapping[str, str]) -> dict[str, Any]:
+    """The validated peftlite config in a safetensors file's metadata."""
     if METADATA_KEY not in meta:
         raise AdapterFileError(f"{path}: a safetensors file without peftlite metadata; it is not a peftlite "
                                "adapter file")
     try:
         config = json.loads(meta[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise AdapterFileError(f"{path}: corrupt peftlite metadata ({e})") from None
-    return tensors, schema.validate(config, path)
+    except (ValueError, RecursionError) as e:  # not JSON, or nested deeper than Python's recursion limit
+        raise AdapterFileError(f"{path}: corrupt peftlite metadata ({type(e).__name__}: {e})") from None
+    return schema.validate(config, path)
+
+
+def open_file(path: str | os.PathLike) -> tuple[TensorFile, dict[str, Any]]:
+    """A peftlite adapter file opened to be read tensor by tensor, and its config; only the header is read.
+
+    The config is validated, and checked against the tensors' shapes (a layer's rank against its A and B).
+
+    Raises:
+        FileNotFoundError: no such file.
+        AdapterFileError: truncated, corrupt, not safetensors, or not a peftlite adapter (names the reason).
+    """
+    f = TensorFile(path)
+    try:
+        config = _config(f.path, f.metadata)
+        schema.check_shapes(config, {k: tuple(t.shape) for k, t in f.specs.items()}, f.path)
+    except BaseException:
+        f.close()
+        raise
+    return f, config
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and config of a peftlite adapter file (every tensor read; ``load`` reads one at a time).
+
+    Raises:
+        FileNotFoundError: no such file.
+        AdapterFileError: truncated, corrupt, not safetensors, or not a peftlite adapter (names the reason).
+    """
+    f, config = open_file(path)
+    with f:
+        return {k: f[k] for k in f}, config
 
 
 def read_any(path: str | os.PathLike, model: nn.Module | None = None, name: str | None = None):
@@ -168,30 +208,111 @@ def _compare(path, expected: Mapping[str, torch.Tensor], found: Mapping[str, tor
                              f"{'floating' if current.is_floating_point() else 'non-floating'} tensor there")
 
 
-def _check_fresh(model: nn.Module, config: dict, heads: Mapping[str, nn.Module] | None) -> dict[str, nn.Module]:
-    """For an unwrapped model: check the file's layers, heads and trainable names; return the heads to put in."""
+def _check_fresh(model: nn.Module, path, config: dict, heads: Mapping[str, nn.Module] | None,
+                 found: Mapping[str, torch.Tensor], adapter: str) -> dict[str, nn.Module]:
+    """For an unwrapped model: check the file's layers, heads and trainable names; return the heads to put in.
+
+    Everything is checked against the file's shapes before a head or an adapter is allocated, so a
+    corrupt entry (a huge rank, a huge head) fails here instead of allocating what the file does not hold.
+    """
     heads = dict(heads or {})
     unknown = [n for n in heads if n not in config["heads"]]
     if unknown:
-        raise ValueError(f"heads={unknown} are not heads in the file (it has {list(config['heads'])})")
+        raise ValueError(f"heads={unknown} are not heads in {path} (it has {list(config['heads'])})")
     modules = dict(model.named_modules())
     built = {}
     for name, entry in config["heads"].items():
         if name not in modules:
-            raise ValueError(f"the file has a head {name!r}, but the model has no module of that name to replace")
-        built[name] = heads.get(name) or schema.build_head(entry)
-        if built[name] is None:
-            raise ValueError(f"head {name!r} is a {entry['type']}, which load cannot re-create; pass it again: "
-                             f"load(model, path, heads={{{name!r}: module}})")
+            raise ValueError(f"{path}: the file has a head {name!r}, but the model has no module of that name to "
+                             "replace")
+        if name in heads:
+            built[name] = heads[name]
+            continue
+        with torch.device("meta"):
+            shell = schema.build_head(entry)
+        if shell is None:
+            raise ValueError(f"{path}: head {name!r} is a {entry['type']}, which load cannot re-create; pass it "
+                             f"again: load(model, path, heads={{{name!r}: module}})")
+        _check_head(model, path, name, shell, found)
+        built[name] = schema.build_head(entry)
     for name, entry in config["layers"].items():
         if under(name, list(built)):
-            raise ValueError(f"the file adapts {name!r}, which lies under a head it replaces")
-        schema.check_layer(name, modules.get(name), entry)
+            raise ValueError(f"{path}: the file adapts {name!r}, which lies under a head it replaces")
+        schema.check_layer(name, modules.get(name), entry, path)
     params = dict(model.named_parameters())
     for name in config["trainable"]:
         if name not in modules and name not in params:
-            raise ValueError(f"the file trains {name!r}, which the model does not have")
+            raise ValueError(f"{path}: the file trains {name!r}, which the model does not have")
+    _check_adapter_shapes(path, modules, config, found, adapter)
     return built
+
+
+def _check_head(model: nn.Module, path, name: str, shell: nn.Module, found: Mapping[str, torch.Tensor]) -> None:
+    """A head as its entry would build it (``shell``, on meta) must fit the file's tensors; one the file holds
+    no values for may not be larger than the whole model (a corrupt entry, not a head)."""
+    expected = {f"{name}.{k}": t for k, t in shell.state_dict().items()}
+    _compare(path, expected, {k: found[k] for k in expected if k in found}, strict=False, partial=True)
+    unbacked = sum(t.numel() for k, t in expected.items() if k not in found)
+    if unbacked > sum(p.numel() for p in model.parameters()):
+        raise AdapterFileError(f"{path}: head {name!r} would hold {unbacked} values that the file does not have, "
+                               "more than the whole model; its entry is corrupt")
+
+
+def _check_adapter_shapes(path, modules: dict[str, nn.Module], config: dict, found: Mapping[str, torch.Tensor],
+                          adapter: str) -> None:
+    """Before adapters are attached: the file's A and B must have the shapes attaching them will allocate,
+    and a layer the file holds no values for may not have a rank above the layer's full rank."""
+    for name, entry in config["layers"].items():
+        module = modules[name]
+        want = schema.adapter_keys(name, module, entry["rank"], adapter, entry.get("variant", "lora"))
+        for key, shape in want.items():
+            if key in found and tuple(found[key].shape) != tuple(shape):
+                raise ValueError(f"{path}: {key} has shape {tuple(found[key].shape)} in the file, but the model "
+                                 f"expects {tuple(shape)} (rank {entry['rank']} on its {name})")
+        full = min(min(a[1], b[0]) for a, b in registry.adapter_shapes(module, 1).values())
+        if entry["rank"] > full and not all(k in found for k in want):
+            raise AdapterFileError(f"{path}: layer {name!r} has rank {entry['rank']}, above the layer's full rank "
+                                   f"{full}, and the file holds no values for it; its entry is corrupt")
+
+
+def non_finite(t: torch.Tensor) -> int:
+    """How many NaN or Inf values ``t`` holds.
+
+    A float64 sum is finite exactly when every value is (no sum of float32 or narrower values overflows
+    it): one pass, no temporary tensor. Only when it is not are the values counted, in chunks.
+    """
+    if not t.is_floating_point():
+        return 0
+    wide = t.element_size() > 1  # float8 has no sum: counted as float32
+    if wide and math.isfinite(float(t.sum(dtype=torch.float64))):
+        return 0
+    chunks = t.reshape(-1).split(1 << 22)
+    return sum(c.numel() - int(torch.isfinite(c if wide else c.float()).sum()) for c in chunks)
+
+
+class _Values(Mapping):
+    """The file's tensors under the model's keys, read when asked (``_copy_in`` reads one at a time); an
+    adapter tensor that holds NaN or Inf is refused as it is read."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], keys: dict[str, str], layers: dict, path):
+        self._source, self._keys, self._path = source, keys, path
+        self._adapter = {k for k in keys if schema.adapter_layer(k, layers) is not None}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self._source[self._keys[key]]
+        if key in self._adapter:
+            bad = non_finite(t)
+            if bad:
+                raise AdapterFileError(f"{self._path}: {key} holds {bad} non-finite value(s) (NaN or Inf) of "
+                                       f"{t.numel()}; load refuses them (a diverged training?), and "
+                                       "peftlite.formats.native.read still reads the file to inspect it")
+        return t
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _wrap_as_file(model: nn.Module, config: dict, built: dict[str, nn.Module]) -> None:
@@ -218,11 +339,21 @@ def _hparams(entry: dict) -> tuple:
 
 
 def _copy_in(model: nn.Module, tensors: Mapping[str, torch.Tensor], layers: dict, adapter: str) -> None:
+    """Copy file values into the model's tensors; a sharded one (FSDP2's DTensor) takes its own slice.
+
+    Every rank reads the whole file, so a DTensor's shard is cut locally (``distribute_tensor`` with
+    ``src_data_rank=None``): no communication, and ranks may load at different times.
+    """
     current = model.state_dict(keep_vars=True)
+    dtensor = getattr(torch.distributed, "tensor", None)  # there once imported: a DTensor exists only then
     with torch.no_grad():
         for key, value in tensors.items():
             if key in current:
-                current[key].copy_(value)
+                target = current[key]
+                if dtensor is not None and isinstance(target, dtensor.DTensor) and type(value) is torch.Tensor:
+                    value = dtensor.distribute_tensor(value.to(target.dtype), target.device_mesh,
+                                                      target.placements, src_data_rank=None)
+                target.copy_(value)
     modules = dict(model.named_modules())
     for name, entry in layers.items():  # the file's alpha is the scale its values were trained at
         module = modules.get(name)
@@ -249,66 +380,97 @@ def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Modul
     The adapter takes ``name`` (default: the name it was saved under). Tensors are cast to the device and
     dtype of the tensors they replace. All or nothing: on any error the model is left exactly as it was.
 
+    Memory: a peftlite file is streamed. Its header (every key, shape and dtype) is checked against the
+    model first, then its tensors are read one at a time as they are copied in; so beyond the adapter
+    tensors it creates, a load holds one of the file's tensors, plus a copy of the tensors it overwrites
+    in place (kept to undo a load that fails midway). A PEFT directory is read whole, then translated.
+
+    Non-finite values: an adapter tensor (A, B, a DoRA magnitude) holding NaN or Inf is refused with an
+    AdapterFileError naming the tensor and the count, and the model is left as it was; there is no
+    option to load one (``peftlite.formats.native.read`` still reads such a file, to inspect it). Heads
+    and trainable tensors are loaded as saved: a buffer may hold -inf by design (an attention mask).
+
     Raises:
-        FileNotFoundError / AdapterFileError: the file cannot be read (the model is unchanged).
+        FileNotFoundError: no such path (an OSError, as ``open`` raises; the model is unchanged).
+        AdapterFileError: the file cannot be read, or is corrupt: truncated, a malformed header or
+            config, a config that contradicts the tensors, non-finite adapter values (a ValueError; it
+            names the file and what is wrong; the model is unchanged).
+        PeftFormatError: a PEFT directory that peftlite cannot translate exactly (a ValueError).
         ValueError: keys, shapes or dtypes do not fit the model (names the key, expected and found shapes).
     """
     if name is not None:
         check_name(name, "load")
-    _, tensors, config = read_any(path, model, name)
-    adapter = name or schema.adapter_name(config)
-    tensors, config = schema.renamed(tensors, config, adapter)
-    partial = bool(config.get("partial", False))
-    state = wrap_state(model)
-    if state is None:
-        built = _check_fresh(model, config, heads)
-        replaced = {n: model.get_submodule(n) for n in built}
-        try:
-            _wrap_as_file(model, config, built)
-            _compare(path, saved_tensors(model, wrap_state(model), [adapter]), tensors, strict, partial)
-            _copy_in(model, tensors, config["layers"], adapter)
-        except BaseException:
-            _undo_wrap(model, replaced)
-            raise
-        return model
-    if heads:
-        raise ValueError("heads= is only for loading into an unwrapped model; this model is already wrapped")
-    if adapter in state.adapters or not config["layers"]:  # an adapter the model has, or heads only
-        return _load_values(model, path, tensors, config, adapter, strict, partial)
-    return _load_new(model, path, tensors, config, adapter, strict, partial)
+    _refuse_meta(model, "load", "load the base weights into it")
+    source, config = peft.read(path, model, name) if os.path.isdir(path) else open_file(path)
+    try:
+        found = source.specs if isinstance(source, TensorFile) else {k: t.to("meta") for k, t in source.items()}
+        adapter = name or schema.adapter_name(config)
+        keys, config = schema.renamed({k: k for k in found}, config, adapter)  # the model's key -> the file's
+        found = {k: found[f] for k, f in keys.items()}  # shapes and dtypes only: nothing read yet
+        values = _Values(source, keys, config["layers"], path)
+        partial = bool(config.get("partial", False))
+        state = wrap_state(model)
+        if state is None:
+            built = _check_fresh(model, path, config, heads, found, adapter)
+            replaced = {n: model.get_submodule(n) for n in built}
+            kept = {k: t.detach().clone() for k, t in model.state_dict().items()  # trainable: written in place
+                    if k in found and not under(k, list(built))}
+            try:
+                _wrap_as_file(model, config, built)
+                _compare(path, saved_tensors(model, wrap_state(model), [adapter]), found, strict, partial)
+                _copy_in(model, values, config["layers"], adapter)
+            except BaseException:
+                _undo_wrap(model, replaced)
+                _copy_in(model, kept, {}, adapter)
+                raise
+            return model
+        if heads:
+            raise ValueError("heads= is only for loading into an unwrapped model; this model is already wrapped")
+        if adapter in state.adapters or not config["layers"]:  # an adapter the model has, or heads only
+            return _load_values(model, path, found, values, config, adapter, strict, partial)
+        return _load_new(model, path, found, values, config, adapter, strict, partial)
+    finally:
+        if isinstance(source, TensorFile):
+            source.close()
 
 
 def _check_layers(model: nn.Module, path, config: dict, adapter: str, strict: bool, new: bool) -> None:
     modules = dict(model.named_modules())
     state = wrap_state(model)
+    for name, entry in config["heads"].items():  # a head's values fit its shapes; its entry must fit too
+        if name in state.heads and name in modules:
+            mine = schema.head_entry(modules[name])
+            diff = ", ".join(f"{k}: file {entry[k]!r}, model {v!r}" for k, v in mine.items() if entry.get(k, v) != v)
+            if diff:
+                raise ValueError(f"{path}: the file's head {name!r} differs from the model's ({diff})")
     for name, entry in config["layers"].items():
         module = modules.get(name)
         if new:
             if under(name, state.heads):
                 raise ValueError(f"{path}: the file adapts {name!r}, which lies under the head {name!r} replaces")
-            schema.check_layer(name, module, entry)
+            schema.check_layer(name, module, entry, path)
             registry.check_adaptable(name, module, adapter)
         elif not isinstance(module, AdaptedLayer) or adapter not in module.lora:
             if strict:
                 raise ValueError(f"{path}: the file adapts {name!r}, which has no adapter {adapter!r} in this model")
         else:
-            schema.check_layer(name, module, entry)
+            schema.check_layer(name, module, entry, path)
 
 
-def _load_values(model, path, tensors, config, adapter, strict, partial) -> nn.Module:
+def _load_values(model, path, found, values, config, adapter, strict, partial) -> nn.Module:
     """Load the file's values into the model's adapter ``adapter`` (and its heads), all or nothing."""
     merged = [n for n, m in adapted_layers(model) if m.adapter_state.merged and adapter in m.adapter_state.active]
     if merged:
         raise ValueError(f"load: adapter {adapter!r} is merged into the weights ({merged[0]}, ...); call "
                          "peftlite.unmerge(model) first")
     current = saved_tensors(model, wrap_state(model), [adapter])
-    _compare(path, current, tensors, strict, partial)
+    _compare(path, current, found, strict, partial)
     _check_layers(model, path, config, adapter, strict, new=False)
-    backup = {k: current[k].detach().clone() for k in tensors if k in current}
+    backup = {k: current[k].detach().clone() for k in found if k in current}
     pairs = [p for _, m in adapted_layers(model) if adapter in m.lora for p in m.pairs(adapter).values()]
     alphas = [(p.alpha, p.rank_scaling) for p in pairs]
     try:
-        _copy_in(model, tensors, config["layers"], adapter)
+        _copy_in(model, values, config["layers"], adapter)
     except BaseException:
         _copy_in(model, backup, {}, adapter)
         for p, (alpha, rank_scaling) in zip(pairs, alphas, strict=True):
@@ -317,11 +479,12 @@ def _load_values(model, path, tensors, config, adapter, strict, partial) -> nn.M
     return model
 
 
-def _load_new(model, path, tensors, config, adapter, strict, partial) -> nn.Module:
+def _load_new(model, path, found, values, config, adapter, strict, partial) -> nn.Module:
     """Add the file's adapter to a wrapped model as a new, inactive adapter ``adapter``, all or nothing."""
     state = wrap_state(model)
     _check_layers(model, path, config, adapter, strict, new=True)
     modules = dict(model.named_modules())
+    _check_adapter_shapes(path, modules, config, found, adapter)
     shared = {k: t.detach().clone() for k, t in saved_tensors(model, state, [adapter]).items()}  # heads: no adapter yet
     try:
         for lname, entry in config["layers"].items():
@@ -332,9 +495,9 @@ def _load_new(model, path, tensors, config, adapter, strict, partial) -> nn.Modu
         state.adapters.append(adapter)
         apply_active(model, state)
         apply_adapter_grads(model, state)
-        _compare(path, saved_tensors(model, state, [adapter]), tensors, strict, partial)
-        changed = [k for k, t in shared.items() if k in tensors and not torch.equal(t, tensors[k].to(t))]
-        _copy_in(model, tensors, config["layers"], adapter)
+        _compare(path, saved_tensors(model, state, [adapter]), found, strict, partial)
+        changed = [k for k, t in shared.items() if k in values and not torch.equal(t, values[k].to(t))]
+        _copy_in(model, values, config["layers"], adapter)
     except BaseException:
         _copy_in(model, shared, {}, adapter)
         for _, layer in adapted_layers(model):
@@ -350,6 +513,8 @@ def _load_new(model, path, tensors, config, adapter, strict, partial) -> nn.Modu
                       f"{len(changed)} of them ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})",
                       UserWarning, stacklevel=3)
     return model
+
+
 def _undo_wrap(model: nn.Module, replaced: dict[str, nn.Module]) -> None:
     """Take back a load's wrap of a fresh model: adapters dropped, the modules its heads replaced put back."""
     if wrap_state(model) is not None:

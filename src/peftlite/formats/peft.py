@@ -81,7 +81,8 @@ def read_raw(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     config_path = os.path.join(path, CONFIG_NAME)
     weights_path = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(config_path):
-        subs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_NAME)))
+        subs = sorted(d for d in os.listdir(path)  # not a save's temporary folder, left by a killed process
+                      if os.path.isfile(os.path.join(path, d, CONFIG_NAME)) and not d.startswith(".peftlite-"))
         hint = f"; adapters found in subfolders: {', '.join(subs)}" if subs else ""
         raise AdapterFileError(f"{path}: a folder without {CONFIG_NAME}, so not a PEFT adapter directory{hint}")
     if not os.path.isfile(weights_path):
@@ -93,8 +94,8 @@ def read_raw(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"{config_path}: not readable JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON; too deeply nested
+        raise AdapterFileError(f"{config_path}: not readable JSON ({type(e).__name__}: {e})") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{config_path}: not a JSON object")
     tensors, _ = read_file(weights_path)
@@ -113,12 +114,47 @@ def _check_config(path: str, config: dict[str, Any]) -> None:
         raise PeftFormatError(f"{path}: bias={config['bias']!r} trains the base layers' biases, which peftlite's "
                               "LoRA does not support; only bias='none' adapters can be read")
     for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise PeftFormatError(f"{path}: {key} must be a positive number, got {value!r}")
+        if not _positive(config.get(key)):
+            raise PeftFormatError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
             raise PeftFormatError(f"{path}: {key} must be a JSON object, got {config[key]!r}")
+        for pattern, value in patterns.items():
+            _regex(path, key, pattern)
+            if not _positive(value):
+                raise PeftFormatError(f"{path}: {key}[{pattern!r}] must be a positive number, got {value!r}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        _regex(path, "target_modules", targets)
+    elif not (targets is None or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise PeftFormatError(f"{path}: target_modules must be a regex or a list of module names, got {targets!r}")
+    save = config.get("modules_to_save")
+    if not (save is None or isinstance(save, list) and all(isinstance(t, str) and t for t in save)):
+        raise PeftFormatError(f"{path}: modules_to_save must be a list of module names, got {save!r}")
+    dropout = config.get("lora_dropout") or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise PeftFormatError(f"{path}: lora_dropout must be a probability in [0, 1), got {dropout!r}")
+    for key in ("use_dora", "use_rslora"):
+        if not isinstance(config.get(key, False), bool):
+            raise PeftFormatError(f"{path}: {key} must be true or false, got {config[key]!r}")
+
+
+def _positive(value: object) -> bool:
+    """A positive finite number (JSON also gives NaN, Infinity and booleans)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond a float's range
+        return False
+
+
+def _regex(path: str, key: str, pattern: object) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError, RecursionError) as e:
+        raise PeftFormatError(f"{path}: {key} has {pattern!r}, which is not a regular expression ({e})") from None
 
 
 def _pattern_value(patterns: dict[str, Any], name: str, default):
@@ -179,6 +215,9 @@ def _layer(where: str, name: str, a: torch.Tensor, b: torch.Tensor, config: dict
            module: nn.Module | None) -> dict[str, Any]:
     """peftlite's config entry for one PEFT lora_A/lora_B pair, after checking it."""
     shapes = f"lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}"
+    if a.dim() not in (2, 4) or b.dim() != a.dim():
+        raise PeftFormatError(f"{where}: {name} has {shapes}; only Linear and Conv2d adapters are supported "
+                              "(not Conv1d, Conv3d or Embedding)")
     r = a.shape[0]
     if a.dim() == 4 and b.dim() == 4 and b.shape[1] != r and b.shape[1] and r % b.shape[1] == 0:
         raise PeftFormatError(f"{where}: {name} is a grouped-conv adapter ({shapes}); PEFT's grouped-conv "
@@ -290,7 +329,7 @@ def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: s
         raise PeftFormatError(f"{where}: holds no LoRA or modules_to_save tensors")
     source = {"format": "peft", "peft_version": config.get("peft_version"),
               "base_model_name_or_path": config.get("base_model_name_or_path")}
-    return out, schema.file_config(layers, {}, trainable, False, False, source=source)
+    return out, schema.validate(schema.file_config(layers, {}, trainable, False, False, source=source), where)
 
 
 def folder_of(path: str | os.PathLike, name: str | None) -> str:

@@ -9,9 +9,12 @@ by ``validate``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..functional import ConvGeometry
@@ -62,8 +65,14 @@ def renamed(tensors: dict, config: dict[str, Any], name: str) -> tuple[dict, dic
 
 
 def _positive(value: object, integral: bool) -> bool:
+    """A positive int (``integral``) or a positive finite real, never a bool."""
     kind = numbers.Integral if integral else numbers.Real
-    return isinstance(value, kind) and not isinstance(value, bool) and value > 0
+    if not isinstance(value, kind) or isinstance(value, bool) or not value > 0:
+        return False
+    try:
+        return integral or math.isfinite(value)
+    except OverflowError:  # an int beyond a float's range
+        return False
 
 
 def validate(config: object, where: str) -> dict[str, Any]:
@@ -81,6 +90,8 @@ def validate(config: object, where: str) -> dict[str, Any]:
     for key, kind in (("layers", dict), ("heads", dict), ("trainable", list), ("train_bn", bool)):
         if not isinstance(config.get(key), kind):
             raise bad(f"peftlite metadata lacks {key!r} or it is not a {kind.__name__}")
+    if not isinstance(config.get("partial", False), bool):
+        raise bad(f"partial is {config['partial']!r}, not true or false")
     for name, entry in config["layers"].items():
         if not isinstance(entry, dict) or entry.get("kind") not in KINDS:
             raise bad(f"layer entry {name!r} is malformed (no kind among {', '.join(KINDS)})")
@@ -90,8 +101,9 @@ def validate(config: object, where: str) -> dict[str, Any]:
         dropout = entry.get("dropout", 0.0)
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise bad(f"layer {name!r} has dropout {dropout!r}, not a probability in [0, 1)")
-        if not isinstance(entry.get("slots", ["weight"]), list):
-            raise bad(f"layer {name!r} has slots {entry.get('slots')!r}, not a list")
+        slots = entry.get("slots", ["weight"])
+        if not isinstance(slots, list) or not all(isinstance(s, str) for s in slots):
+            raise bad(f"layer {name!r} has slots {slots!r}, not a list of names")
         if entry.get("variant", "lora") not in ("lora", "dora"):
             raise bad(f"layer {name!r} has variant {entry.get('variant')!r}; this peftlite knows 'lora' and 'dora'")
         if entry.get("rank_scaling", "linear") not in ("linear", "sqrt"):
@@ -100,12 +112,30 @@ def validate(config: object, where: str) -> dict[str, Any]:
     for name, entry in config["heads"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
             raise bad(f"head entry {name!r} is malformed (no type)")
+        try:
+            with torch.device("meta"):  # shapes only: nothing is allocated, however large the entry says
+                build_head(entry)
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            raise bad(f"head {name!r} cannot be built from its entry ({type(e).__name__}: {e})") from None
     if not all(isinstance(t, str) for t in config["trainable"]):
         raise bad("trainable holds a name that is not a string")
     name = config.get("adapter", DEFAULT_ADAPTER)
     if not isinstance(name, str) or not name or "." in name:
         raise bad(f"adapter name {name!r} is not a non-empty string without dots")
     return config
+
+
+def check_shapes(config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Raise AdapterFileError if an adapter tensor contradicts its layer's rank: A is (rank, ...), B (..., rank)."""
+    for key, shape in shapes.items():
+        layer = adapter_layer(key, config["layers"])
+        part = key.rpartition(".")[2]
+        if layer is None or part not in ("A", "B"):
+            continue
+        rank = config["layers"][layer]["rank"]
+        if len(shape) != 2 or shape[0 if part == "A" else 1] != rank:
+            raise AdapterFileError(f"{where}: {key} has shape {tuple(shape)}, but its layer {layer!r} has rank "
+                                   f"{rank} (A is (rank, fan_in), B (out, rank)); the file contradicts itself")
 
 
 # ---- entries --------------------------------------------------------------------------------------
@@ -173,18 +203,23 @@ def adapter_layer(key: str, layers: dict[str, Any]) -> str | None:
     return None
 
 
-def check_layer(name: str, module: nn.Module | None, entry: dict[str, Any]) -> None:
-    """Raise ValueError if the model's module is not the layer the file's entry describes."""
+def check_layer(name: str, module: nn.Module | None, entry: dict[str, Any], where: str | None = None) -> None:
+    """Raise ValueError if the model's module is not the layer the file's entry describes (``where``: the file)."""
+    file = f"{where}: " if where else ""
     if module is None:
-        raise ValueError(f"the adapter file has a layer {name!r} that the model does not have")
+        raise ValueError(f"{file}the adapter file has a layer {name!r} that the model does not have")
     kind = registry.kind_of(module)
     if kind is None or kind.name != entry.get("kind"):
-        raise ValueError(f"{name}: the file adapts a {entry.get('kind')} layer, but the model's {name} is a "
+        raise ValueError(f"{file}{name}: the file adapts a {entry.get('kind')} layer, but the model's {name} is a "
                          f"{type(module).__name__}")
+    slots = list(kind.slots(module))
+    if entry.get("slots", slots) != slots:
+        raise ValueError(f"{file}{name}: the file adapts the slots {entry['slots']!r}, but the model's {name} has "
+                         f"{slots!r}")
     mine = layer_geometry(module)
     # null: not recorded (a conv converted from a PEFT file has no stride/padding/dilation/padding_mode)
     theirs = {k: entry.get(k, "missing") for k in mine}
     theirs = {k: mine[k] if v is None else v for k, v in theirs.items()}
     if mine != theirs:
         diff = ", ".join(f"{k}: file {theirs[k]!r}, model {mine[k]!r}" for k in mine if mine[k] != theirs[k])
-        raise ValueError(f"{name}: the file's layer geometry differs from the model's ({diff})")
+        raise ValueError(f"{file}{name}: the file's layer geometry differs from the model's ({diff})")
