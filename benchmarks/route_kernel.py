@@ -11,28 +11,18 @@ the torch loop HF PEFT runs for a mixed batch (per adapter in the batch: ``sub =
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 from torch import nn
 
-from peftlite.kernels.routing import library, route_linear_
+sys.path.insert(0, os.path.dirname(__file__))
+import run  # noqa: E402
+
+from peftlite.kernels.routing import library, route_linear_  # noqa: E402
 
 D, RANK, BATCH = 1024, 16, 64
-
-
-def timed(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each fn, run interleaved."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def loop_delta_(y: torch.Tensor, x: torch.Tensor, slots: list[int], A: list, B: list, scales: list) -> None:
@@ -75,7 +65,7 @@ def case(K: int, repeats: int) -> tuple[dict[str, float], float]:
 
     with torch.inference_mode():
         error = (kernel() - loop()).abs().max().item()
-        return timed({"base": base, "kernel": kernel, "loop": loop}, repeats), error
+        return run.timed({"base": base, "kernel": kernel, "loop": loop}, repeats), error
 
 
 def main() -> None:

@@ -45,6 +45,16 @@ def assert_unchanged(model, snap):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
 
 
+def group_of_param(groups):
+    """id(parameter) -> its optimizer group, checking that no parameter is in two groups."""
+    out = {}
+    for g in groups:
+        for p in g["params"]:
+            assert id(p) not in out, f"a parameter is in two groups ({g['name']})"
+            out[id(p)] = g
+    return out
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import peftlite
+from conftest import group_of_param
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +45,6 @@ def _vit_block(name: str) -> int:
 _NORM_OR_BIAS = re.compile(r"(\.bn\d|^bn1|downsample\.1|\bln(_\d)?)\.(weight|bias)$|\.bias$|_bias$")
 
 
-def _by_param(groups):
-    out = {}
-    for g in groups:
-        for p in g["params"]:
-            assert id(p) not in out, f"a parameter is in two groups ({g['name']})"
-            out[id(p)] = g
-    return out
-
-
 @pytest.mark.parametrize("which, block_of, n_blocks",
                          [("resnet", _resnet_block, 10), ("vit", _vit_block, 15)])
 def test_layer_decay_lrs_and_no_decay_are_exact(which, block_of, n_blocks, request):
@@ -62,7 +54,7 @@ def test_layer_decay_lrs_and_no_decay_are_exact(which, block_of, n_blocks, reque
     for i, b in enumerate(found):
         assert all(block_of(n) == i for n in b.params), b.name
     groups = peftlite.param_groups(model, 1.0, layer_decay=0.5, weight_decay=0.05)
-    of = _by_param(groups)
+    of = group_of_param(groups)
     params = dict(model.named_parameters())
     assert set(of) == {id(p) for p in params.values()}  # every trainable parameter, exactly once
     for name, p in params.items():
@@ -88,7 +80,7 @@ def test_only_trainable_params_with_first_matching_lr():
     peftlite.freeze(model)
     peftlite.unfreeze(model, "layer4", "fc")
     groups = peftlite.param_groups(model, 1e-3, lrs={"layer4.1.*": 1e-5, "layer4": 1e-4, "fc": 1e-2})
-    of = _by_param(groups)
+    of = group_of_param(groups)
     params = dict(model.named_parameters())
     trainable = {id(p) for n, p in params.items() if n.startswith(("layer4.", "fc."))}
     assert set(of) == trainable
@@ -103,7 +95,7 @@ def test_only_trainable_params_with_first_matching_lr():
 def test_lrs_compose_with_layer_decay():
     model = torchvision.models.resnet18(num_classes=3)
     groups = peftlite.param_groups(model, 1.0, lrs={"layer4.0": 0.1}, layer_decay=0.5)
-    of = _by_param(groups)
+    of = group_of_param(groups)
     assert of[id(model.layer4[0].conv1.weight)]["lr"] == pytest.approx(0.1 * 0.5 ** 2)
     assert of[id(model.layer4[1].conv1.weight)]["lr"] == pytest.approx(0.5)
     assert of[id(model.fc.weight)]["lr"] == 1.0
@@ -120,7 +112,7 @@ def test_no_decay_by_type_and_by_glob():
 
     net = Net()
     net.b.weight = nn.Parameter(torch.ones(4, 1))  # 2-D, still a norm's: no decay by type
-    of = _by_param(peftlite.param_groups(net, 1.0, weight_decay=0.1, no_decay=("tok*",)))
+    of = group_of_param(peftlite.param_groups(net, 1.0, weight_decay=0.1, no_decay=("tok*",)))
     wd = {n: of[id(p)]["weight_decay"] for n, p in net.named_parameters()}
     assert wd == {"token": 0.0, "a.weight": 0.1, "a.bias": 0.0, "b.weight": 0.0, "b.bias": 0.0,
                   "c.weight": 0.1}
@@ -132,7 +124,7 @@ def test_wrapped_model_adapters_join_their_layers_block(resnet):
     found = {n: b.name for b in peftlite.blocks(model) for n in b.params}
     assert found["layer3.1.conv2.lora.default.A"] == "layer3.1" and found["fc.weight"] == "head"
     groups = peftlite.param_groups(model, 1.0, layer_decay=0.5)
-    of = _by_param(groups)
+    of = group_of_param(groups)
     assert of[id(model.layer3[1].conv2.lora.default.B)]["lr"] == 0.5 ** 3
     assert len(of) == sum(p.requires_grad for p in model.parameters())
 
@@ -156,7 +148,7 @@ def test_timm_group_matcher_defines_the_blocks():
     assert block_of["head.weight"] == 4 == len(found) - 1
     assert [b.name for b in found] == ["cls_token+pos_embed+patch_embed", "blocks.0", "blocks.1",
                                        "blocks.2+norm", "head"]
-    of = _by_param(peftlite.param_groups(model, 1.0, weight_decay=0.1))
+    of = group_of_param(peftlite.param_groups(model, 1.0, weight_decay=0.1))
     assert of[id(model.pos_embed)]["weight_decay"] == 0.0  # timm's model.no_weight_decay()
 
 

@@ -15,18 +15,10 @@ import torchvision
 from torch import nn
 
 import peftlite
+from conftest import group_of_param
 from peftlite.layers import adapted_layers
 
 RATIO = 16.0
-
-
-def _by_param(groups):
-    out = {}
-    for g in groups:
-        for p in g["params"]:
-            assert id(p) not in out, f"a parameter is in two groups ({g['name']})"
-            out[id(p)] = g
-    return out
 
 
 def _pairs(model):
@@ -55,8 +47,8 @@ def _trainable(model):
 def test_b_gets_ratio_times_its_a_with_lrs_and_everything_else_is_unchanged(resnet):
     lrs = {"layer4.1": 1e-4, "layer3": 2e-4}
     groups = peftlite.param_groups(resnet, 1e-3, lrs=lrs, weight_decay=0.05, loraplus_ratio=RATIO)
-    plain = _by_param(peftlite.param_groups(resnet, 1e-3, lrs=lrs, weight_decay=0.05))
-    of = _by_param(groups)
+    plain = group_of_param(peftlite.param_groups(resnet, 1e-3, lrs=lrs, weight_decay=0.05))
+    of = group_of_param(groups)
     params = dict(resnet.named_parameters())
     assert set(of) == _trainable(resnet)  # every trainable parameter, exactly once
     pairs = _pairs(resnet)
@@ -81,7 +73,7 @@ def test_b_gets_ratio_times_its_a_with_lrs_and_everything_else_is_unchanged(resn
 @pytest.mark.parametrize("ratio", [RATIO, 2.5, 0.5])
 def test_ratio_applies_after_layer_decay_and_lrs_per_pair(resnet, ratio):
     groups = peftlite.param_groups(resnet, 1.0, lrs={"layer4.0": 0.1}, layer_decay=0.5, loraplus_ratio=ratio)
-    of = _by_param(groups)
+    of = group_of_param(groups)
     found = peftlite.blocks(resnet)
     block_of = {n: i for i, b in enumerate(found) for n in b.params}
     params = dict(resnet.named_parameters())
@@ -97,7 +89,7 @@ def test_ratio_applies_after_layer_decay_and_lrs_per_pair(resnet, ratio):
 def test_no_decay_patterns_reach_b_groups():
     model = _wrapped()
     groups = peftlite.param_groups(model, 1e-3, weight_decay=0.1, no_decay=("*.B",), loraplus_ratio=RATIO)
-    of = _by_param(groups)
+    of = group_of_param(groups)
     params = dict(model.named_parameters())
     for a, b in _pairs(model):
         assert (of[id(params[a])]["weight_decay"], of[id(params[a])]["name"]) == (0.1, "decay")
@@ -119,7 +111,7 @@ def test_pairs_follow_adapter_name_and_slot():
     peftlite.wrap(model, ["proj", "attn"], rank=3, name="other")
     peftlite.use(model, ["default", "other"])  # both train
     lrs = {"*.lora.other.*": 1e-2, "attn.lora.default.k_proj_weight.*": 1e-4}
-    of = _by_param(peftlite.param_groups(model, 1e-3, lrs=lrs, loraplus_ratio=RATIO))
+    of = group_of_param(peftlite.param_groups(model, 1e-3, lrs=lrs, loraplus_ratio=RATIO))
     params = dict(model.named_parameters())
     pairs = _pairs(model)
     assert len(pairs) == 2 * (1 + 1 + 3)  # per adapter: proj, out_proj, q/k/v
@@ -143,7 +135,7 @@ def test_magnitudes_keep_their_a_lr_and_head_biases_their_own():
     model = _add_magnitudes(_wrapped())
     groups = peftlite.param_groups(model, 1.0, lrs={"layer4.1": 0.1}, layer_decay=0.5, weight_decay=0.05,
                                    loraplus_ratio=RATIO)
-    of = _by_param(groups)
+    of = group_of_param(groups)
     assert set(of) == _trainable(model)
     params = dict(model.named_parameters())
     for a, b in _pairs(model):
@@ -160,7 +152,7 @@ def test_real_dora_magnitudes_go_with_a():
         pytest.skip("wrap has no variant= (DoRA) yet")
     torch.manual_seed(0)
     model = peftlite.wrap(Mixed(), ["proj"], rank=2, variant="dora")
-    of = _by_param(peftlite.param_groups(model, 1e-3, weight_decay=0.1, loraplus_ratio=RATIO))
+    of = group_of_param(peftlite.param_groups(model, 1e-3, weight_decay=0.1, loraplus_ratio=RATIO))
     lora = model.proj.lora.default
     assert of[id(lora.magnitude)]["lr"] == of[id(lora.A)]["lr"] == 1e-3
     assert of[id(lora.B)]["lr"] == pytest.approx(RATIO * 1e-3) and of[id(lora.magnitude)]["weight_decay"] == 0.0
@@ -186,7 +178,7 @@ def test_same_a_and_b_lrs_as_peft_create_loraplus_optimizer(dora):
     ours = peftlite.wrap(mlp(), ["0", "2"], rank=2)
     if dora:
         _add_magnitudes(ours)
-    of = _by_param(peftlite.param_groups(ours, 1e-3, weight_decay=0.01, loraplus_ratio=RATIO))
+    of = group_of_param(peftlite.param_groups(ours, 1e-3, weight_decay=0.01, loraplus_ratio=RATIO))
     params = dict(ours.named_parameters())
     for layer in ("0", "2"):
         for mine, peft_name in (("A", "lora_A"), ("B", "lora_B")):
@@ -207,7 +199,7 @@ def test_unfreezer_adds_loraplus_groups():
                                     and ".lora." in n}
     unfreezer = peftlite.Unfreezer(model, opt, {1: ["layer3.*.lora.*"]}, lr=1e-3, layer_decay=0.5, loraplus_ratio=4)
     assert [(g["name"], g["lr"], len(g["params"])) for g in opt.param_groups[:len(before)]] == before
-    of = _by_param(opt.param_groups)
+    of = group_of_param(opt.param_groups)
     params = dict(model.named_parameters())
     assert set(of) == expected  # each parameter exactly once
     found = peftlite.blocks(model)
@@ -258,7 +250,7 @@ def test_ratio_without_a_training_b_is_an_error():
 def test_b_only_training_follows_the_frozen_a():
     model = _wrapped()
     peftlite.freeze(model, "*.A")  # LoRA-FA style: A fixed, B trains
-    of = _by_param(peftlite.param_groups(model, 1.0, layer_decay=0.5, loraplus_ratio=RATIO))
+    of = group_of_param(peftlite.param_groups(model, 1.0, layer_decay=0.5, loraplus_ratio=RATIO))
     found = peftlite.blocks(model)
     block_of = {n: i for i, b in enumerate(found) for n in b.params}
     params = dict(model.named_parameters())
