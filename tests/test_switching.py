@@ -87,7 +87,8 @@ def test_use_sets_requires_grad_on_adapters_only_overriding_freeze():
     peftlite.wrap(m, "0", name="a", heads={"1": nn.Linear(4, 3)})
     peftlite.wrap(m, "0", name="b")
     peftlite.freeze(m, "*.lora.*")
-    peftlite.unfreeze(m, "0.weight")
+    with pytest.warns(UserWarning, match=r"not saved by peftlite\.save \(0\.weight\)"):
+        peftlite.unfreeze(m, "0.weight")
     peftlite.use(m, "a")
     trains = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trains == {"0.lora.a.A", "0.lora.a.B", "1.weight", "1.bias", "0.weight"}  # heads, base keep theirs
