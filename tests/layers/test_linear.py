@@ -49,6 +49,22 @@ def test_linear_function_under_cpu_autocast_bf16():
     assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_function_without_grad_gives_the_same_values(grad_off, autocast):
+    # Without grad the products run outside the autograd function: the same ops, so the same bits.
+    x, w, b, A, B = (t.detach() for t in _linear_case(torch.float32, (2, 16, 64), 48, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with_grad = _linear_autograd.lora_linear(x, w.requires_grad_(), b, A, B, 1.5)
+        with grad_off():
+            y = _linear_autograd.lora_linear(x, w, b, A, B, 1.5)
+        ref = F_.lora_linear(x, w, b, A, B, 1.5)
+    assert with_grad.grad_fn is not None and y.grad_fn is None
+    assert y.dtype == with_grad.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(y, with_grad.detach())
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2 if autocast else 1e-5, atol=5e-2 if autocast else 1e-5)
+
+
 def test_wrapped_linear_uses_it_and_saves_no_output_sized_tensor():
     model = nn.Sequential(nn.Linear(32, 24))
     peftlite.wrap(model, targets="0", rank=4)

@@ -11,6 +11,9 @@ It saves x, h and references to the parameters; nothing output-sized. Under auto
 in the autocast dtype (as ``F.linear`` would), and ``h`` is kept in fp32 (or wider) for ∂B. With dropout active
 in training the layer runs ``functional.lora_linear`` under plain autograd instead; that function is
 also the reference this one must match.
+
+Without grad (inference) ``lora_linear`` runs the same products directly, skipping the autograd
+function's Python overhead (~10 µs a call, 1–2% of a batch-1 t5-small forward).
 """
 
 from __future__ import annotations
@@ -24,16 +27,22 @@ from . import dora, routing
 from .base import AdaptedLayer, effective_weight_property
 
 
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float):
+    """``(y, h)``: the layer's output and the rank-sized ``h = x @ Aᵀ`` that backward needs."""
+    y = F.linear(x, weight, bias)  # (..., out), in the autocast dtype when autocast is on
+    # F.linear with a bias on (N, ..., in) returns a view of a 2-D result. Returned as such, autograd
+    # forbids in-place changes of the output (ReLU(inplace=True) after a Linear, as in torchvision's
+    # swin_v2). _unsafe_view, as aten::matmul uses, gives the same storage as a non-view: no copy.
+    y = torch.ops.aten._unsafe_view(y, y.shape)
+    h = F.linear(x, A.to(x.dtype))  # (..., r)
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), B.to(y.dtype).t(), alpha=scale)
+    return y, h
+
+
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float):
-        y = F.linear(x, weight, bias)  # (..., out), in the autocast dtype when autocast is on
-        # F.linear with a bias on (N, ..., in) returns a view of a 2-D result. Returned as such, autograd
-        # forbids in-place changes of the output (ReLU(inplace=True) after a Linear, as in torchvision's
-        # swin_v2). _unsafe_view, as aten::matmul uses, gives the same storage as a non-view: no copy.
-        y = torch.ops.aten._unsafe_view(y, y.shape)
-        h = F.linear(x, A.to(x.dtype))  # (..., r)
-        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), B.to(y.dtype).t(), alpha=scale)
+        y, h = _forward(x, weight, bias, A, B, scale)
         ctx.save_for_backward(x, weight, A, B, h.to(torch.promote_types(h.dtype, torch.float32)))  # fp32 at least
         ctx.scale = scale
         ctx.has_bias = bias is not None
@@ -65,6 +74,8 @@ class _LowRankLinear(torch.autograd.Function):
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``x @ Wᵀ + b + scale·(x @ Aᵀ) @ Bᵀ`` without dropout.  x: (..., in) -> (..., out)."""
+    if not torch.is_grad_enabled():  # inference: the same products, without the autograd function's ~10 µs
+        return _forward(x, weight, bias, A, B, scale)[0]
     return _LowRankLinear.apply(x, weight, bias, A, B, scale)
 
 
