@@ -13,7 +13,7 @@ in training the layer runs ``functional.lora_linear`` under plain autograd inste
 also the reference this one must match.
 
 Without grad (inference) ``lora_linear`` runs the same products directly, skipping the autograd
-function's Python overhead (~10 µs a call, 1–2% of a batch-1 t5-small forward).
+function's bookkeeping (a few µs a call: ``benchmarks/t5_reads.py --breakdown``).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class _LowRankLinear(torch.autograd.Function):
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``x @ Wᵀ + b + scale·(x @ Aᵀ) @ Bᵀ`` without dropout.  x: (..., in) -> (..., out)."""
-    if not torch.is_grad_enabled():  # inference: the same products, without the autograd function's ~10 µs
+    if not torch.is_grad_enabled():  # inference: the same products, without the autograd function
         return _forward(x, weight, bias, A, B, scale)[0]
     return _LowRankLinear.apply(x, weight, bias, A, B, scale)
 
