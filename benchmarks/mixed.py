@@ -1,6 +1,6 @@
 """Mixed-adapter batches: every row its own adapter, peftlite's per_sample against PEFT's adapter_names.
 
-    PYTHONPATH=src python benchmarks/mixed.py [--threads 1] [--repeats 15]
+    PYTHONPATH=src python benchmarks/mixed.py [--threads 1] [--repeats 15] [--breakdown]
 
 Used by benchmarks/run.py for the table in docs/performance.md. Inference (PEFT's path runs in eval mode
 only), one process, contenders interleaved, medians. The figure is the time a mixed batch adds over the
@@ -10,7 +10,10 @@ adapters on the Linear case).
 - Linear: two ``nn.Linear(1024, 1024)`` layers, r=16, batch 64, K = 4, 16, 64 adapters;
 - ResNet-50, every Conv2d adapted, r=8, batch 16 at 96 px, K = 4, 16, 64.
 
-Rows are spread over the K adapters at random with a fixed seed.
+Rows are spread over the K adapters at random with a fixed seed. ``--breakdown`` times the Linear case
+only, with two more variants of ours interleaved: the routing kernel's call replaced by a no-op ("no
+kernel": the route's setup and the layers' Python), and by its argument checks and factor table alone;
+then the time ``per_sample`` takes to enter and leave, for the two Linears and for ResNet-50 (16 adapters).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import run  # noqa: E402
 
 import peftlite  # noqa: E402
+from peftlite.kernels import routing as kernel  # noqa: E402
+from peftlite.layers import routing  # noqa: E402
 
 try:
     import peft
@@ -91,6 +96,48 @@ def measure(base: nn.Module, targets: list[str], rank: int, K: int, x: torch.Ten
         return run.timed({k: (lambda f=f: f(x)) for k, f in fns.items()}, repeats, warmup=2)
 
 
+def _checks_only(y, x, slots, A, B, scales) -> bool:
+    kernel._check_batch(y, x, slots, A, B, scales)
+    kernel._factors(A, B, x.shape[-1], y.shape[-1])
+    return True
+
+
+def _with_kernel(fn, stand_in):
+    """``fn`` with the routed Linear's kernel call replaced by ``stand_in`` (the output is then wrong)."""
+    def call(x):
+        routing.route_linear_ = stand_in
+        try:
+            return fn(x)
+        finally:
+            routing.route_linear_ = kernel.route_linear_
+    return call
+
+
+def breakdown(K: int, repeats: int) -> dict:
+    """The Linear case's medians, with ours also timed without its kernel call and with its checks alone."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024)).eval()
+    x = torch.randn(64, 1024)
+    route = torch.randint(0, K, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    fns = contenders(base, ["0", "1"], 16, K, route)
+    fns |= {"no kernel": _with_kernel(fns["ours"], lambda *args: True),
+            "checks only": _with_kernel(fns["ours"], _checks_only)}
+    with torch.no_grad():
+        return run.timed({k: (lambda f=f: f(x)) for k, f in fns.items()}, repeats, warmup=2)
+
+
+def route_setup(model: nn.Module, K: int, repeats: int) -> float:
+    """Median seconds of entering and leaving ``per_sample`` on ``model`` with K adapters on every target."""
+    for k in range(K):
+        peftlite.wrap(model, nn.Linear if isinstance(model, nn.Sequential) else nn.Conv2d, rank=8, name=f"a{k}")
+    rows = [f"a{k % K}" for k in range(64)]
+
+    def enter():
+        with peftlite.per_sample(model, rows):
+            pass
+    return run.timed({"setup": enter}, repeats, warmup=5)["setup"]
+
+
 def linear_case(K: int, repeats: int) -> dict:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024))
@@ -110,8 +157,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--breakdown", action="store_true", help="the Linear case only, ours in parts")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        print(f"{run.machine()}\n\n2 × Linear 1024, r=16, batch 64; ms added over the base")
+        for K in (16, 64):
+            t = breakdown(K, args.repeats)
+            print(f"K={K}: " + "  ".join(f"{k} {1e3 * (v - t['base']):.2f}" for k, v in t.items() if k != "base"))
+        from torchvision.models import resnet50
+
+        for name, model in (("2 × Linear", nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024))),
+                            ("ResNet-50 (53 convs)", resnet50())):
+            print(f"per_sample enter + exit, {name}, 16 adapters: {1e3 * route_setup(model, 16, 200):.3f} ms")
+        return
     print(f"{run.machine()}\n\n| case | K | base | peftlite adds | PEFT adds | ours ÷ PEFT (added) | "
           "throughput ÷ PEFT |")
     print("|---|---|---|---|---|---|---|")

@@ -209,6 +209,23 @@ def test_conv_routing_every_geometry(geom):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_routing_layers_holding_the_same_adapters_in_another_order():
+    # Layers share one route's index tensors only when they hold the same names in the same order.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    peftlite.wrap(m, ["0", "4"], rank=2, name="a")
+    peftlite.wrap(m, nn.Linear, rank=3, name="b")
+    peftlite.wrap(m, "2", rank=1, alpha=2.0, name="a")  # layer 2 holds (b, a); layers 0 and 4 hold (a, b)
+    randomize(m)
+    assert list(m[0].lora) == list(m[4].lora) == ["a", "b"] and list(m[2].lora) == ["b", "a"]
+    route = ["a", "b", None, "b", "a"]
+    x = torch.randn(len(route), 6, dtype=torch.float64)
+    want = each_row(m, x, route)
+    with torch.no_grad(), peftlite.per_sample(m, route):
+        got = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_routing_backward_trains_every_routed_adapter():
     m = mlp()
     peftlite.use(m, ["a", "b"])  # both require grad; the route decides who computes what

@@ -139,25 +139,40 @@ def delete(model: nn.Module, name: str) -> nn.Module:
 
 
 def _route(model: nn.Module, state: WrapState, rows: Sequence) -> dict[int, Routed]:
-    """Each adapted layer's share of the route: its adapter number per row (-1: base)."""
-    names = [None if n is None else known(state, n, "per_sample") for n in rows]
+    """Each adapted layer's share of the route: its adapter number per row (-1: base).
+
+    Layers that hold the same adapters, in the same order and on the same device, get the same index
+    tensors (read only): a deep model builds them once per route, not once per layer.
+    """
+    for name in rows:
+        if name is not None:
+            known(state, name, "per_sample")
+    shares: dict[tuple, tuple[torch.Tensor, tuple[int, ...], torch.Tensor]] = {}
     out = {}
     for lname, layer in adapted_layers(model):
-        local = {n: i for i, n in enumerate(layer.lora)}
-        numbers = [local.get(n, -1) if n is not None else -1 for n in names]
-        used = tuple(sorted({k for k in numbers if k >= 0}))
-        position = {k: i for i, k in enumerate(used)}
-        slots = torch.tensor(numbers, dtype=torch.int64)
-        packed = torch.tensor([position.get(k, -1) for k in numbers], dtype=torch.int64)
-        routed = bool(used)
-        if routed and not isinstance(layer, (LoraLinear, LoraConv2d)):
+        names = tuple(layer.lora)
+        key = (names, next(iter(layer.pairs(names[0]).values())).A.device)  # where the adapters live
+        if key not in shares:
+            shares[key] = _share(key[0], rows, key[1])
+        slots, used, packed = shares[key]
+        if used and not isinstance(layer, (LoraLinear, LoraConv2d)):
             raise ValueError(
                 f"per_sample: {lname} ({type(layer).__name__}) computes with its weight as a whole, so one batch "
                 f"cannot use a different adapter per row there; route adapters that do not adapt it, or run "
                 "the rows in separate batches with peftlite.use")
-        device = next(iter(layer.lora.parameters())).device
-        out[id(layer)] = Routed(lname, slots.to(device), routed, used, packed.to(device))
+        out[id(layer)] = Routed(lname, slots, bool(used), used, packed)
     return out
+
+
+def _share(names: tuple[str, ...], rows: Sequence, device: torch.device):
+    """``(slots, used, packed)`` of ``Routed`` for a layer holding adapters ``names`` (in that order)."""
+    local = {n: i for i, n in enumerate(names)}
+    numbers = [-1 if n is None else local.get(n, -1) for n in rows]
+    used = tuple(sorted({k for k in numbers if k >= 0}))
+    position = {k: i for i, k in enumerate(used)}
+    slots = torch.tensor(numbers, dtype=torch.int64, device=device)
+    packed = torch.tensor([position.get(k, -1) for k in numbers], dtype=torch.int64, device=device)
+    return slots, used, packed
 
 
 @contextlib.contextmanager
