@@ -85,17 +85,6 @@ def contenders(base: nn.Module, targets: list[str], rank: int, K: int, route: li
     return fns
 
 
-def measure(base: nn.Module, targets: list[str], rank: int, K: int, x: torch.Tensor, repeats: int) -> dict:
-    base.eval()
-    route = torch.randint(0, K, (x.shape[0],), generator=torch.Generator().manual_seed(0)).tolist()
-    fns = contenders(base, targets, rank, K, route)
-    with torch.no_grad():
-        want = fns["ours"](x)
-        if "peft" in fns:
-            torch.testing.assert_close(fns["peft"](x), want, rtol=1e-3, atol=1e-3)  # same adapters, same route
-        return run.timed({k: (lambda f=f: f(x)) for k, f in fns.items()}, repeats, warmup=2)
-
-
 def _checks_only(y, x, slots, A, B, scales) -> bool:
     kernel._check_batch(y, x, slots, A, B, scales)
     kernel._factors(A, B, x.shape[-1], y.shape[-1])
@@ -113,16 +102,19 @@ def _with_kernel(fn, stand_in):
     return call
 
 
-def breakdown(K: int, repeats: int) -> dict:
-    """The Linear case's medians, with ours also timed without its kernel call and with its checks alone."""
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024)).eval()
-    x = torch.randn(64, 1024)
-    route = torch.randint(0, K, (64,), generator=torch.Generator().manual_seed(0)).tolist()
-    fns = contenders(base, ["0", "1"], 16, K, route)
-    fns |= {"no kernel": _with_kernel(fns["ours"], lambda *args: True),
-            "checks only": _with_kernel(fns["ours"], _checks_only)}
+def measure(base: nn.Module, targets: list[str], rank: int, K: int, x: torch.Tensor, repeats: int,
+            breakdown: bool = False) -> dict:
+    """Medians of the contenders; ``breakdown`` adds ours without its kernel call and with its checks alone."""
+    base.eval()
+    route = torch.randint(0, K, (x.shape[0],), generator=torch.Generator().manual_seed(0)).tolist()
+    fns = contenders(base, targets, rank, K, route)
+    if breakdown:
+        fns |= {"no kernel": _with_kernel(fns["ours"], lambda *args: True),
+                "checks only": _with_kernel(fns["ours"], _checks_only)}
     with torch.no_grad():
+        want = fns["ours"](x)
+        if "peft" in fns:
+            torch.testing.assert_close(fns["peft"](x), want, rtol=1e-3, atol=1e-3)  # same adapters, same route
         return run.timed({k: (lambda f=f: f(x)) for k, f in fns.items()}, repeats, warmup=2)
 
 
@@ -138,10 +130,10 @@ def route_setup(model: nn.Module, K: int, repeats: int) -> float:
     return run.timed({"setup": enter}, repeats, warmup=5)["setup"]
 
 
-def linear_case(K: int, repeats: int) -> dict:
+def linear_case(K: int, repeats: int, breakdown: bool = False) -> dict:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024))
-    return measure(base, ["0", "1"], 16, K, torch.randn(64, 1024), repeats)
+    return measure(base, ["0", "1"], 16, K, torch.randn(64, 1024), repeats, breakdown)
 
 
 def resnet_case(K: int, repeats: int) -> dict:
@@ -163,7 +155,7 @@ def main() -> None:
     if args.breakdown:
         print(f"{run.machine()}\n\n2 × Linear 1024, r=16, batch 64; ms added over the base")
         for K in (16, 64):
-            t = breakdown(K, args.repeats)
+            t = linear_case(K, args.repeats, breakdown=True)
             print(f"K={K}: " + "  ".join(f"{k} {1e3 * (v - t['base']):.2f}" for k, v in t.items() if k != "base"))
         from torchvision.models import resnet50
 

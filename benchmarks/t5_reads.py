@@ -10,13 +10,13 @@ forward per call (``model(input_ids, decoder_input_ids=...)``).
 
 Shapes: batch 1 with 32 encoder / 8 decoder tokens (the goal: wrapped <= 1.15x base), and batch 4 with
 64 / 16. ``--bart`` adds bart-base-sized BART (no such reads: every adapted Linear is called) for
-comparison. ``--breakdown`` times, interleaved with those two, the wrapped model with its adapted
-Linears' forward swapped for: the base product alone ("reads only": what the wrapped reads and module
-calls cost), the adapter's products without the layer's bookkeeping ("products"), and the layer's own
-forward with its products run through the autograd function even without grad ("autograd fn", as before
-the forward skipped it there), and an unwrapped copy of the base ("base copy": the same work, so its
-distance from 1 is the measurement's own noise); then one adapted Linear's products alone, both ways,
-per call.
+comparison. ``--breakdown`` times four more variants, interleaved with those two: the wrapped model with
+its adapted Linears computing the base product alone ("reads only": what the wrapped reads and module
+calls cost), the adapter's products without the layer's bookkeeping ("products"), or the layer's own
+forward with its products run through the autograd function even without grad ("autograd fn", as
+before the forward skipped it there); and an unwrapped copy of the base ("base copy": the same work, so
+its distance from 1 is the measurement's own noise). Then one adapted Linear's products alone, both
+ways, per call.
 """
 
 from __future__ import annotations
