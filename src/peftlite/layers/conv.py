@@ -84,14 +84,10 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self._parameters["weight"]
-        geom = self.geometry
         route = routing.lookup(self)
         if route is not None and self.adapter_state.enabled:
-            pairs = self.weight_pairs()
-            As, Bs = [p._parameters["A"] for p in pairs], [p._parameters["B"] for p in pairs]
-            scales = [p.effective_scale for p in pairs]
-            return routing.conv2d(x, w, self.bias, route, geom, As, Bs, scales, [p.dropout for p in pairs],
-                                  routing.gains(w, pairs, As, Bs, scales, route), self.training)
+            return routing.conv2d(x, w, self.bias, route, self.geometry,
+                                  *routing.operands(w, self.weight_pairs(), route), self.training)
         if not self.adapter_state.computes_adapter:
             return self._conv_forward(x, w, self.bias)
         terms = self.terms("weight")

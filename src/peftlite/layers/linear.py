@@ -90,11 +90,8 @@ class LoraLinear(AdaptedLayer, nn.Linear):
         w = self._parameters["weight"]
         route = routing.lookup(self)
         if route is not None and self.adapter_state.enabled:
-            pairs = self.weight_pairs()
-            As, Bs = [p._parameters["A"] for p in pairs], [p._parameters["B"] for p in pairs]
-            scales = [p.effective_scale for p in pairs]
-            return routing.linear(x, w, self.bias, route, As, Bs, scales, [p.dropout for p in pairs],
-                                  routing.gains(w, pairs, As, Bs, scales, route), self.training)
+            return routing.linear(x, w, self.bias, route, *routing.operands(w, self.weight_pairs(), route),
+                                  self.training)
         if not self.adapter_state.computes_adapter:
             return nn.functional.linear(x, w, self.bias)
         terms = self.terms("weight")

@@ -84,6 +84,14 @@ def _dropped(x: Tensor, slots: Tensor, dropouts: list[float]) -> Tensor:
     return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
+def operands(weight: Tensor, pairs: list, route: Routed) -> tuple[list, list, list, list[float], list]:
+    """What ``linear`` and ``conv2d`` take of a layer's adapters (``pairs``, in ``layer.lora`` order): the
+    A and B factors, scales, dropouts and DoRA row factors (``gains``)."""
+    As, Bs = [p._parameters["A"] for p in pairs], [p._parameters["B"] for p in pairs]
+    scales = [p.effective_scale for p in pairs]
+    return As, Bs, scales, [p.dropout for p in pairs], gains(weight, pairs, As, Bs, scales, route)
+
+
 def gains(weight: Tensor, pairs: list, As: list[Tensor], Bs: list[Tensor], scales: list, route: Routed) -> list:
     """Each adapter's DoRA row factor (``dora.gain``), or None for a plain LoRA adapter; eager calls
     compute it for the adapters the route uses only (a compiled one for all: its structure stays fixed)."""
