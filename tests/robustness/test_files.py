@@ -90,6 +90,14 @@ def with_config(data: bytes, config_text: str) -> bytes:
     return join(header, body)
 
 
+def flipped(data: bytes, at: tuple[int, int], path):
+    """``data`` with bit ``at[1]`` of byte ``at[0]`` flipped, written to ``path``: -> (the bytes, path)."""
+    out = bytearray(data)
+    out[at[0]] ^= 1 << at[1]
+    path.write_bytes(bytes(out))
+    return bytes(out), path
+
+
 def refused(path, models: dict[str, nn.Module], what: str | None = None, error=ValueError) -> list[str]:
     """Load ``path`` into every model: each must raise ``error`` naming the file (and ``what``), and stay as it was."""
     messages = []
@@ -155,11 +163,8 @@ def test_bit_flips_in_the_header(tmp_path, good):
     rnd = random.Random(1)
     silent = []
     for i in range(50):
-        pos, bit = rnd.randrange(end), rnd.randrange(8)
-        flipped = bytearray(data)
-        flipped[pos] ^= 1 << bit
-        path = tmp_path / f"flip{i}.safetensors"
-        path.write_bytes(bytes(flipped))
+        pos = rnd.randrange(end)
+        damaged, path = flipped(data, (pos, rnd.randrange(8)), tmp_path / f"flip{i}.safetensors")
         fresh = base()
         try:
             peftlite.load(fresh, path)
@@ -167,7 +172,7 @@ def test_bit_flips_in_the_header(tmp_path, good):
             assert str(path) in str(e)
             refused(path, models)
             continue
-        new_header, _ = split(bytes(flipped))
+        new_header, _ = split(damaged)
         meta, new_meta = header["__metadata__"], new_header["__metadata__"]
         assert {k: v for k, v in new_header.items() if k != "__metadata__"} == \
                {k: v for k, v in header.items() if k != "__metadata__"}, "a changed tensor entry was loaded"
@@ -186,11 +191,8 @@ def test_bit_flips_in_the_data(tmp_path, good):
     start = 8 + struct.unpack("<Q", data[:8])[0]
     rnd = random.Random(2)
     for i in range(20):
-        pos, bit = rnd.randrange(start, len(data)), rnd.randrange(8)
-        flipped = bytearray(data)
-        flipped[pos] ^= 1 << bit
-        path = tmp_path / f"data{i}.safetensors"
-        path.write_bytes(bytes(flipped))
+        pos = rnd.randrange(start, len(data))
+        _, path = flipped(data, (pos, rnd.randrange(8)), tmp_path / f"data{i}.safetensors")
         model = base()
         try:
             peftlite.load(model, path)
