@@ -1,4 +1,4 @@
-"""The conv autograd functions (activations and merged paths) against the functional oracle, every geometry."""
+"""The conv autograd functions (activations, merged and dense paths) against the functional oracle, every geometry."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from torch import nn
 
 from _geometries import GEOMETRIES
 from peftlite import functional as F_
+from peftlite.kernels import depthwise
 from peftlite.layers import conv_autograd as _conv_autograd
 
-PATHS = ["activations", "merged"]
+PATHS = ["activations", "merged", "dense"]
 ids = lambda g: "-".join(map(str, g))
 
 
@@ -64,7 +65,8 @@ def test_function_gradcheck(geom, path):
 
 # ResNet-like layers: pointwise (the in-place ∂x fold), strided pointwise, 3x3, in fp32 at ResNet scales.
 RESNET = [(64, 256, 1, 1, 0, 1, 1, "zeros", False), (256, 128, 1, 2, 0, 1, 1, "zeros", False),
-          (64, 64, 3, 1, 1, 1, 1, "zeros", False), (32, 32, 3, 2, 1, 1, 1, "zeros", True)]
+          (64, 64, 3, 1, 1, 1, 1, "zeros", False), (32, 32, 3, 2, 1, 1, 1, "zeros", True),
+          (48, 48, 7, 1, 3, 1, 48, "zeros", True)]  # ConvNeXt's depthwise 7x7: the dense path's own kernel
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -101,6 +103,26 @@ def test_function_under_cpu_autocast_matches_autocast_oracle(path):
     for u, v, t in zip(got[1:], ref[1:], (x, A, B), strict=True):
         assert u.dtype == t.dtype  # gradients in the leaves' dtypes
         torch.testing.assert_close(u, v, rtol=0.05, atol=0.05 * float(v.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(7, 7, 3, 3), (3, 5, 1, 2), (5, 1, 0, 0)], ids=["7x7", "3x5", "5x1-valid"])
+def test_depthwise_weight_gradient_matches_torch_fp64(shape):
+    """The dense path's depthwise kernel (``kernels.depthwise``) against torch's convolution_backward."""
+    kh, kw, ph, pw = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 9, 11, generator=gen, dtype=torch.float64)
+    gm = F_.ConvGeometry(5, 5, (kh, kw), (1, 1), (ph, pw), (1, 1), 5, "zeros")
+    w = torch.randn(5, 1, kh, kw, generator=gen, dtype=torch.float64)
+    g = torch.randn(torch.nn.functional.conv2d(x, w, None, 1, (ph, pw), 1, 5).shape, generator=gen,
+                    dtype=torch.float64)
+    assert _conv_autograd._is_depthwise(gm)
+    want = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [ph, pw], [1, 1], False, [0, 0], 5,
+                                               [False, True, False])[1]
+    assert depthwise.library() is not None  # a C compiler is part of the test machine
+    torch.testing.assert_close(depthwise.weight_grad(g, x, (kh, kw), (ph, pw)), want, rtol=1e-12, atol=1e-12)
+    got32 = depthwise.weight_grad(g.float(), x.float(), (kh, kw), (ph, pw))
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", PATHS)

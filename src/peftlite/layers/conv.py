@@ -7,8 +7,8 @@ padding, dilation, padding_mode and groups. The paths (names used throughout pef
   grouped 1x1 conv), added in place (``conv_autograd``);
 - ``merged``: one conv with the merged weight ``W + scale·ΔW``, with r-wide adapter gradients
   (``conv_autograd``);
-- ``dense`` (training only): plain autograd through ``functional.lora_conv2d_merged``, which runs the
-  full weight-gradient conv; cheapest when ``fan_in`` is tiny (depthwise convs).
+- ``dense`` (training only): the merged weight's conv, with the adapter's gradients from the full
+  weight gradient (``conv_autograd``); cheapest when ``fan_in`` is tiny (depthwise convs).
 
 With dropout active in training the layer runs ``functional.lora_conv2d`` under plain autograd.
 """
@@ -111,8 +111,6 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
         rank, pixels = A.shape[0], geom.output_pixels(x.shape)
         if torch.is_grad_enabled() and any(t.A.requires_grad or t.B.requires_grad for t in terms):
             path = training_path(geom, rank, pixels)
-            if path == "dense":
-                return functional.lora_conv2d_merged(x, w, bias, A, B, scale, geom)
         else:
             path = inference_path(geom, rank, pixels)
         return conv_autograd.lora_conv2d(x, w, bias, A, B, scale, geom, path)

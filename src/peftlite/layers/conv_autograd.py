@@ -7,15 +7,19 @@ With ``a`` = A as ``G·r`` kxk filters (A repeated once per group), ``h = conv(x
     ∂A = Σ_groups (weight-gradient of conv(x, a) at gh)      ∂B = scale · Σ_pixels g hᵀ
     ∂W = weight-gradient of conv(x, ·) at g, only when W trains (then ∂A, ∂B come from it: r-wide products)
 
-Two ways to run it, chosen per call by ``conv.training_path`` (``conv.inference_path`` without gradients):
+Three ways to run it, chosen per call by ``conv.training_path`` (``conv.inference_path`` without gradients):
 
 - ``activations``: forward ``conv(x, W)`` and ``h``, then ``y += scale · B h`` in place (no output-sized
   temporaries); ``∂x = convᵀ(g, W) + convᵀ(gh, a)``, the second added in place for a 1x1 conv.
 - ``merged``: forward one conv with ``W + scale·ΔW`` (as the weight path does), and ``∂x`` one
   transposed conv with it; the adapter's gradients come from ``h`` (recomputed) and ``gh``, never from
   the full weight-gradient conv that autograd on the weight path would run.
+- ``dense`` (training only): forward as ``merged``; the adapter's gradients come from the full weight
+  gradient (``∂A = scale·Bᵀ ∂W``, ``∂B = scale·∂W Aᵀ``), cheapest for a tiny ``fan_in`` (depthwise
+  convs, whose weight gradient on CPU has its own kernel, ``kernels.depthwise``).
 
-Both save x, references to the parameters, and (activations) h or (merged) the merged weight. Under
+Both save x (once), references to the parameters, and (activations) h: the merged weight and A's
+filters are formed again in backward, never kept for the step. Under
 autocast the convs run in the autocast dtype, as ``F.conv2d`` would. Both take the input already padded
 by ``functional.pad_input`` and the geometry it returns (integer padding, zeros mode). Dropout is not
 part of these: the layer uses ``functional.lora_conv2d`` when dropout is active. The reference they
@@ -30,6 +34,7 @@ from torch import Tensor
 
 from .. import functional
 from ..functional import ConvGeometry
+from ..kernels import depthwise
 
 
 def _is_pointwise(g: ConvGeometry) -> bool:
@@ -134,14 +139,16 @@ class _Activations(torch.autograd.Function):
         h = _conv_a(x, a, c)  # (N, G·r, H', W')
         _add_low_rank_(y, h.to(y.dtype), B.to(y.dtype), scale, c.groups)
         _keep(ctx, x, weight, bias, scale, c)
-        # The operands as the convs ran: in the autocast dtype under autocast, else no-op casts.
-        ctx.save_for_backward(x.to(y.dtype), weight.to(y.dtype), a.to(y.dtype), A, B, h)
+        # x as the convs ran (in the autocast dtype under autocast, as F.conv2d keeps it); the weight
+        # itself, cast again in backward, and A (its filters are rebuilt): nothing W-sized is kept.
+        ctx.save_for_backward(x.to(y.dtype), weight, A, B, h)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, w, a, A, B, h = ctx.saved_tensors
+        x, w, A, B, h = ctx.saved_tensors
         c, scale = ctx.conv, ctx.scale
+        w, a = w.to(x.dtype), _filters(A, c, x.dtype)
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         gx, gw, gb = _base_backward(g, x, w, c, ctx.has_bias, need_x, need_w, need_b)
         ga = gB = None
@@ -169,14 +176,17 @@ class _Merged(torch.autograd.Function):
         w = _merged_weight(weight, A, B, scale)
         y = F.conv2d(x, w, bias, c.stride, c.padding, c.dilation, c.groups)
         _keep(ctx, x, weight, bias, scale, c)
-        ctx.save_for_backward(x.to(y.dtype), w.to(y.dtype), A, B)
+        # The merged weight is formed again in backward (an r-wide product, ~1/pixels of the conv's
+        # work), not kept: kept, it would be one more W-sized tensor per layer for the whole step.
+        ctx.save_for_backward(x.to(y.dtype), weight, A, B)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, w, A, B = ctx.saved_tensors
+        x, weight, A, B = ctx.saved_tensors
         c, scale = ctx.conv, ctx.scale
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        w = _merged_weight(weight, A, B, scale).to(x.dtype) if need_x or need_w else None
         gx, gw, gb = _base_backward(g, x, w, c, ctx.has_bias, need_x, need_w, need_b)  # ∂W_eff = ∂W
         ga = gB = None
         if need_w:
@@ -191,14 +201,50 @@ class _Merged(torch.autograd.Function):
         return _finish(ctx, gx, gw, gb, ga, gB, A, B)
 
 
+def _is_depthwise(c: ConvGeometry) -> bool:
+    """One filter per channel, stride 1, no dilation: the weight gradient ``kernels.depthwise`` computes."""
+    return (c.groups == c.in_channels == c.out_channels and c.stride == (1, 1) and c.dilation == (1, 1)
+            and not isinstance(c.padding, str))
+
+
+def _weight_grad(g: Tensor, x: Tensor, w: Tensor, c: ConvGeometry) -> Tensor:
+    """The full weight gradient of ``conv(x, w)`` at g (W-sized: the dense path's, for tiny fan_in)."""
+    if _is_depthwise(c):  # torch's CPU kernel for this one is 15-40x slower than the conv
+        gw = depthwise.weight_grad(g, x, c.kernel_size, c.padding)
+        if gw is not None:
+            return gw
+    return _base_backward(g, x, w, c, False, False, True, False)[1]
+
+
+class _Dense(torch.autograd.Function):
+    """The merged weight's conv, with the adapter's gradients taken from the full weight gradient.
+
+    Cheapest where the weight is tiny next to the feature map (depthwise convs): the gradient is
+    ``fan_in`` multiply-adds per output element, against r-wide passes for the other paths.
+    """
+
+    forward = staticmethod(_Merged.forward)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, A, B = ctx.saved_tensors
+        c, scale = ctx.conv, ctx.scale
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        w = _merged_weight(weight, A, B, scale).to(x.dtype)
+        gx, _, gb = _base_backward(g, x, w, c, ctx.has_bias, need_x, False, need_b)
+        gw = _weight_grad(g, x, w, c) if need_w or need_a or need_bb else None  # ∂W_eff = ∂W
+        ga, gB = _low_rank_from_gw(gw, A, B, scale, need_a, need_bb) if gw is not None else (None, None)
+        return _finish(ctx, gx, gw if need_w else None, gb, ga, gB, A, B)
+
+
 def lora_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                 geom: ConvGeometry, path: str = "activations") -> Tensor:
     """``functional.lora_conv2d`` without dropout, as one autograd function.  x: (N, in, H, W).
 
     Args:
         geom: the conv's geometry, as ``ConvGeometry.of(conv)`` gives it (any padding, any padding_mode).
-        path: ``"activations"`` or ``"merged"`` (see the module docstring); the result is the same.
+        path: ``"activations"``, ``"merged"`` or ``"dense"`` (see the module docstring); the result is the same.
     """
     x, c = functional.pad_input(x, geom)
-    fn = {"activations": _Activations, "merged": _Merged}[path]
+    fn = {"activations": _Activations, "merged": _Merged, "dense": _Dense}[path]
     return fn.apply(x, weight, bias, A, B, scale, c)

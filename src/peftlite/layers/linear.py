@@ -7,8 +7,10 @@ Backward, with g = ∂L/∂y and u = g @ B  (..., r):
     ∂x = g @ W + scale · u @ A      ∂A = scale · uᵀ @ x      ∂B = scale · gᵀ @ h
     ∂W = gᵀ @ x  (only if W trains)  ∂b = Σ g  (only if b trains)
 
-It saves x, h and references to the parameters; nothing output-sized. Under autocast the products run
-in the autocast dtype (as ``F.linear`` would), and ``h`` is kept in fp32 (or wider) for ∂B. With dropout active
+It saves x and references to the parameters: nothing output-sized, and not h either (backward forms
+it again, an r-wide product: ``r/out`` of the layer's forward work), so an adapted Linear keeps exactly
+what a trainable one keeps. Under autocast the products run in the autocast dtype (as ``F.linear``
+would), and ∂B accumulates in fp32 (or wider). With dropout active
 in training the layer runs ``functional.lora_linear`` under plain autograd instead; that function is
 also the reference this one must match.
 
@@ -28,33 +30,41 @@ from .base import AdaptedLayer, effective_weight_property
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float):
-    """``(y, h)``: the layer's output and the rank-sized ``h = x @ Aᵀ`` that backward needs."""
-    y = F.linear(x, weight, bias)  # (..., out), in the autocast dtype when autocast is on
-    # F.linear with a bias on (N, ..., in) returns a view of a 2-D result. Returned as such, autograd
-    # forbids in-place changes of the output (ReLU(inplace=True) after a Linear, as in torchvision's
-    # swin_v2). _unsafe_view, as aten::matmul uses, gives the same storage as a non-view: no copy.
-    y = torch.ops.aten._unsafe_view(y, y.shape)
-    h = F.linear(x, A.to(x.dtype))  # (..., r)
-    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]).to(y.dtype), B.to(y.dtype).t(), alpha=scale)
-    return y, h
+    """``(y, h)``: the layer's output and the rank-sized ``h = x @ Aᵀ`` that backward needs.
+
+    Both products run on ``x`` as one (N, in) matrix: for a non-contiguous 3-D ``x`` (attention's
+    transposed inputs) ``F.linear`` on a frozen weight would take ``bmm`` with the weight expanded per
+    batch, several times slower than one ``mm`` both ways (``benchmarks/lean.py --frozen-kinds``).
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in): a view when x is contiguous, else one copy (not kept)
+    y = F.linear(x2, weight, bias)  # (N, out), in the autocast dtype when autocast is on
+    h = F.linear(x2, A.to(x.dtype))  # (N, r)
+    y.addmm_(h.to(y.dtype), B.to(y.dtype).t(), alpha=scale)
+    # A view of y returned from the autograd function would forbid in-place changes of the output
+    # (ReLU(inplace=True) after a Linear, as in torchvision's swin_v2). _unsafe_view, as aten::matmul
+    # uses, gives the same storage as a non-view: no copy.
+    shape = (*x.shape[:-1], y.shape[-1])
+    return torch.ops.aten._unsafe_view(y, shape), h
 
 
 class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float):
         y, h = _forward(x, weight, bias, A, B, scale)
-        ctx.save_for_backward(x, weight, A, B, h.to(torch.promote_types(h.dtype, torch.float32)))  # fp32 at least
-        ctx.scale = scale
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, A, B)  # h is formed again in backward: nothing but x is kept
+        ctx.scale, ctx.has_bias, ctx.dtype = scale, bias is not None, h.dtype  # h's dtype: autocast's, if on
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, weight, A, B, h = ctx.saved_tensors
+        x, weight, A, B = ctx.saved_tensors
         scale = ctx.scale
         need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if need_bb:  # h = x Aᵀ again, as the forward computed it (same dtype, same product): r/out of its work
+            h = F.linear(x2.to(ctx.dtype), A.to(ctx.dtype))
+            h = h.to(torch.promote_types(h.dtype, torch.float32))  # ∂B accumulates in fp32 at least
         u = g2 @ B.to(g2.dtype)  # (N, r)
         gx = gw = gb = ga = gB = None
         if need_x:
@@ -68,7 +78,7 @@ class _LowRankLinear(torch.autograd.Function):
         if need_a:
             ga = (u.t() @ x2.to(u.dtype)).mul_(scale).to(A.dtype)
         if need_bb:
-            gB = (g2.t().to(h.dtype) @ h.reshape(-1, h.shape[-1])).mul_(scale).to(B.dtype)
+            gB = (g2.t().to(h.dtype) @ h).mul_(scale).to(B.dtype)
         return gx, gw, gb, ga, gB, None
 
 
