@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import merging, selection
-from .layers import adapted_layers, batchnorm, registry
+from .layers import adapted_layers, attention, batchnorm, registry
 from .layers.base import RANK_SCALINGS, VARIANTS
 
 
@@ -327,6 +327,8 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
         for bn_name, m in model.named_modules():
             if batchnorm.freezable(m) and not under(bn_name, state.heads + state.trainable):
                 batchnorm.freeze_stats(m)
+    for m in model.modules():
+        attention.make_lean(m)
     if on_meta:
         warnings.warn(
             f"wrap: {len(on_meta)} adapted layer(s) are on the meta device ({on_meta[0]}, ...), so their new "
@@ -374,6 +376,7 @@ def unwrap(model: nn.Module, merge: bool = True, untie: bool = False) -> nn.Modu
     for _, m in model.named_modules():
         if isinstance(m, batchnorm.FrozenStats):
             batchnorm.unfreeze_stats(m)
+        attention.make_plain(m)
     for name, p in model.named_parameters():
         if name in state.requires_grad and not under(name, state.heads):
             p.requires_grad_(state.requires_grad[name])

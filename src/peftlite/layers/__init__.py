@@ -3,12 +3,12 @@
     base.py         LowRank, LayerState, AdaptedLayer (the protocol), the effective-weight property
     linear.py       LoraLinear and its autograd function
     conv.py         LoraConv2d and the cost model that picks its path; conv_autograd.py its functions
-    attention.py    LoraMultiheadAttention
+    attention.py    LoraMultiheadAttention, LeanMultiheadAttention (a lean training forward for both)
     batchnorm.py    frozen BatchNorm statistics (the ``train_bn=False`` policy)
     registry.py     the table of adaptable types, classes for user subclasses, attach / detach
 """
 
-from .attention import LoraMultiheadAttention
+from .attention import LeanMultiheadAttention, LoraMultiheadAttention
 from .base import DEFAULT_ADAPTER, AdaptedLayer, LayerState, LowRank, adapted_layers
 from .conv import LoraConv2d
 from .linear import LoraLinear
@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_ADAPTER",
     "AdaptedLayer",
     "LayerState",
+    "LeanMultiheadAttention",
     "LoraConv2d",
     "LoraLinear",
     "LoraMultiheadAttention",

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import functional
 from ..functional import ConvGeometry
-from .attention import PROJECTIONS, LoraMultiheadAttention, projection_slots
+from .attention import PROJECTIONS, LeanMultiheadAttention, LoraMultiheadAttention, make_plain, projection_slots
 from .base import DEFAULT_ADAPTER, AdaptedLayer, LayerState, LowRank, effective_weight_property
 from .conv import LoraConv2d
 from .linear import LoraLinear
@@ -82,6 +82,24 @@ def _reads(cls: type, kind: Kind) -> bool:
     return bool(names & set(kind.properties))
 
 
+_MIXED: dict[tuple[type, type], type] = {}
+
+
+def derived_class(mixin: type, cls: type, prefix: str, **namespace: object) -> type:
+    """The class ``<prefix><Class>(mixin, cls)``, derived at run time once per ``(mixin, cls)`` and cached.
+
+    For behaviour added to a class peftlite does not own (a user's block, a BatchNorm subclass) by
+    swapping one instance's ``__class__``: the state_dict keys stay, and setting ``__class__`` back to
+    ``cls`` undoes it. ``namespace`` holds extra class attributes (the base class, for undoing); it must
+    depend on ``(mixin, cls)`` only, since the class is made once.
+    """
+    key = (mixin, cls)
+    if key not in _MIXED:
+        name = f"{prefix}{cls.__name__}"
+        _MIXED[key] = type(name, (mixin, cls), {"__module__": mixin.__module__, "__qualname__": name, **namespace})
+    return _MIXED[key]
+
+
 _DERIVED: dict[type, type] = {}
 
 
@@ -92,7 +110,7 @@ def adapted_class(cls: type, kind: Kind) -> type:
         TypeError: ``cls`` has its own forward that never reads the adapted weight, so its semantics
             could not be kept.
     """
-    if cls is kind.base:
+    if cls is kind.base or cls is LeanMultiheadAttention:  # wrap's lean class is the stock module
         return kind.adapted
     if cls in _DERIVED:
         return _DERIVED[cls]
@@ -177,6 +195,7 @@ def attach(module: nn.Module, kind: Kind, *, rank: int, alpha: float, dropout: f
     if isinstance(module, AdaptedLayer):
         module.lora[adapter] = entry
         return
+    make_plain(module)
     module.__class__ = adapted_class(type(module), kind)
     module.lora = nn.ModuleDict({adapter: entry})
     module.adapter_state = LayerState(active={})
