@@ -20,6 +20,7 @@ from .switching import adapters, delete, per_sample, use
 from .tuning.freezing import freeze, unfreeze
 from .tuning.groups import param_groups
 from .tuning.partition import Block, blocks
+from .tuning.recomputation import checkpointing
 from .tuning.report import summary
 from .tuning.unfreezing import Unfreezer
 from .wrapping import unwrap, wrap
@@ -32,6 +33,7 @@ __all__ = [
     "__version__",
     "adapters",
     "blocks",
+    "checkpointing",
     "combine",
     "delete",
     "disabled",

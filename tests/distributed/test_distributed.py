@@ -25,3 +25,8 @@ def test_fsdp2_trains_saves_and_loads_adapters(tmp_path):
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
     reports = workers.spawn(workers.fsdp_checks, tmp_path, timeout=120)
     assert reports[0]["gathers"] == reports[0]["saved_tensors"]
+
+
+def test_ddp_trains_a_checkpointed_model_as_the_plain_one(tmp_path):
+    reports = workers.spawn(workers.ddp_checkpointing_checks, tmp_path, timeout=90)
+    assert reports[0]["checkpointed"] == reports[1]["checkpointed"] == ["layer1.0", "layer2.0", "layer3.0"]

@@ -3,6 +3,7 @@
     freezing.py     freeze / unfreeze by pattern
     groups.py       param_groups: per-pattern LRs, layer-wise decay, no-decay parameters
     partition.py    blocks(): the partition layer-wise decay scales
+    recomputation.py  checkpointing(): activation checkpointing of those blocks, by a class swap
     unfreezing.py   Unfreezer: progressive unfreezing that keeps schedulers and resuming working
     report.py       summary(): what trains, layer by layer
 
