@@ -10,7 +10,9 @@ padding, dilation, padding_mode and groups. The paths (names used throughout pef
 - ``dense`` (training only): the merged weight's conv, with the adapter's gradients from the full
   weight gradient (``conv_autograd``); cheapest when ``fan_in`` is tiny (depthwise convs).
 
-With dropout active in training the layer runs ``functional.lora_conv2d`` under plain autograd.
+With dropout active in training the layer runs ``conv_autograd.dropped_conv2d`` (a seeded mask that
+backward regenerates; ``dense`` where the cost model says so, else ``activations``), or, for a conv
+that pads its input itself, ``functional.lora_conv2d`` under plain autograd.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from .. import functional
 from ..functional import ConvGeometry
+from ..kernels import dropout
 from . import conv_autograd, dora, routing
 from .base import AdaptedLayer, effective_weight_property
 
@@ -102,13 +105,19 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
     def _adapted(self, x: Tensor, w: Tensor, bias: Tensor | None, terms) -> Tensor:
         """The conv with ``W + Σ scale·ΔW`` by the cheapest exact path (module docstring)."""
         geom = self.geometry
-        if self.training and any(t.dropout > 0.0 for t in terms):
-            y = self._conv_forward(x, w, bias)
-            for t in terms:
-                y = y + functional.conv2d_dropout_delta(x, t.A, t.B, t.scale, geom, t.dropout, True)
-            return y
         A, B, scale = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
         rank, pixels = A.shape[0], geom.output_pixels(x.shape)
+        if self.training and any(t.dropout > 0.0 for t in terms):
+            y = None
+            if not torch.compiler.is_compiling():  # a traced graph takes torch's dropout, as the reference does
+                path = "dense" if training_path(geom, rank, pixels) == "dense" else "activations"
+                seeds = [dropout.new_seed() for _ in terms]
+                y = conv_autograd.dropped_conv2d(x, w, bias, terms, seeds, geom, path)
+            if y is None:
+                y = self._conv_forward(x, w, bias)
+                for t in terms:
+                    y = y + functional.conv2d_dropout_delta(x, t.A, t.B, t.scale, geom, t.dropout, True)
+            return y
         if torch.is_grad_enabled() and any(t.A.requires_grad or t.B.requires_grad for t in terms):
             path = training_path(geom, rank, pixels)
         else:

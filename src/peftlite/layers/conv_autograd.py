@@ -20,10 +20,12 @@ Three ways to run it, chosen per call by ``conv.training_path`` (``conv.inferenc
 
 Both save x (once), references to the parameters, and (activations) h: the merged weight and A's
 filters are formed again in backward, never kept for the step. Under
-autocast the convs run in the autocast dtype, as ``F.conv2d`` would. Both take the input already padded
-by ``functional.pad_input`` and the geometry it returns (integer padding, zeros mode). Dropout is not
-part of these: the layer uses ``functional.lora_conv2d`` when dropout is active. The reference they
+autocast the convs run in the autocast dtype, as ``F.conv2d`` would. They take the input already padded
+by ``functional.pad_input`` and the geometry it returns (integer padding, zeros mode). The reference they
 must match is ``functional.lora_conv2d``.
+
+With dropout active in training the layer runs ``dropped_conv2d``: the adapter's input is dropped by a
+seeded mask (``kernels.dropout``) that backward regenerates, so no dropped copy of x is kept.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from .. import functional
 from ..functional import ConvGeometry
-from ..kernels import depthwise
+from ..kernels import depthwise, dropout
 
 
 def _is_pointwise(g: ConvGeometry) -> bool:
@@ -132,13 +134,17 @@ def _finish(ctx, gx, gw, gb, ga, gB, A, B):
 
 
 class _Activations(torch.autograd.Function):
+    """The activations path; with ``p > 0`` the adapter's input is ``dropout(x)`` by the seeded mask of ``seed``,
+    formed again in backward for ∂A, and A's part of ∂x is dropped with the same mask."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale: float, c: ConvGeometry):
+    def forward(ctx, x, weight, bias, A, B, scale: float, c: ConvGeometry, p: float = 0.0, seed: int = 0):
         y = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)  # (N, out, H', W')
         a = _filters(A, c, x.dtype)
-        h = _conv_a(x, a, c)  # (N, G·r, H', W')
+        h = _conv_a(dropout.dropout(x, p, seed) if p > 0 else x, a, c)  # (N, G·r, H', W')
         _add_low_rank_(y, h.to(y.dtype), B.to(y.dtype), scale, c.groups)
         _keep(ctx, x, weight, bias, scale, c)
+        ctx.p, ctx.seed = p, seed
         # x as the convs ran (in the autocast dtype under autocast, as F.conv2d keeps it); the weight
         # itself, cast again in backward, and A (its filters are rebuilt): nothing W-sized is kept.
         ctx.save_for_backward(x.to(y.dtype), weight, A, B, h)
@@ -147,27 +153,37 @@ class _Activations(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w, A, B, h = ctx.saved_tensors
-        c, scale = ctx.conv, ctx.scale
+        c, scale, p = ctx.conv, ctx.scale, ctx.p
         w, a = w.to(x.dtype), _filters(A, c, x.dtype)
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         gx, gw, gb = _base_backward(g, x, w, c, ctx.has_bias, need_x, need_w, need_b)
+        from_gw = need_w and p == 0  # ∂W's products give ∂A, ∂B unless the adapter saw another input
         ga = gB = None
-        if need_w:
+        if from_gw:
             ga, gB = _low_rank_from_gw(gw, A, B, scale, need_a, need_bb)
         elif need_bb:
             gB = _grad_B(g, h, B.to(g.dtype), c.groups).mul_(scale)
-        if need_x or (need_a and not need_w):
+        if need_x or (need_a and not from_gw):
             gh = _to_rank(g, B.to(g.dtype), c.groups).mul_(scale)  # (N, G·r, H', W')
-            fold = need_x and c.groups == 1 and _is_pointwise(c) and _flat(gx) is not None and _flat(gh) is not None
-            gxa, need_ga = None, need_a and not need_w
+            fold = (need_x and p == 0 and c.groups == 1 and _is_pointwise(c) and _flat(gx) is not None
+                    and _flat(gh) is not None)
+            gxa, need_ga = None, need_a and not from_gw
+            if need_ga and p > 0:
+                ga = _a_backward(gh, dropout.dropout(x, p, ctx.seed), a, c, False, True)[1]
+                need_ga = False
             if (need_x and not fold) or need_ga:
                 gxa, ga_ = _a_backward(gh, x, a, c, need_x and not fold, need_ga)
                 ga = ga_ if need_ga else ga
             if fold:  # per sample ∂x (in, H·W) += aᵀ (in, r) @ gh (r, H·W): no x-sized temporary
                 _flat(gx).baddbmm_(a.view(a.shape[0], -1).t().expand(x.shape[0], -1, -1), _flat(gh))
             elif need_x:
-                gx.add_(gxa)
-        return _finish(ctx, gx, gw, gb, ga, gB, A, B)
+                gx.add_(_drop_like(gxa, p, ctx.seed) if p > 0 else gxa)
+        return (*_finish(ctx, gx, gw, gb, ga, gB, A, B), None, None)
+
+
+def _drop_like(t: Tensor, p: float, seed: int) -> Tensor:
+    """``t`` dropped by the seeded mask (in place when contiguous)."""
+    return dropout.dropout_(t, p, seed) if t.is_contiguous() else dropout.dropout(t, p, seed)
 
 
 class _Merged(torch.autograd.Function):
@@ -235,6 +251,63 @@ class _Dense(torch.autograd.Function):
         gw = _weight_grad(g, x, w, c) if need_w or need_a or need_bb else None  # ∂W_eff = ∂W
         ga, gB = _low_rank_from_gw(gw, A, B, scale, need_a, need_bb) if gw is not None else (None, None)
         return _finish(ctx, gx, gw if need_w else None, gb, ga, gB, A, B)
+
+
+class _DroppedConv(torch.autograd.Function):
+    """``conv(dropout(x), w)`` with a seeded mask (``kernels.dropout``): keeps x and the seed, not the dropped copy.
+
+    ``w`` is A's filters (the activations path) or ``scale·ΔW`` (the dense path). Backward forms
+    ``dropout(x)`` again from the seed for w's gradient, and drops ∂x's elements with the same mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, p: float, seed: int, c: ConvGeometry) -> Tensor:
+        y = F.conv2d(dropout.dropout(x, p, seed), w.to(x.dtype), None, c.stride, c.padding, c.dilation, c.groups)
+        ctx.save_for_backward(x, w)
+        ctx.p, ctx.seed, ctx.conv, ctx.dtype = p, seed, c, y.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        c, dt = ctx.conv, ctx.dtype
+        need_x, need_w = ctx.needs_input_grad[:2]
+        g, wc = g.to(dt), w.to(dt)
+        gx = gw = None
+        if need_w:
+            gw = _weight_grad(g, dropout.dropout(x, ctx.p, ctx.seed).to(dt), wc, c).to(w.dtype)
+        if need_x:
+            gx = _drop_like(_base_backward(g, x.to(dt), wc, c, False, True, False, False)[0], ctx.p, ctx.seed)
+            gx = gx.to(x.dtype)
+        return gx, gw, None, None, None
+
+
+def dropped_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, terms, seeds: list[int], geom: ConvGeometry,
+                   path: str) -> Tensor | None:
+    """``conv(x, W) + b + Σ scale·conv(dropout(x), ΔW)`` with one seeded mask per term, or None when the
+    conv pads its input itself (a non-zero ``padding_mode``, an asymmetric ``'same'``: dropout must come
+    before that padding, so the caller takes ``functional.lora_conv2d``).
+
+    ``path="dense"`` runs the adapter as one conv with ``scale·ΔW`` (depthwise convs); any other as A's
+    filters and B as a 1x1 conv (``activations``: with dropout the merged weight cannot serve both).
+    It keeps x (as the base conv does), the seeds, and for ``activations`` each r-wide h.
+    """
+    xp, c = functional.pad_input(x, geom)
+    if xp is not x:
+        return None
+    if path != "dense" and len(terms) == 1:  # one adapter: the activations path's own function, with the mask
+        t = terms[0]
+        return _Activations.apply(x, weight, bias, t.A, t.B, t.scale, c, t.dropout, seeds[0])
+    y = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+    for t, seed in zip(terms, seeds, strict=True):
+        if path == "dense":
+            delta = (t.B * t.scale) @ t.A  # (out, fan_in): W-sized, tiny where this path is taken
+            y = y + _DroppedConv.apply(x, delta.reshape(weight.shape), t.dropout, seed, c)
+        else:
+            h = _DroppedConv.apply(x, _filters(t.A, c, t.A.dtype), t.dropout, seed, c)  # (N, G·r, H', W')
+            b = (t.B * t.scale).reshape(t.B.shape[0], -1, 1, 1)
+            y = y + F.conv2d(h, b.to(h.dtype), None, 1, 0, 1, c.groups)
+    return y
 
 
 def lora_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,

@@ -10,9 +10,12 @@ Backward, with g = ∂L/∂y and u = g @ B  (..., r):
 It saves x and references to the parameters: nothing output-sized, and not h either (backward forms
 it again, an r-wide product: ``r/out`` of the layer's forward work), so an adapted Linear keeps exactly
 what a trainable one keeps. Under autocast the products run in the autocast dtype (as ``F.linear``
-would), and ∂B accumulates in fp32 (or wider). With dropout active
-in training the layer runs ``functional.lora_linear`` under plain autograd instead; that function is
-also the reference this one must match.
+would), and ∂B accumulates in fp32 (or wider). ``functional.lora_linear`` is the reference it must match.
+
+With dropout active in training the layer runs ``dropped_linear``: the adapter's input is dropped by a
+seeded mask (``kernels.dropout``), drawn anew per call, that backward regenerates from the seed, so no
+dropped copy of x is kept (``F.dropout`` kept one per layer and doubled a step's memory). Under
+``torch.compile`` it takes ``functional.lora_linear`` with ``F.dropout`` instead.
 
 Without grad (inference) ``lora_linear`` runs the same products directly, skipping the autograd
 function's bookkeeping (a few µs a call: ``benchmarks/t5_reads.py --breakdown``).
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional
+from ..kernels import dropout
 from . import dora, routing
 from .base import AdaptedLayer, effective_weight_property
 
@@ -82,6 +86,45 @@ class _LowRankLinear(torch.autograd.Function):
         return gx, gw, gb, ga, gB, None
 
 
+class _DroppedLinear(torch.autograd.Function):
+    """``dropout(x) @ Aᵀ`` with a seeded mask (``kernels.dropout``): keeps x and the seed, never the dropped copy.
+
+    Backward forms ``dropout(x)`` again from the seed for ∂A, and drops ∂x's elements with the same mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor, p: float, seed: int) -> Tensor:
+        h = F.linear(dropout.dropout(x, p, seed), A.to(x.dtype))  # (N, r), in the autocast dtype if on
+        ctx.save_for_backward(x, A)
+        ctx.p, ctx.seed, ctx.dtype = p, seed, h.dtype
+        return h
+
+    @staticmethod
+    def backward(ctx, gh: Tensor):
+        x, A = ctx.saved_tensors
+        need_x, need_a = ctx.needs_input_grad[:2]
+        gh = gh.to(ctx.dtype)
+        gx = ga = None
+        if need_a:
+            ga = (gh.t() @ dropout.dropout(x, ctx.p, ctx.seed).to(ctx.dtype)).to(A.dtype)
+        if need_x:
+            gx = dropout.dropout_(gh @ A.to(ctx.dtype), ctx.p, ctx.seed).to(x.dtype)
+        return gx, ga, None, None
+
+
+def dropped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, terms, seeds: list[int]) -> Tensor:
+    """``x Wᵀ + b + Σ scale·(dropout(x) Aᵀ) Bᵀ`` with one seeded mask per term.  x: (..., in) -> (..., out).
+
+    The lean form of ``functional.lora_linear`` with dropout: x (and each h, r-sized) is all it keeps.
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in): one matrix product each way (see ``_forward``)
+    y = F.linear(x2, weight, bias)
+    for t, seed in zip(terms, seeds, strict=True):
+        h = _DroppedLinear.apply(x2, t.A, t.dropout, seed) if t.dropout > 0.0 else F.linear(x2, t.A.to(x.dtype))
+        y = torch.addmm(y, h, (t.B * t.scale).to(h.dtype).t())  # y + scale·h Bᵀ
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``x @ Wᵀ + b + scale·(x @ Aᵀ) @ Bᵀ`` without dropout.  x: (..., in) -> (..., out)."""
     if not torch.is_grad_enabled():  # inference: the same products, without the autograd function
@@ -108,9 +151,12 @@ class LoraLinear(AdaptedLayer, nn.Linear):
         dora_pair = terms[0].dora if len(terms) == 1 else None
         bias = None if dora_pair is not None else self.bias  # DoRA scales the rows first, then adds the bias
         if self.training and any(t.dropout > 0.0 for t in terms):
-            y = nn.functional.linear(x, w, bias)
-            for t in terms:
-                y = y + functional.linear_delta(x, t.A, t.B, t.scale, t.dropout, True)
+            if torch.compiler.is_compiling():  # a traced graph takes torch's dropout, as the reference does
+                y = nn.functional.linear(x, w, bias)
+                for t in terms:
+                    y = y + functional.linear_delta(x, t.A, t.B, t.scale, t.dropout, True)
+            else:
+                y = dropped_linear(x, w, bias, terms, [dropout.new_seed() for _ in terms])
         else:
             A, B, scale = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
             y = lora_linear(x, w, bias, A, B, scale)
