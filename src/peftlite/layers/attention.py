@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import AdaptedLayer, effective_weight_property
-from .linear import lora_linear
+from .linear import frozen_linear, lora_linear
 from .routing import lookup
 
 PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -58,7 +58,7 @@ class LeanAttention:
 
     def _project(self, x: Tensor, slot: str, rows: slice, bias: Tensor | None) -> Tensor:
         """``x @ W[rows]ᵀ + bias`` for projection weight ``slot``.  x: (N, E_in) -> (N, rows)."""
-        return F.linear(x, self._parameters[slot][rows], bias)
+        return frozen_linear(x, self._parameters[slot][rows], bias)
 
 
 def _lean_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
@@ -169,7 +169,7 @@ class LoraMultiheadAttention(AdaptedLayer, LeanAttention, nn.MultiheadAttention)
         folded = self.folded(slot) if self.adapter_state.computes_adapter else None
         w = self._parameters[slot]
         if folded is None:
-            return F.linear(x, w[rows], bias)
+            return frozen_linear(x, w[rows], bias)
         A, B, scale = folded
         return lora_linear(x, w[rows], bias, A, B[rows], scale)
 

@@ -86,6 +86,30 @@ class _LowRankLinear(torch.autograd.Function):
         return gx, gw, gb, ga, gB, None
 
 
+class _FrozenLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` for a frozen W and b (x: (N, in)): keeps W itself, not the cast copy autocast makes (a
+    bf16 W-sized tensor per layer per step, which ``F.linear`` keeps for ∂x under autocast)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        y = F.linear(x, weight, bias)
+        ctx.save_for_backward(weight)
+        ctx.dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (weight,) = ctx.saved_tensors
+        return (g @ weight.to(g.dtype)).to(ctx.dtype), None, None
+
+
+def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` on a 2-D x, keeping no cast copy of a frozen weight under autocast (``_FrozenLinear``)."""
+    if not torch.is_grad_enabled() or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return F.linear(x, weight, bias)
+    return _FrozenLinear.apply(x, weight, bias)
+
+
 class _DroppedLinear(torch.autograd.Function):
     """``dropout(x) @ Aᵀ`` with a seeded mask (``kernels.dropout``): keeps x and the seed, never the dropped copy.
 
