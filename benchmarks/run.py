@@ -51,12 +51,12 @@ def randomize_adapters(model: nn.Module, ratio: float = RATIO) -> None:
     """Give every adapter (peftlite or PEFT) a nonzero B with std(scale·ΔW) ≈ ratio·std(W)."""
     g = torch.Generator().manual_seed(0)
     for m in model.modules():
-        if hasattr(m, "lora") and isinstance(m.lora, nn.ModuleDict):  # peftlite
-            p = m.pairs(next(iter(m.adapter_state.active)))["weight"]
-            w = m._parameters["weight"]
-            B = torch.randn(p.B.shape, generator=g)
-            d = p.scale * (B @ p.A.detach().float())
-            p.B.data.copy_(B * (ratio * float(w.float().std()) / float(d.std())))
+        if hasattr(m, "lora") and isinstance(m.lora, nn.ModuleDict):  # peftlite: every adapted weight (MHA: q/k/v)
+            for slot, p in m.pairs(next(iter(m.adapter_state.active))).items():
+                w = m._parameters[slot]
+                B = torch.randn(p.B.shape, generator=g)
+                d = p.scale * (B @ p.A.detach().float())
+                p.B.data.copy_(B * (ratio * float(w.float().std()) / float(d.std())))
         elif hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {}):  # PEFT
             A, Bm = m.lora_A["default"].weight, m.lora_B["default"].weight
             w = m.get_base_layer().weight
