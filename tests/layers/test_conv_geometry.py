@@ -12,6 +12,7 @@ from torch import nn
 import peftlite
 from _geometries import GEOMETRIES
 from peftlite import functional
+from peftlite.kernels.dropout import keep_mask, new_seed
 
 
 def reference(conv, A, B, scale, x):
@@ -144,7 +145,10 @@ def test_dropout_acts_on_the_adapter_input_in_training_only(layer):
     torch.manual_seed(1)
     y_train = model(x)
     torch.manual_seed(1)
-    mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, True)  # the same draw the layer makes
+    if isinstance(layer, nn.Linear):  # the seeded mask the layer draws (kernels.dropout)
+        mask = keep_mask(x.shape, new_seed(), 0.5, "cpu") / 0.5
+    else:  # a conv that pads its input itself takes torch's dropout: the same draw the layer makes
+        mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, True)
     torch.testing.assert_close(y_train, reference(mask), rtol=1e-5, atol=1e-5)
     model.eval()
     with torch.no_grad():

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from .. import functional
 from ..functional import ConvGeometry
-from ..kernels import dropout
 from . import conv_autograd, dora, routing
 from .base import AdaptedLayer, effective_weight_property
 
@@ -111,8 +110,7 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
             y = None
             if not torch.compiler.is_compiling():  # a traced graph takes torch's dropout, as the reference does
                 path = "dense" if training_path(geom, rank, pixels) == "dense" else "activations"
-                seeds = [dropout.new_seed() for _ in terms]
-                y = conv_autograd.dropped_conv2d(x, w, bias, terms, seeds, geom, path)
+                y = conv_autograd.dropped_conv2d(x, w, bias, terms, geom, path)
             if y is None:
                 y = self._conv_forward(x, w, bias)
                 for t in terms:

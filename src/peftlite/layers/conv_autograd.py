@@ -282,7 +282,7 @@ class _DroppedConv(torch.autograd.Function):
         return gx, gw, None, None, None
 
 
-def dropped_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, terms, seeds: list[int], geom: ConvGeometry,
+def dropped_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, terms, geom: ConvGeometry,
                    path: str) -> Tensor | None:
     """``conv(x, W) + b + Σ scale·conv(dropout(x), ΔW)`` with one seeded mask per term, or None when the
     conv pads its input itself (a non-zero ``padding_mode``, an asymmetric ``'same'``: dropout must come
@@ -292,9 +292,11 @@ def dropped_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, terms, seeds:
     filters and B as a 1x1 conv (``activations``: with dropout the merged weight cannot serve both).
     It keeps x (as the base conv does), the seeds, and for ``activations`` each r-wide h.
     """
-    xp, c = functional.pad_input(x, geom)
-    if xp is not x:
-        return None
+    left, right, top, bottom = geom.explicit_padding()
+    if geom.padding_mode != "zeros" or left != right or top != bottom:
+        return None  # pad_input would pad x itself
+    seeds = [dropout.new_seed() for _ in terms]  # drawn only here: a fallback draws from the generator as before
+    c = functional.pad_input(x, geom)[1]
     if path != "dense" and len(terms) == 1:  # one adapter: the activations path's own function, with the mask
         t = terms[0]
         return _Activations.apply(x, weight, bias, t.A, t.B, t.scale, c, t.dropout, seeds[0])

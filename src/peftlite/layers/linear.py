@@ -136,11 +136,13 @@ class _DroppedLinear(torch.autograd.Function):
         return gx, ga, None, None
 
 
-def dropped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, terms, seeds: list[int]) -> Tensor:
-    """``x Wᵀ + b + Σ scale·(dropout(x) Aᵀ) Bᵀ`` with one seeded mask per term.  x: (..., in) -> (..., out).
+def dropped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, terms) -> Tensor:
+    """``x Wᵀ + b + Σ scale·(dropout(x) Aᵀ) Bᵀ`` with one seeded mask per term (seeds drawn here, in order).
 
     The lean form of ``functional.lora_linear`` with dropout: x (and each h, r-sized) is all it keeps.
+    x: (..., in) -> (..., out).
     """
+    seeds = [dropout.new_seed() for _ in terms]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in): one matrix product each way (see ``_forward``)
     y = F.linear(x2, weight, bias)
     for t, seed in zip(terms, seeds, strict=True):
@@ -180,7 +182,7 @@ class LoraLinear(AdaptedLayer, nn.Linear):
                 for t in terms:
                     y = y + functional.linear_delta(x, t.A, t.B, t.scale, t.dropout, True)
             else:
-                y = dropped_linear(x, w, bias, terms, [dropout.new_seed() for _ in terms])
+                y = dropped_linear(x, w, bias, terms)
         else:
             A, B, scale = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
             y = lora_linear(x, w, bias, A, B, scale)
