@@ -17,7 +17,9 @@ tokens; query/value, and every encoder Linear). Contenders, each a fresh copy of
   ``modules_to_save`` ("cannot build" and the error's first line where PEFT refuses); BatchNorm as PEFT
   leaves it (train mode, statistics updating), where peftlite's ``wrap`` freezes the statistics;
 - ``lora_bf16``, ``full_bf16``: the same steps under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
-- ``lora_ckpt``: the first variant after ``peftlite.checkpointing(model)``, where peftlite has it.
+- ``lora_ckpt``: the first variant after ``peftlite.checkpointing(model)``;
+- ``lora_activations`` (the CNNs): the first variant with every conv's adapter on the activations path
+  (depthwise ones stay dense), which dropout forces: the floor of ``lora_dropout`` without its masks.
 
 A step is forward, cross-entropy loss against random labels, backward, SGD (lr 1e-3) on the trainable
 parameters and ``zero_grad(set_to_none=True)``. A note under a table names any contender whose trainable
@@ -75,6 +77,7 @@ import _lean_models  # noqa: E402
 import run  # noqa: E402
 
 import peftlite  # noqa: E402
+from peftlite.layers import conv  # noqa: E402
 from peftlite.wrapping import resolve_targets  # noqa: E402
 
 RANK = 8
@@ -217,8 +220,22 @@ class Contender:
 
 
 def contender_names(case: _lean_models.Case) -> list[str]:
-    names = ["full", "frozen_dx", *case.variants, "lora_dropout", "peft", "lora_bf16", "full_bf16"]
-    return names + (["lora_ckpt"] if hasattr(peftlite, "checkpointing") else [])
+    names = ["full", "frozen_dx", *case.variants, "lora_dropout", "peft", "lora_bf16", "full_bf16", "lora_ckpt"]
+    convs_only = case.variants["lora"] is nn.Conv2d
+    return names + (["lora_activations"] if convs_only else [])
+
+
+@contextlib.contextmanager
+def _activations_paths():
+    """Every conv's adapter on the activations path (``dense`` ones stay dense), as with dropout, where no
+    merged weight can serve the base and the adapter at once: ``lora_dropout``'s floor, without the masks."""
+    choose = conv.training_path
+    conv.training_path = lambda geom, rank, pixels=None: (
+        "dense" if choose(geom, rank, pixels) == "dense" else "activations")
+    try:
+        yield
+    finally:
+        conv.training_path = choose
 
 
 def _lora(case: _lean_models.Case, model: nn.Module, targets, dropout: float = 0.0) -> nn.Module:
@@ -252,16 +269,16 @@ def build(case: _lean_models.Case, name: str) -> Contender:
                 m.eval()
     elif name in case.variants:
         model = _lora(case, model, case.variants[name])
-    elif name in ("lora_bf16", "lora_ckpt"):
+    elif name in ("lora_bf16", "lora_ckpt", "lora_activations"):
         model = _lora(case, model, first)
     elif name == "lora_dropout":
         model = _lora(case, model, first, dropout=0.1)
     elif name == "peft":
         model = _peft(case, model)
     if name == "lora_ckpt":
-        made = peftlite.checkpointing(model)  # in place; or, if it gives a context manager, one per forward
-        if hasattr(made, "__enter__") and not isinstance(made, nn.Module):
-            context = lambda: peftlite.checkpointing(model)
+        peftlite.checkpointing(model)
+    if name == "lora_activations":
+        context = _activations_paths
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=LR) if params else None
     input_grad = name == "frozen_dx"
@@ -324,6 +341,7 @@ def measure(model_name: str, args) -> tuple[_lean_models.Case, list[list[str]]]:
         rows.append([name, mib(saved), f"{saved / full_saved:.2f}" if full_saved else "n/a", mib(live),
                      mib(peaks[name]), f"{1e3 * statistics.median(t[name] for t in per_round):.1f}",
                      ratio(per_round, name, "full"), ratio(per_round, name, "frozen_dx")])
+    case.model = None  # the copies go with ``built``; the caller collects them
     return case, rows
 
 
@@ -433,6 +451,7 @@ def main() -> None:
     else:
         for model_name in args.models.split(","):
             case, rows = measure(model_name, args)
+            gc.collect()  # the model's contenders (several copies of it) go before the next model's are built
             what = "token ids" if case.text else "input"
             title = f"{model_name}: batch {case.x.shape[0]}, {what} {tuple(case.x.shape[1:])}, r={RANK}"
             gap = "\n\n" if args.markdown else "\n"  # in markdown a line right after a table is a row of it
