@@ -19,27 +19,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from peftlite.kernels import dropout as D
+sys.path.insert(0, os.path.dirname(__file__))
+import run  # noqa: E402
+
+from peftlite.kernels import dropout as D  # noqa: E402
 
 P = 0.1
 
 
 def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except Exception:
-        model = platform.processor() or "unknown CPU"
-    return (f"{model}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-            f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+    return f"{run.machine()}; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
 
 
 def timed(fns: dict, repeats: int, warm: int = 2) -> dict[str, float]:

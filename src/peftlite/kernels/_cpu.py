@@ -81,7 +81,8 @@ def _flag_sets(flags: list[str]) -> list[list[str]]:
 
 
 def _build(cc: str, source: Path, flags: list[str]) -> ctypes.CDLL | None:
-    key = hashlib.sha256(source.read_bytes() + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
+    key = hashlib.sha256(source.read_bytes() + headers + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PEFTLITE_CACHE", Path.home() / ".cache" / "peftlite"))
     target = cache / f"{source.stem.lstrip('_')}-{key}.so"
     try:

@@ -31,28 +31,10 @@ INLINE u32 fmix32(u32 h) { /* MurmurHash3's 32-bit finalizer */
 
 INLINE int kept(u32 lo, u32 k1, u32 k2, u32 threshold) { return fmix32(fmix32(lo ^ k1) ^ k2) >= threshold; }
 
-INLINE float f_of(u32 b) { float f; memcpy(&f, &b, 4); return f; }
-INLINE u32 b_of(float f) { u32 b; memcpy(&b, &f, 4); return b; }
+#include "_floats.h" /* f_of, b_of, h2f, f2h: _cpu.c's */
 
-/* The conversions of _cpu.c (h2f, f2h: torch's); bf16 NaN keeps its sign and top payload bits, as the Triton
- * kernels' _round does, so that the C and Triton kernels agree on every bit. */
-INLINE float h2f(u32 h) {
-    u32 s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-    u32 special = s | 0x7F800000u | (m << 13);
-    u32 small = s | b_of((float)m * 0x1p-24f);
-    u32 normal = s | ((e + 112) << 23) | (m << 13);
-    return f_of(e == 0x1F ? special : e == 0 ? small : normal);
-}
-
-INLINE u32 f2h(float f) {
-    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
-    u32 w = b_of(f), shl1 = w + w, sign = w & 0x80000000u, bias = shl1 & 0xFF000000u;
-    bias = bias < 0x71000000u ? 0x71000000u : bias;
-    base = f_of((bias >> 1) + 0x07800000u) + base;
-    u32 b = b_of(base), nonsign = ((b >> 13) & 0x7C00u) + (b & 0x0FFFu);
-    return (sign >> 16) | (shl1 > 0xFF000000u ? 0x7E00u : nonsign);
-}
-
+/* bf16 NaN keeps its sign and top payload bits, as the Triton kernels' _round does, so that the C and Triton
+ * kernels agree on every bit (_cpu.c's f2bf gives torch's 0x7FC0). */
 INLINE u32 f2bf(float f) {
     u32 u = b_of(f), r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     return ((u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : r) & 0xFFFFu;
