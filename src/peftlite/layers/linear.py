@@ -144,7 +144,7 @@ def dropped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, terms) -> Ten
     """
     seeds = [dropout.new_seed() for _ in terms]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in): one matrix product each way (see ``_forward``)
-    y = F.linear(x2, weight, bias)
+    y = frozen_linear(x2, weight, bias)  # a frozen W: no autocast copy of it kept
     for t, seed in zip(terms, seeds, strict=True):
         h = _DroppedLinear.apply(x2, t.A, t.dropout, seed) if t.dropout > 0.0 else F.linear(x2, t.A.to(x.dtype))
         y = torch.addmm(y, h, (t.B * t.scale).to(h.dtype).t())  # y + scale·h Bᵀ
