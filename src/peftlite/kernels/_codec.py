@@ -1,16 +1,36 @@
-"""Candidate-index codes: what exact unmerge needs where merging lost bits, in ``ceil(log2 k)`` bits.
+"""The window code: what exact unmerge needs to undo ``W' = round(w + d)``, with no search.
 
-For a flagged element (see ``_bits.may_lose``), unmerge knows the merged value ``W'`` and the delta
-``d`` (recomputed bit-identically), so it can list the candidate originals itself: the values ``w`` of
-the weight's dtype with ``round(w + d) == W'``. Rounding is monotone, so they form one run of
-consecutive ordinals ``[lo, lo + k)``; it is found by galloping then bisecting from the guess. Merge
-stores only ``ordinal(w) - lo``, in ``ceil(log2 k)`` bits (nothing when ``k == 1``), packed
-back-to-back in 32-bit words in element order. Both directions call ``candidates`` on the same inputs,
-so they agree on every ``k``. An original outside its run (which the scheme says cannot happen) is
-kept verbatim as an escape instead of being encoded. With a per-row gain (DoRA, ``_gain``) the merged
-value is ``round(g·(w + d))`` and the same search runs on it, the sign of a negative gain folded first.
+Unmerge knows the merged value ``m = W'`` and the delta ``d`` (recomputed bit-identically), so it can form
+the guess ``gs = round(m - d)`` (``round(m/g - d)`` with a per-row gain ``g``, DoRA) and, from
+``(m, gs, d, g)`` alone, a window of ``2**width`` consecutive ordinals (bit patterns mapped monotonically onto
+integers, -0.0 just below +0.0) that holds every original ``w`` with ``f(w) == m``. Merge stores
+``ordinal(w) - start`` in ``width`` bits; unmerge adds it back. Both directions compute the window with the
+same integer and fp32 operations, per element, with no data-dependent loop (``window``):
 
-All functions take 1-D tensors of the flagged elements, in element order.
+1. **Single.** The merged-value function ``f`` is evaluated at the guess and its two ordinal neighbours.
+   If the guess merges to ``m`` and neither neighbour does, the guess is the only original (``f`` is
+   monotone): width 0, nothing stored. This is exact, and it is the common case.
+2. **Otherwise** the run of originals is about ``ulp(m) / (|g|·ulp(gs))`` long and centred on the guess (the
+   guess is the run's centre, rounded). With ``q = max(E(m) - E(gs) - e(g), 0)`` (``E``: the biased
+   exponent fields, subnormals counted as 1; ``e(g)``: the gain's unbiased exponent, 0 without a gain) the
+   width is ``q + 1``: a window twice the run's estimated length. Where the neighbours' evaluations show
+   the run's side, the window starts at the guess (the run starts there), ends at it, or lies beyond it
+   (the guess itself does not merge to ``m``: on the side where ``f`` reaches ``m``, which a negative gain
+   flips); else it is centred on it.
+3. **Wide.** A guess at or beyond the ends of the finite range, a non-finite merged value, or ``q`` at least
+   the mantissa's bits (the run is as wide as the guess is large, so it reaches zero and the binades below,
+   where the estimate does not hold): the whole format is the window (``width = bits``, the code is the
+   original's bit pattern, offset), so it is always exact.
+
+Merge checks every element by this decode; an original outside its window (or a single guess that is not
+the original) is an **escape**, kept verbatim, so exactness never depends on the estimate (only the
+record's size does).
+
+**Layout.** Codes are stored by bit planes: each row is cut into groups of ``GROUP`` columns (the last one
+shorter); for a group and ``b = 0, 1, ...`` up to its widest code, bit ``b`` of every code in the group wider
+than ``b`` is appended, in column order, to the block's bit stream (least significant bit first in 32-bit
+words). The fused C pass appends a plane with one ``pext`` and reads it back with one ``pdep``: no loop per
+coded element. ``pack`` / ``unpack`` here are the reference the C pass matches to the bit.
 """
 
 from __future__ import annotations
@@ -19,157 +39,96 @@ import torch
 from torch import Tensor
 
 from ._bits import Format, bits, from_ordinal, merged_value, ordinal
-from ._gain import fold_sign
+
+GROUP = 64  # columns per group of the bit-plane layout
 
 
-def _first_true(pred, start: Tensor, low: int, high: int) -> Tensor:
-    """Per element, the smallest ordinal ``o`` in ``[low, high + 1]`` with ``pred(o, idx)`` true.
-
-    ``pred`` is monotone (false then true) and treated as true at ``high + 1``. ``start`` is usually
-    the answer or next to it, so two evaluations settle most elements; the rest gallop and bisect.
-    """
-    idx = torch.arange(start.numel(), device=start.device)
-    at = pred(start, idx)
-    side = torch.where(at, start - 1, start + 1).clamp(low, high)
-    there = pred(side, idx)
-    answer = torch.where(at, start, side)
-    settled = torch.where(at, ~there | (start == low), there)
-    rest = (~settled).nonzero().view(-1)
-    if rest.numel():
-        answer[rest] = _gallop(lambda o, i: pred(o, rest[i]), start[rest], low, high)
-    return answer
+def _exponent(b: Tensor, fmt: Format) -> Tensor:
+    """The biased exponent field of bit patterns, subnormals and zeros counted as 1 (their ulp's binade)."""
+    return ((b.to(torch.int64) & fmt.magnitude_mask) >> fmt.mantissa).clamp(min=1)
 
 
-def _gallop(pred, start: Tensor, low: int, high: int) -> Tensor:
-    """``_first_true`` for any distance: gallop from ``start``, then bisect; converged elements drop out."""
-    n = start.numel()
-    idx = torch.arange(n, device=start.device)
-    at = pred(start, idx)
-    # hi: a known-true ordinal; lo: a known-false one (low - 1 acts as false)
-    hi = torch.where(at, start, torch.full_like(start, high + 1))
-    lo = torch.where(at, torch.full_like(start, low - 1), start)
-    # gallop: double the step away from start until the bracket closes on the far side
-    step = torch.ones_like(start)
-    todo = idx
-    going_down = at.clone()
-    while todo.numel():
-        s, dn = start[todo], going_down[todo]
-        probe = torch.where(dn, s - step[todo], s + step[todo])
-        inside = torch.where(dn, probe >= low, probe <= high)
-        edge = torch.where(dn, torch.full_like(probe, low - 1), torch.full_like(probe, high + 1))
-        probe = torch.where(inside, probe, edge)
-        val = torch.zeros_like(inside)
-        if inside.any():
-            val[inside] = pred(probe[inside], todo[inside])
-        # going down: a true probe moves hi down and continues; a false one (or the edge) fixes lo
-        new_hi = dn & inside & val
-        new_lo_dn = dn & ~(inside & val)
-        new_lo_up = ~dn & inside & ~val
-        new_hi_up = ~dn & ~(inside & ~val)
-        hi[todo] = torch.where(new_hi | new_hi_up, probe, hi[todo])
-        lo[todo] = torch.where(new_lo_dn | new_lo_up, probe, lo[todo])
-        step[todo] = step[todo] * 2
-        keep = (new_hi | new_lo_up) & inside
-        todo = todo[keep]
-    # bisect between lo (false) and hi (true)
-    todo = idx[hi - lo > 1]
-    while todo.numel():
-        mid = lo[todo] + (hi[todo] - lo[todo]) // 2
-        val = pred(mid, todo)
-        hi[todo] = torch.where(val, mid, hi[todo])
-        lo[todo] = torch.where(val, lo[todo], mid)
-        todo = todo[hi[todo] - lo[todo] > 1]
-    return hi
+def _gain_exponent(gain: Tensor | None) -> Tensor | int:
+    """The unbiased exponent of each gain (``|g|`` in ``[2**e, 2**(e+1))``); 0 without a gain."""
+    if gain is None:
+        return 0
+    return ((gain.view(torch.int32).to(torch.int64) >> 23) & 0xFF) - 127
 
 
-def _estimate(bound: Tensor, d: Tensor, fmt: Format, low: int, high: int, g: Tensor | None) -> Tensor:
-    """The ordinal nearest ``bound - d`` (``bound/g - d`` with a gain; in fp64): a step or two from a run's end."""
-    est = ((bound if g is None else bound / g.double()) - d.double()).to(torch.float32).to(fmt.dtype)
-    return ordinal(bits(est), fmt).clamp(low, high)
-
-
-def candidates(merged: Tensor, d: Tensor, fmt: Format, gain: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The run of originals that merge to ``merged`` under ``d``: (first ordinal, count), both int64.
-
-    The run's ends are where ``w + d`` (``g·(w + d)`` with a gain) crosses the midpoints between
-    ``merged`` and its neighbours; the search starts from there, so it takes a few steps whatever the
-    run's length. A negative gain is folded into the sign of ``merged`` (``_gain.fold_sign``), so the
-    merged-value function searched is always increasing.
+def window(merged: Tensor, guess: Tensor, d: Tensor, fmt: Format,
+           gain: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Each element's code width (0: the guess is the original) and window start, both int64.  1-D inputs.
 
     Args:
-        merged: (n,) merged values, in the weight's dtype. d: (n,) fp32 deltas. gain: (n,) nonzero fp32
-            gains (DoRA), or None for ``round(w + d)``.
+        merged, guess: (n,) in the weight's dtype. d: (n,) fp32 deltas. gain: (n,) nonzero fp32 gains, or None.
     """
-    if gain is not None:
-        merged, gain = fold_sign(merged, gain, fmt)
-    target = ordinal(bits(merged), fmt)
     low, high = -1 - fmt.max_finite, fmt.max_finite
+    t, o = ordinal(bits(merged), fmt), ordinal(bits(guess), fmt)
+    interior = (o > low) & (o < high) & (t >= low) & (t <= high)
+    at = o.clamp(low + 1, high - 1)
 
-    def f(o: Tensor, i: Tensor) -> Tensor:
-        return ordinal(bits(merged_value(from_ordinal(o, fmt), d[i], None if gain is None else gain[i])), fmt)
+    def f(x: Tensor) -> Tensor:
+        return ordinal(bits(merged_value(from_ordinal(x, fmt), d, gain)), fmt)
 
-    def at_least(o: Tensor, i: Tensor) -> Tensor:
-        return f(o, i) >= target[i]
-
-    def above(o: Tensor, i: Tensor) -> Tensor:
-        return f(o, i) > target[i]
-
-    inf = torch.full_like(merged, float("inf"))
-    m = merged.double()
-    below_mid = (m + torch.nextafter(merged, -inf).double()) / 2  # where w + d starts rounding to merged
-    above_mid = (m + torch.nextafter(merged, inf).double()) / 2
-    first = _first_true(at_least, _estimate(below_mid, d, fmt, low, high, gain), low, high)
-    end = _first_true(above, _estimate(above_mid, d, fmt, low, high, gain), low, high)
-    return first, (end - first).clamp(min=0)
-
-
-def widths(count: Tensor) -> Tensor:
-    """``ceil(log2 count)`` per element (0 for a count of 0 or 1), as int64."""
-    return torch.frexp((count - 1).clamp(min=0).double()).exponent.to(torch.int64)
+    f_at = f(at)
+    e0, e_lo, e_hi = f_at == t, f(at - 1) == t, f(at + 1) == t
+    single = interior & e0 & ~e_lo & ~e_hi
+    q = (_exponent(bits(merged), fmt) - _exponent(bits(guess), fmt) - _gain_exponent(gain)).clamp(min=0)
+    wide = ~interior | (q >= fmt.mantissa)  # the run reaches zero: the estimate no longer holds
+    width = torch.where(wide, fmt.bits, q + 1)
+    size = torch.ones_like(width) << width.clamp(max=fmt.bits - 1)  # wide windows are set below
+    above = f_at < t if gain is None else (f_at < t) ^ (gain < 0)  # f decreases under a negative gain
+    start = torch.where(e0 & ~e_lo, o,
+                        torch.where(e0 & ~e_hi, o - size + 1,
+                                    torch.where(e0, o - size // 2, torch.where(above, o + 1, o - size))))
+    start = torch.where(wide, -(1 << (fmt.bits - 1)), start)
+    return torch.where(single, 0, width), start
 
 
-def pack(values: Tensor, width: Tensor) -> Tensor:
-    """Pack ``values[i]`` (< 2**width[i], width ≤ 32) back-to-back into int32 words, element order."""
-    offset = torch.cumsum(width, 0) - width
-    total = int(offset[-1] + width[-1]) if width.numel() else 0
-    n_words = (total + 31) // 32
-    if n_words == 0:
-        return torch.zeros(0, dtype=torch.int32, device=values.device)
-    # one spare word: zero-width codes at the very end point one past the last word
-    words = torch.zeros(n_words + 1, dtype=torch.int64, device=values.device)
-    word, shift = offset // 32, offset % 32
-    low_bits = torch.clamp(32 - shift, max=32)
-    low = (values & ((1 << low_bits) - 1)) << shift
-    words.scatter_add_(0, word, low)
-    spill = width > low_bits
-    if spill.any():
-        words.scatter_add_(0, word[spill] + 1, values[spill] >> low_bits[spill])
-    words = words[:n_words]
+def encode(orig: Tensor, guess: Tensor, width: Tensor, start: Tensor, fmt: Format) -> tuple[Tensor, Tensor]:
+    """(codes, escape): each original's offset in its window (0 where none is stored or it escapes), and where
+    the original is not what ``decode`` would give (kept verbatim instead).  1-D, codes int64."""
+    offset = ordinal(bits(orig), fmt) - start
+    coded = width > 0
+    escape = torch.where(coded, (offset < 0) | (offset >= (torch.ones_like(width) << width)),
+                         bits(guess) != bits(orig))
+    return torch.where(coded & ~escape, offset, 0), escape
+
+
+def decode(guess: Tensor, width: Tensor, start: Tensor, codes: Tensor, fmt: Format) -> Tensor:
+    """The originals: the guess where the width is 0, else ``start + code`` (escapes come out wrong: the caller
+    writes them afterwards)."""
+    return torch.where(width > 0, from_ordinal(start + codes, fmt), guess)
+
+
+def _plane_order(width: Tensor, cols: int) -> tuple[Tensor, Tensor]:
+    """(element, bit) of every stored bit of a block's codes, in stream order.  width: (rows·cols,) flat.
+
+    Stream order: by row, then group of ``GROUP`` columns, then bit plane, then column.
+    """
+    n = width.numel()
+    element = torch.repeat_interleave(torch.arange(n, device=width.device), width)
+    first = torch.cumsum(width, 0) - width
+    bit = torch.arange(element.numel(), device=width.device) - first[element]
+    row, col = element // cols, element % cols
+    key = ((row * ((cols + GROUP - 1) // GROUP) + col // GROUP) * 64 + bit) * GROUP + col % GROUP
+    order = torch.argsort(key)
+    return element[order], bit[order]
+
+
+def pack(codes: Tensor, width: Tensor, cols: int) -> Tensor:
+    """A block's codes (flat, int64, ``codes < 2**width``) as its bit stream of int32 words."""
+    element, bit = _plane_order(width, cols)
+    stream = (codes[element] >> bit) & 1
+    n_words = (stream.numel() + 31) // 32
+    stream = torch.cat([stream, stream.new_zeros(n_words * 32 - stream.numel())]).view(n_words, 32)
+    words = (stream << torch.arange(32, device=codes.device)).sum(1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def unpack(words: Tensor, width: Tensor) -> Tensor:
-    """Inverse of ``pack``: the int64 values, given the same widths."""
-    if width.numel() == 0 or words.numel() == 0:
-        return torch.zeros_like(width)
-    w64 = words.to(torch.int64) & 0xFFFFFFFF
-    w64 = torch.cat([w64, w64.new_zeros(2)])  # zero-width codes may point one past the end
-    offset = torch.cumsum(width, 0) - width
-    word, shift = offset // 32, offset % 32
-    both = w64[word] | (w64[word + 1] << 32)  # the 64 bits starting at the word holding the code
-    return (both >> shift) & ((1 << width) - 1)
-
-
-def encode(orig: Tensor, merged: Tensor, d: Tensor, fmt: Format,
-           gain: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Codes for flagged elements: (int32 words, bool mask of originals that must be escapes)."""
-    first, count = candidates(merged, d, fmt, gain)
-    index = ordinal(bits(orig), fmt) - first
-    escape = (index < 0) | (index >= count)
-    return pack(torch.where(escape, 0, index), widths(count)), escape
-
-
-def decode(words: Tensor, merged: Tensor, d: Tensor, fmt: Format, gain: Tensor | None = None) -> Tensor:
-    """The originals of flagged elements from their codes (escapes come out wrong; the caller fixes them)."""
-    first, count = candidates(merged, d, fmt, gain)
-    return from_ordinal(first + unpack(words, widths(count)), fmt)
+def unpack(words: Tensor, width: Tensor, cols: int) -> Tensor:
+    """Inverse of ``pack``: the block's codes (flat int64, 0 where the width is 0), given the same widths."""
+    element, bit = _plane_order(width, cols)
+    stream = ((words.to(torch.int64)[:, None] >> torch.arange(32, device=words.device)) & 1).view(-1)
+    codes = torch.zeros(width.numel(), dtype=torch.int64, device=width.device)
+    return codes.index_add_(0, element, stream[:element.numel()] << bit)

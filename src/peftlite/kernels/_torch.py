@@ -3,18 +3,18 @@
 Per block of rows (about ``BLOCK_ELEMENTS`` elements, so the temporaries stay in cache):
 
     merge     d = delta(A, B_blk, scale) in fp32;  W_blk <- round(W_blk + d)   (one add, one rounding)
-              guess = round(W_blk' - d); flag = may_lose(guess, W_blk')
-              codes for the flagged elements; escapes where an unflagged guess is not the original
-    unmerge   d as above; W_blk <- guess; flagged elements decoded from their codes; escapes written
+              guess = round(W_blk' - d); each element's window (``_codec.window``) and its offset in it,
+              packed by bit planes; escapes where the window does not hold the original
+    unmerge   d as above; the same windows; W_blk <- guess, or window start + code; escapes written
 
 ``d`` comes from the same function on the same blocks in both directions, so it is bit-identical.
 Weights of other float dtypes (fp64) keep a plain escape list: every element whose guess is wrong.
 
 With a per-row gain (DoRA, ``_gain``): ``W_blk <- round(fp32(fp32(W_blk + d)·g))``, the guess is
-``round(W_blk'/g - d)``, the flag is the exact one for every dtype (``_gain.exact_flag``), the codec
-searches with the gain (sign folded), and rows with ``g == 0`` are kept verbatim in the record.
+``round(W_blk'/g - d)``, the windows are computed with the gain, and rows with ``g == 0`` are kept
+verbatim in the record.
 
-On CPU tensors each block runs as one C function (``_cpu``: ``d`` in the same order, then the flag, runs,
+On CPU tensors each block runs as one C function (``_cpu``: ``d`` in the same order, then the windows,
 codes and escapes), blocks on all of torch's threads, when a C compiler is at hand; it produces the same
 records to the bit, so ``fused`` only changes the speed.
 """
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from . import _codec, _cpu
-from ._bits import FORMATS, bits, may_lose, merged_value, unmerged_guess
-from ._gain import check_gain, exact_flag
+from ._bits import FORMATS, merged_value, unmerged_guess
+from ._gain import check_gain
 from ._record import MergeRecord, NonFiniteMergeError
 
 BACKEND = "torch"
@@ -149,6 +149,12 @@ def _unmerge_block(weight: Tensor, A: Tensor, B: Tensor, scale: float, span: tup
     weight[start:stop].view(-1)[blk.esc_index] = blk.esc_values
 
 
+def _window(merged: Tensor, guess: Tensor, d: Tensor, g_flat: Tensor | None, live: Tensor | None, fmt):
+    """``_codec.window`` of a block (flat), with no code for rows of gain 0 (``live`` false: kept verbatim)."""
+    width, begin = _codec.window(merged.view(-1), guess, d.view(-1), fmt, g_flat)
+    return (width if live is None else torch.where(live, width, 0)), begin
+
+
 def _overflow_error(weight: Tensor, row: int, col: int, value: float,
                     gain: Tensor | None = None) -> NonFiniteMergeError:
     what = f"{value!r} + ΔW" if gain is None else f"gain[{row}] = {gain[row].item()!r} times ({value!r} + ΔW)"
@@ -215,17 +221,10 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: i
             lost = (wrong if live is None else wrong & live).nonzero().view(-1)
             out.block(start * cols, None, lost, o[lost], 0)
             continue
-        if g is None:
-            flag = may_lose(guess, blk, d, fmt)
-            plain = (~flag & (bits(guess) != bits(o))).nonzero().view(-1)
-        else:
-            flag = exact_flag(guess, blk, d.view(-1), g_flat, fmt) & live
-            plain = (~flag & live & (bits(guess) != bits(o))).nonzero().view(-1)
-        pos = flag.nonzero().view(-1)
-        codes, esc = _codec.encode(o[pos], blk.view(-1)[pos], d.view(-1)[pos], fmt,
-                                   None if g is None else g_flat[pos])
-        lost = torch.cat([plain, pos[esc]]).sort().values
-        out.block(start * cols, codes, lost, o[lost], pos.numel())
+        width, begin = _window(blk, guess, d, g_flat, live, fmt)
+        codes, escape = _codec.encode(o, guess, width, begin, fmt)
+        lost = (escape if live is None else escape & live).nonzero().view(-1)
+        out.block(start * cols, _codec.pack(codes, width, cols), lost, o[lost], int((width > 0).sum()))
     return out.record((rows, cols))
 
 
@@ -275,14 +274,7 @@ def _unmerge_ops(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: Mer
         if record is None or fmt is None:
             blk.copy_(guess)  # rows with gain 0 are written afterwards, from the record
             continue
-        if g is None:
-            flag = may_lose(guess, blk, d, fmt)
-        else:
-            flag = exact_flag(guess, blk, d.view(-1), g_flat, fmt) & (g_flat != 0)
-        pos = flag.nonzero().view(-1)
-        merged = blk.view(-1)[pos]
-        blk.copy_(guess)
-        if pos.numel():
-            words = record.codes[int(record.chunks[i]):int(record.chunks[i + 1])]
-            blk.view(-1)[pos] = _codec.decode(words, merged, d.view(-1)[pos], fmt,
-                                              None if g is None else g_flat[pos])
+        width, begin = _window(blk, guess.view(-1), d, g_flat, None if g is None else g_flat != 0, fmt)
+        words = record.codes[int(record.chunks[i]):int(record.chunks[i + 1])]
+        codes = _codec.unpack(words, width, cols)
+        blk.view(-1).copy_(_codec.decode(guess.view(-1), width, begin, codes, fmt))
