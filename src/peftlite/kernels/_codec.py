@@ -87,18 +87,22 @@ def window(merged: Tensor, guess: Tensor, d: Tensor, fmt: Format,
 
 def encode(orig: Tensor, guess: Tensor, width: Tensor, start: Tensor, fmt: Format) -> tuple[Tensor, Tensor]:
     """(codes, escape): each original's offset in its window (0 where none is stored or it escapes), and where
-    the original is not what ``decode`` would give (kept verbatim instead).  1-D, codes int64."""
-    offset = ordinal(bits(orig), fmt) - start
+    the original is not what ``decode`` would give (kept verbatim instead).  1-D, codes int64.
+
+    Offsets are taken mod 2**32, as the C pass computes them in 32 bits: ``decode`` adds them back mod 2**32,
+    which gives the original's ordinal whenever the offset fits the width.
+    """
+    offset = (ordinal(bits(orig), fmt) - start) & 0xFFFFFFFF
     coded = width > 0
-    escape = torch.where(coded, (offset < 0) | (offset >= (torch.ones_like(width) << width)),
-                         bits(guess) != bits(orig))
+    escape = torch.where(coded, offset >= (torch.ones_like(width) << width), bits(guess) != bits(orig))
     return torch.where(coded & ~escape, offset, 0), escape
 
 
 def decode(guess: Tensor, width: Tensor, start: Tensor, codes: Tensor, fmt: Format) -> Tensor:
     """The originals: the guess where the width is 0, else ``start + code`` (escapes come out wrong: the caller
     writes them afterwards)."""
-    return torch.where(width > 0, from_ordinal(start + codes, fmt), guess)
+    o = (start + codes) & 0xFFFFFFFF
+    return torch.where(width > 0, from_ordinal(torch.where(o >= 2**31, o - 2**32, o), fmt), guess)
 
 
 def _plane_order(width: Tensor, cols: int) -> tuple[Tensor, Tensor]:

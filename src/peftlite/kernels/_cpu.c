@@ -72,19 +72,48 @@ static inline int finite(u32 b, int kind) {
 #define GROUP 64  /* columns per group of the bit-plane layout (_codec.GROUP) */
 typedef int32_t i32;
 
+
 /* ΔW for elements [j0, j0 + len) of one row: scale·Σ_k b[k]·A[k, j0 + j], summed k = 0..r-1 in that order,
- * every product and sum rounded to fp32 (no fused multiply-add). _torch.delta computes the same op by op. */
+ * every product and sum rounded to fp32 (no fused multiply-add). _torch.delta computes the same op by op.
+ * Blocks of 64 lanes are summed in four vector registers over k (GCC/clang vector extensions; the order of
+ * the sum is the same for every lane, so the result is too). */
+typedef float vf16 __attribute__((vector_size(64)));
+INLINE vf16 loadv(const float *p) { vf16 v; memcpy(&v, p, sizeof v); return v; }
+#define DBLOCK 64
+INLINE void delta_block(const float *restrict a, i64 cols, const float *restrict b, i64 r, float scale,
+                        float *restrict d) {
+    vf16 s0 = b[0] * loadv(a), s1 = b[0] * loadv(a + 16), s2 = b[0] * loadv(a + 32), s3 = b[0] * loadv(a + 48);
+    for (i64 k = 1; k < r; k++) {
+        const float *ak = a + k * cols;
+        float bk = b[k];
+        s0 = s0 + bk * loadv(ak);
+        s1 = s1 + bk * loadv(ak + 16);
+        s2 = s2 + bk * loadv(ak + 32);
+        s3 = s3 + bk * loadv(ak + 48);
+    }
+    s0 = s0 * scale; s1 = s1 * scale; s2 = s2 * scale; s3 = s3 * scale;
+    memcpy(d, &s0, 64); memcpy(d + 16, &s1, 64); memcpy(d + 32, &s2, 64); memcpy(d + 48, &s3, 64);
+}
+
 INLINE void delta(const float *restrict A, i64 cols, const float *restrict b, i64 r, float scale, i64 j0,
                   i64 len, float *restrict d) {
+    i64 full = len - len % DBLOCK;
+    for (i64 j = 0; j < full; j += DBLOCK) delta_block(A + j0 + j, cols, b, r, scale, d + j);
     const float *a = A + j0;
-    float b0 = b[0];
-    for (i64 j = 0; j < len; j++) d[j] = b0 * a[j];
-    for (i64 k = 1; k < r; k++) {
-        const float *restrict ak = A + k * cols + j0;
-        float bk = b[k];
-        for (i64 j = 0; j < len; j++) d[j] = d[j] + bk * ak[j];
+    for (i64 j = full; j < len; j++) d[j] = b[0] * a[j];
+    for (i64 k = 1; k < r; k++)
+        for (i64 j = full; j < len; j++) d[j] = d[j] + b[k] * a[k * cols + j];
+    for (i64 j = full; j < len; j++) d[j] = d[j] * scale;
+}
+
+/* ΔW of rows [row0, row0 + nr) of the block, every column, into D (nr·cols floats): a chunk of columns at a
+ * time for all nr rows, so that chunk of A is read from L1 for every row, not streamed once per row. */
+INLINE void deltas(const float *A, i64 lda, const float *B, i64 r, float scale, i64 row0, i64 nr, i64 cols,
+                   float *D) {
+    for (i64 j0 = 0; j0 < cols; j0 += CHUNK) {
+        i64 len = cols - j0 < CHUNK ? cols - j0 : CHUNK;
+        for (i64 i = 0; i < nr; i++) delta(A, lda, B + (row0 + i) * r, r, scale, j0, len, D + i * cols + j0);
     }
-    for (i64 j = 0; j < len; j++) d[j] = d[j] * scale;
 }
 
 /* ordinal() in 32 bits (every format's ordinals fit), and its inverse */
@@ -108,25 +137,33 @@ INLINE i32 exponent(u32 b, int kind) { /* the biased exponent field, subnormals 
     return e < 1 ? 1 : e;
 }
 
-/* _codec.window for one lane: the code's width (0: the guess is the original) and its window's start. eg is
- * the gain's unbiased exponent (0 without a gain), neg whether the gain is negative. */
-INLINE i32 window(u32 m, u32 g, float d, float gain, i32 eg, int neg, int gained, int kind, i64 *start) {
-    i32 high = (i32)max_finite(kind), low = -1 - high, t = ord32(m, kind), o = ord32(g, kind), nb = nbits(kind);
-    int interior = (o > low) & (o < high) & (t >= low) & (t <= high);
-    i32 at = o < low + 1 ? low + 1 : o > high - 1 ? high - 1 : o;
-    i32 f0 = f32ord(at, d, gain, gained, kind), fl = f32ord(at - 1, d, gain, gained, kind);
-    i32 fh = f32ord(at + 1, d, gain, gained, kind);
-    int e0 = f0 == t, el = fl == t, eh = fh == t, above = (f0 < t) ^ neg;
-    int single = interior & e0 & !el & !eh;
-    i32 q = exponent(m, kind) - exponent(g, kind) - eg;
-    q = q < 0 ? 0 : q;
-    int wide = !interior | (q >= (kind == 0 ? 23 : kind == 1 ? 7 : 10)); /* the run reaches zero */
-    i32 width = wide ? nb : q + 1;
-    i64 size = (i64)1 << (wide ? 0 : width), oo = o;
-    i64 s = (e0 & !el) ? oo : (e0 & !eh) ? oo - size + 1 : e0 ? oo - size / 2 : above ? oo + 1 : oo - size;
-    *start = wide ? -((i64)1 << (nb - 1)) : s;
-    return single ? 0 : width;
+/* _codec.window for lanes [0, len): each code's width (0: the guess is the original) and its window's start,
+ * an ordinal taken mod 2^32 (as _codec does). eg is the gain's unbiased exponent (0 without a gain), neg
+ * whether the gain is negative. Everything is 32-bit and branch-free, so the loop vectorises. */
+INLINE void windows(const u32 *mv, const u32 *gv, const float *d, i64 len, float gain, i32 eg, i32 neg,
+                    int gained, int kind, i32 *width, u32 *start) {
+    const i32 high = (i32)max_finite(kind), low = -1 - high, nb = nbits(kind);
+    const i32 mant = kind == 0 ? 23 : kind == 1 ? 7 : 10;
+    for (i64 j = 0; j < len; j++) {
+        i32 t = ord32(mv[j], kind), o = ord32(gv[j], kind);
+        i32 interior = (o > low) & (o < high) & (t >= low) & (t <= high);
+        i32 at = o < low + 1 ? low + 1 : o > high - 1 ? high - 1 : o;
+        i32 f0 = f32ord(at, d[j], gain, gained, kind), fl = f32ord(at - 1, d[j], gain, gained, kind);
+        i32 fh = f32ord(at + 1, d[j], gain, gained, kind);
+        i32 e0 = f0 == t, el = fl == t, eh = fh == t, above = (f0 < t) ^ neg;
+        i32 single = interior & e0 & !el & !eh;
+        i32 q = exponent(mv[j], kind) - exponent(gv[j], kind) - eg;
+        q &= ~(q >> 31); /* max(q, 0), written so that the loop vectorises */
+        i32 wide = !interior | (q >= mant); /* the run reaches zero: the estimate no longer holds */
+        u32 size = 1u << (q < 31 ? q + 1 : 31), uo = (u32)o;
+        u32 s = (e0 & !el) ? uo : (e0 & !eh) ? uo - size + 1u : e0 ? uo - size / 2 : above ? uo + 1u : uo - size;
+        start[j] = wide ? 0u - (1u << (nb - 1)) : s;
+        width[j] = single ? 0 : wide ? nb : q + 1;
+    }
 }
+
+/* Whether a code of this width holds offset (both mod 2^32): a window of 2^width ordinals (2^32: all). */
+INLINE i32 holds(u32 offset, i32 width) { return (width == 32) | ((offset >> (width & 31)) == 0); }
 
 /* The bit stream of a block: least significant bit first, in 32-bit words (as _codec.pack). */
 typedef struct { u64 acc; int n_acc; i64 n_words; } Writer;
@@ -221,7 +258,7 @@ INLINE u64 lanes_with(const i32 *flag, i64 len) {
     return bits;
 }
 
-INLINE float row_gain(const float *gains, i64 row, int gained, i32 *eg, int *neg) {
+INLINE float row_gain(const float *gains, i64 row, int gained, i32 *eg, i32 *neg) {
     float gain = gained ? gains[row] : 1.0f;
     *eg = gained ? (i32)((b_of(gain) >> 23) & 0xFFu) - 127 : 0;
     *neg = gained && gain < 0.0f;
@@ -229,78 +266,79 @@ INLINE float row_gain(const float *gains, i64 row, int gained, i32 *eg, int *neg
 }
 
 /* Unmerge elements [0, n) of a (rows, cols) block in place from its code words (escapes are the caller's, and
- * so are rows with gain 0, which are left as they are). n is a multiple of CHUNK or ends a row. */
-INLINE void unmerge_impl(const int kind, const int gained, void *w, i64 cols, const float *A, const float *B, i64 r,
-                         float scale, const float *gains, i64 n, const u32 *words, i64 n_words) {
+ * so are rows with gain 0, which are left as they are). n is a multiple of CHUNK or ends a row. work: room for
+ * the ΔW of work_rows rows (work_rows·cols floats). */
+INLINE void unmerge_impl(const int kind, const int gained, void *w, i64 cols, const float *A, i64 lda, const float *B, i64 r,
+                         float scale, const float *gains, float *work, i64 work_rows, i64 n, const u32 *words, i64 n_words) {
     Reader rd = {words, n_words, 0, 0, 0};
-    float d[CHUNK];
+    const i64 rows = (n + cols - 1) / cols;
     u32 mv[CHUNK], gv[CHUNK], code[CHUNK];
     i32 width[CHUNK];
-    i64 start[CHUNK];
+    u32 start[CHUNK];
     for (i64 row = 0; row * cols < n; row++) {
-        i32 eg;
-        int neg;
+        i32 eg, neg;
         float gain = row_gain(gains, row, gained, &eg, &neg);
+        if (row % work_rows == 0) deltas(A, lda, B, r, scale, row, row + work_rows <= rows ? work_rows : rows - row,
+                                         cols, work);
         if (gained && gain == 0.0f) continue;
         for (i64 j0 = 0; j0 < cols && row * cols + j0 < n; j0 += CHUNK) {
             i64 base = row * cols + j0, len = cols - j0 < CHUNK ? cols - j0 : CHUNK;
+            const float *d = work + (row % work_rows) * cols + j0;
             if (n - base < len) len = n - base;
-            delta(A, cols, B + row * r, r, scale, j0, len, d);
             for (i64 j = 0; j < len; j++) {
                 mv[j] = load(w, base + j, kind);
                 gv[j] = guess_of(mv[j], d[j], gain, gained, kind);
             }
-            for (i64 j = 0; j < len; j++) width[j] = window(mv[j], gv[j], d[j], gain, eg, neg, gained, kind, start + j);
+            windows(mv, gv, d, len, gain, eg, neg, gained, kind, width, start);
             for (i64 g0 = 0; g0 < len; g0 += GROUP)
                 get_group(&rd, width + g0, code + g0, len - g0 < GROUP ? len - g0 : GROUP);
             for (i64 j = 0; j < len; j++)
-                store(w, base + j, width[j] ? bits32((i32)(start[j] + (i64)code[j]), kind) : gv[j], kind);
+                store(w, base + j, width[j] ? bits32((i32)(start[j] + code[j]), kind) : gv[j], kind);
         }
     }
 }
 
-INLINE i64 merge_impl(const int kind, const int gained, void *w, i64 rows, i64 cols, const float *A,
-                      const float *B, i64 r, float scale, const float *gains, u32 *words, i64 *esc_index,
+INLINE i64 merge_impl(const int kind, const int gained, void *w, i64 rows, i64 cols, const float *A, i64 lda,
+                      const float *B, i64 r, float scale, const float *gains, float *work, i64 work_rows, u32 *words, i64 *esc_index,
                       void *esc_bits, i64 *out) {
     Writer st = {0, 0, 0};
     i64 n_esc = 0, n_coded = 0;
-    float d[CHUNK];
     u32 wv[CHUNK], mv[CHUNK], gv[CHUNK], code[CHUNK];
     i32 width[CHUNK], escape[CHUNK];
-    i64 start[CHUNK];
+    u32 start[CHUNK];
     for (i64 row = 0; row < rows; row++) {
-        i32 eg;
-        int neg;
+        i32 eg, neg;
         float gain = row_gain(gains, row, gained, &eg, &neg);
         int coded = !(gained && gain == 0.0f); /* a row with gain 0 keeps nothing of W: the caller keeps it */
+        if (row % work_rows == 0) deltas(A, lda, B, r, scale, row, row + work_rows <= rows ? work_rows : rows - row,
+                                         cols, work);
         for (i64 j0 = 0; j0 < cols; j0 += CHUNK) {
             i64 base = row * cols + j0, len = cols - j0 < CHUNK ? cols - j0 : CHUNK;
+            const float *d = work + (row % work_rows) * cols + j0;
             int bad = 0;
-            delta(A, cols, B + row * r, r, scale, j0, len, d);
             for (i64 j = 0; j < len; j++) wv[j] = load(w, base + j, kind);
             for (i64 j = 0; j < len; j++) mv[j] = merged(wv[j], d[j], gain, gained, kind);
             for (i64 j = 0; j < len; j++) bad |= (!finite(mv[j], kind)) & finite(wv[j], kind);
             if (bad) { /* some element would overflow: take back what this block merged so far, report it */
                 i64 j = 0;
                 while (finite(mv[j], kind) || !finite(wv[j], kind)) j++;
-                unmerge_impl(kind, gained, w, cols, A, B, r, scale, gains, base, words, flush_bits(words, &st));
+                unmerge_impl(kind, gained, w, cols, A, lda, B, r, scale, gains, work, work_rows, base, words, flush_bits(words, &st));
                 for (i64 k = 0; k < n_esc; k++) store(w, esc_index[k], load(esc_bits, k, kind), kind);
                 return base + j;
             }
             for (i64 j = 0; j < len; j++) gv[j] = guess_of(mv[j], d[j], gain, gained, kind);
             if (coded) {
+                windows(mv, gv, d, len, gain, eg, neg, gained, kind, width, start);
                 for (i64 j = 0; j < len; j++) {
-                    i32 wd = window(mv[j], gv[j], d[j], gain, eg, neg, gained, kind, start + j);
-                    i64 off = (i64)ord32(wv[j], kind) - start[j];
-                    i32 miss = wd ? (off < 0) | (off >= ((i64)1 << wd)) : gv[j] != wv[j];
-                    width[j] = wd;
+                    u32 off = (u32)ord32(wv[j], kind) - start[j];
+                    i32 miss = width[j] ? !holds(off, width[j]) : gv[j] != wv[j];
                     escape[j] = miss;
-                    code[j] = wd && !miss ? (u32)off : 0u;
-                    n_coded += wd != 0;
+                    code[j] = (width[j] != 0) & !miss ? off : 0u;
                 }
             } else {
                 for (i64 j = 0; j < len; j++) width[j] = escape[j] = 0;
             }
+            for (i64 j = 0; j < len; j++) n_coded += width[j] != 0;
             for (i64 j = 0; j < len; j++) store(w, base + j, mv[j], kind);
             for (i64 g0 = 0; g0 < len; g0 += GROUP) {
                 i64 glen = len - g0 < GROUP ? len - g0 : GROUP;
@@ -323,36 +361,38 @@ INLINE i64 merge_impl(const int kind, const int gained, void *w, i64 rows, i64 c
 /* merge_impl and unmerge_impl compiled once per kind and gain use, each its own function (measured: inlined
  * together into one function, the gain variants slowed the plain ones by 10-20%). */
 #define MERGE_FN(k, gd) \
-    __attribute__((noinline)) static i64 merge_##k##gd(void *w, i64 rows, i64 cols, const float *A, const float *B, \
-        i64 r, float scale, const float *gains, u32 *words, i64 *esc_index, void *esc_bits, i64 *out) { \
-        return merge_impl(k, gd, w, rows, cols, A, B, r, scale, gains, words, esc_index, esc_bits, out); } \
-    __attribute__((noinline)) static void unmerge_##k##gd(void *w, i64 cols, const float *A, const float *B, i64 r, \
-        float scale, const float *gains, i64 n, const u32 *words, i64 n_words) { \
-        unmerge_impl(k, gd, w, cols, A, B, r, scale, gains, n, words, n_words); }
+    __attribute__((noinline)) static i64 merge_##k##gd(void *w, i64 rows, i64 cols, const float *A, i64 lda, const float *B, \
+        i64 r, float scale, const float *gains, float *work, i64 work_rows, u32 *words, i64 *esc_index, void *esc_bits, i64 *out) { \
+        return merge_impl(k, gd, w, rows, cols, A, lda, B, r, scale, gains, work, work_rows, words, esc_index, esc_bits, out); } \
+    __attribute__((noinline)) static void unmerge_##k##gd(void *w, i64 cols, const float *A, i64 lda, const float *B, i64 r, \
+        float scale, const float *gains, float *work, i64 work_rows, i64 n, const u32 *words, i64 n_words) { \
+        unmerge_impl(k, gd, w, cols, A, lda, B, r, scale, gains, work, work_rows, n, words, n_words); }
 MERGE_FN(0, 0) MERGE_FN(1, 0) MERGE_FN(2, 0) MERGE_FN(0, 1) MERGE_FN(1, 1) MERGE_FN(2, 1)
 #undef MERGE_FN
 
 /* Merge a (rows, cols) block in place: W' = round(w + d) with d = ΔW of the block (see delta(); A is
- * (r, cols), B the block's (rows, r) rows, both fp32 and contiguous), or W' = round(g·(w + d)) with the
+ * (r, cols) with rows lda floats apart, B the block's (rows, r) rows, both fp32), or W' = round(g·(w + d)) with the
  * block's (rows,) fp32 gains (NULL: none; rows with g == 0 are merged, not coded: the caller keeps them).
+ * work: room for the ΔW of work_rows rows (work_rows·cols floats), computed work_rows rows at a time.
  * Codes go into words (n + 2 words at least), escapes into esc_index / esc_bits (n entries at least),
  * n = rows·cols. Returns -1, or the index of the first element whose merged value would be non-finite
  * (W finite): the block is then restored bit-exactly (but for rows with g == 0) before returning.
  * out[0] = words used, out[1] = escapes, out[2] = coded elements (width > 0). */
-i64 pl_merge(int kind, void *w, i64 rows, i64 cols, const float *A, const float *B, i64 r, float scale,
-             const float *gains, u32 *words, i64 *esc_index, void *esc_bits, i64 *out) {
-    i64 (*fn)(void *, i64, i64, const float *, const float *, i64, float, const float *, u32 *, i64 *, void *,
-              i64 *) = gains ? (kind == 0 ? merge_01 : kind == 1 ? merge_11 : merge_21)
+i64 pl_merge(int kind, void *w, i64 rows, i64 cols, const float *A, i64 lda, const float *B, i64 r, float scale,
+             const float *gains, float *work, i64 work_rows, u32 *words, i64 *esc_index, void *esc_bits, i64 *out) {
+    i64 (*fn)(void *, i64, i64, const float *, i64, const float *, i64, float, const float *, float *, i64, u32 *,
+              i64 *, void *, i64 *) = gains ? (kind == 0 ? merge_01 : kind == 1 ? merge_11 : merge_21)
                              : (kind == 0 ? merge_00 : kind == 1 ? merge_10 : merge_20);
-    return fn(w, rows, cols, A, B, r, scale, gains, words, esc_index, esc_bits, out);
+    return fn(w, rows, cols, A, lda, B, r, scale, gains, work, work_rows, words, esc_index, esc_bits, out);
 }
 
 /* Unmerge a (rows, cols) block in place from its code words (the caller writes the escapes, and the rows with
  * gain 0). gains: as for pl_merge. */
-void pl_unmerge(int kind, void *w, i64 rows, i64 cols, const float *A, const float *B, i64 r, float scale,
-                const float *gains, const u32 *words, i64 n_words) {
-    void (*fn)(void *, i64, const float *, const float *, i64, float, const float *, i64, const u32 *, i64) =
+void pl_unmerge(int kind, void *w, i64 rows, i64 cols, const float *A, i64 lda, const float *B, i64 r, float scale,
+                const float *gains, float *work, i64 work_rows, const u32 *words, i64 n_words) {
+    void (*fn)(void *, i64, const float *, i64, const float *, i64, float, const float *, float *, i64, i64, const u32 *,
+               i64) =
         gains ? (kind == 0 ? unmerge_01 : kind == 1 ? unmerge_11 : unmerge_21)
               : (kind == 0 ? unmerge_00 : kind == 1 ? unmerge_10 : unmerge_20);
-    fn(w, cols, A, B, r, scale, gains, rows * cols, words, n_words);
+    fn(w, cols, A, lda, B, r, scale, gains, work, work_rows, rows * cols, words, n_words);
 }
