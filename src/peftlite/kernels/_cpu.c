@@ -17,7 +17,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef __BMI2__
+#if defined(__BMI2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -168,14 +168,13 @@ INLINE i32 holds(u32 offset, i32 width) { return (width == 32) | ((offset >> (wi
 /* The bit stream of a block: least significant bit first, in 32-bit words (as _codec.pack). */
 typedef struct { u64 acc; int n_acc; i64 n_words; } Writer;
 
-INLINE void put_bits(u32 *words, Writer *st, u64 v, int n) { /* v < 2^n, n <= 32 */
-    st->acc |= v << st->n_acc;
-    st->n_acc += n;
-    if (st->n_acc >= 32) {
-        words[st->n_words++] = (u32)st->acc;
-        st->acc >>= 32;
-        st->n_acc -= 32;
-    }
+INLINE void put_bits(u32 *words, Writer *st, u64 v, int n) { /* v < 2^n, n <= 32; branch-free */
+    u64 acc = st->acc | (v << st->n_acc);
+    int n_acc = st->n_acc + n, full = n_acc >= 32;
+    words[st->n_words] = (u32)acc; /* the partial word too: words has room for one more */
+    st->n_words += full;
+    st->acc = full ? acc >> 32 : acc;
+    st->n_acc = n_acc - 32 * full;
 }
 
 INLINE i64 flush_bits(u32 *words, const Writer *st) { /* the words used, the last one partial */
@@ -185,14 +184,14 @@ INLINE i64 flush_bits(u32 *words, const Writer *st) { /* the words used, the las
 
 typedef struct { const u32 *words; i64 n_words, next; u64 buf; int n_buf; } Reader;
 
-INLINE u64 get_bits(Reader *rd, int n) { /* n <= 32 */
-    if (rd->n_buf < n) {
-        rd->buf |= (u64)(rd->next < rd->n_words ? rd->words[rd->next] : 0) << rd->n_buf;
-        rd->next++;
-        rd->n_buf += 32;
-    }
-    u64 v = rd->buf & ((((u64)1) << n) - 1);
-    rd->buf >>= n;
+INLINE u64 get_bits(Reader *rd, int n) { /* n <= 32; branch-free */
+    int refill = rd->n_buf < n;
+    u64 next = rd->next < rd->n_words ? rd->words[rd->next] : 0;
+    u64 buf = rd->buf | (refill ? next << rd->n_buf : 0);
+    rd->next += refill;
+    rd->n_buf += 32 * refill;
+    u64 v = buf & ((((u64)1) << n) - 1);
+    rd->buf = buf >> n;
     rd->n_buf -= n;
     return v;
 }
@@ -220,6 +219,49 @@ INLINE u64 wider_than(const i32 *width, i64 len, i32 b) {
     return bits;
 }
 
+/* Bit j of the result: bit b of code[j] (len <= 64 lanes). */
+INLINE u64 plane_of(const u32 *code, i64 len, i32 b) {
+    u64 bits = 0;
+    for (i64 j = 0; j < len; j++) bits |= (u64)((code[j] >> b) & 1u) << j;
+    return bits;
+}
+
+/* code[j] |= 1 << b where bit j of plane is set (len <= 64 lanes). */
+INLINE void set_plane(u32 *code, i64 len, i32 b, u64 plane) {
+    for (i64 j = 0; j < len; j++) code[j] |= (u32)((plane >> j) & 1u) << b;
+}
+
+#ifdef __AVX512F__
+/* The same for a whole group of 64 lanes, 16 at a time in mask registers. */
+INLINE u64 wider_than64(const i32 *width, i32 b) {
+    __m512i t = _mm512_set1_epi32(b);
+    u64 bits = 0;
+    for (int i = 0; i < 4; i++)
+        bits |= (u64)_mm512_cmpgt_epi32_mask(_mm512_loadu_si512(width + 16 * i), t) << (16 * i);
+    return bits;
+}
+INLINE u64 plane_of64(const u32 *code, i32 b) {
+    __m512i t = _mm512_set1_epi32(1 << b);
+    u64 bits = 0;
+    for (int i = 0; i < 4; i++) bits |= (u64)_mm512_test_epi32_mask(_mm512_loadu_si512(code + 16 * i), t) << (16 * i);
+    return bits;
+}
+INLINE void set_plane64(u32 *code, i32 b, u64 plane) {
+    __m512i t = _mm512_set1_epi32(1 << b);
+    for (int i = 0; i < 4; i++) {
+        __m512i c = _mm512_loadu_si512(code + 16 * i);
+        _mm512_storeu_si512(code + 16 * i, _mm512_mask_or_epi32(c, (__mmask16)(plane >> (16 * i)), c, t));
+    }
+}
+#define WIDER(width, len, b) ((len) == GROUP ? wider_than64(width, b) : wider_than(width, len, b))
+#define PLANE(code, len, b) ((len) == GROUP ? plane_of64(code, b) : plane_of(code, len, b))
+#define SET_PLANE(code, len, b, p) ((len) == GROUP ? set_plane64(code, b, p) : set_plane(code, len, b, p))
+#else
+#define WIDER(width, len, b) wider_than(width, len, b)
+#define PLANE(code, len, b) plane_of(code, len, b)
+#define SET_PLANE(code, len, b, p) set_plane(code, len, b, p)
+#endif
+
 INLINE i32 widest(const i32 *width, i64 len) {
     i32 top = 0;
     for (i64 j = 0; j < len; j++) top = width[j] > top ? width[j] : top;
@@ -229,9 +271,7 @@ INLINE i32 widest(const i32 *width, i64 len) {
 /* Append one group's codes (len <= GROUP lanes) plane by plane: bit b of every code wider than b. */
 INLINE void put_group(u32 *words, Writer *st, const i32 *width, const u32 *code, i64 len) {
     for (i32 b = 0, top = widest(width, len); b < top; b++) {
-        u64 plane = 0, mask = wider_than(width, len, b);
-        for (i64 j = 0; j < len; j++) plane |= (u64)((code[j] >> b) & 1u) << j;
-        u64 v = extract(plane, mask);
+        u64 mask = WIDER(width, len, b), v = extract(PLANE(code, len, b), mask);
         int n = __builtin_popcountll(mask);
         put_bits(words, st, v & 0xFFFFFFFFu, n < 32 ? n : 32);
         if (n > 32) put_bits(words, st, v >> 32, n - 32);
@@ -242,12 +282,11 @@ INLINE void put_group(u32 *words, Writer *st, const i32 *width, const u32 *code,
 INLINE void get_group(Reader *rd, const i32 *width, u32 *code, i64 len) {
     for (i64 j = 0; j < len; j++) code[j] = 0;
     for (i32 b = 0, top = widest(width, len); b < top; b++) {
-        u64 mask = wider_than(width, len, b);
+        u64 mask = WIDER(width, len, b);
         int n = __builtin_popcountll(mask);
         u64 v = get_bits(rd, n < 32 ? n : 32);
         if (n > 32) v |= get_bits(rd, n - 32) << 32;
-        u64 plane = deposit(v, mask);
-        for (i64 j = 0; j < len; j++) code[j] |= (u32)((plane >> j) & 1u) << b;
+        SET_PLANE(code, len, b, deposit(v, mask));
     }
 }
 
