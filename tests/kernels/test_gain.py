@@ -17,7 +17,6 @@ import torch
 from peftlite import kernels
 from peftlite.kernels import _codec, _cpu, _torch
 from peftlite.kernels._bits import FORMATS, bits, from_ordinal, merged_value, ordinal, unmerged_guess
-from peftlite.kernels._gain import exact_flag
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _kernel_checks import (  # noqa: E402
@@ -118,13 +117,14 @@ def test_nan_and_infinite_weights_come_back_with_their_bits(dtype, fused):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gain_runs_and_flag_match_brute_force(dtype):
-    """Against every value of the 16-bit format: the run of originals that merge to W' under a gain of
-    either sign, and the exact flag (unflagged: the guess is the only original)."""
+def test_gain_windows_against_every_value_of_the_format(dtype):
+    """Against every value of the 16-bit format, under a gain of either sign: width 0 only where the guess is
+    the one original, and the window holds the whole run of originals that merge to W'."""
     fmt = FORMATS[dtype]
     every = from_ordinal(torch.arange(-1 - fmt.max_finite, fmt.max_finite + 1), fmt)
     g = torch.Generator().manual_seed(4)
-    for i in range(16):
+    held = coded = 0
+    for i in range(32):
         w = every[torch.randint(0, every.numel(), (1,), generator=g)]
         if i % 4 == 0:
             w = (torch.randn(1, generator=g) * 4).to(dtype)
@@ -134,13 +134,16 @@ def test_gain_runs_and_flag_match_brute_force(dtype):
         if not bool(torch.isfinite(merged).all()):
             continue
         hits = (bits(merged_value(every, d.expand(every.numel()), gain)) == bits(merged)).nonzero().view(-1)
-        first, count = _codec.candidates(merged, d, fmt, gain)
-        assert int(count) == hits.numel(), (i, float(w), float(d), float(gain))
-        assert int(first) == int(ordinal(bits(every[hits[0]]), fmt))
         assert torch.equal(hits, hits[0] + torch.arange(hits.numel()))  # one run
         guess = unmerged_guess(merged, d, gain)
-        if not bool(exact_flag(guess, merged, d, gain, fmt)):
+        width, start = _codec.window(merged, guess, d, fmt, gain)
+        if int(width) == 0:
             assert hits.numel() == 1 and same_bits(every[hits], guess)
+        else:
+            coded += 1
+            offsets = (ordinal(bits(every[hits]), fmt) - start) & 0xFFFFFFFF
+            held += bool((offsets < 2 ** int(width)).all())
+    assert coded >= 8 and held == coded, (held, coded)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -183,7 +186,7 @@ def test_memory_bound_with_gain(dtype):
             rows.append(f"{dtype} g={g} ratio={ratio}: {rec.bits_per_element:.3f} bits/el, "
                         f"{rec.flagged / W.numel():.3f} flagged")
             assert rec.nbytes <= W.numel() * W.element_size() / 8, rows[-1]
-            assert rec.escape_index.numel() == 0, rows[-1]
+            assert rec.escape_index.numel() <= W.numel() // 1000, rows[-1]  # the window estimate rarely misses
     mixed = random_gain(256, seed=1, special=False)
     W, A, B, scale = problem(256, 256, 16, dtype, 1.0, seed=7)
     assert kernels.merge_(W, A, B, scale, gain=mixed).nbytes <= W.numel() * W.element_size() / 8

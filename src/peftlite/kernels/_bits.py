@@ -1,4 +1,4 @@
-"""Float formats as integers: bit views, a total order on bit patterns, and the "may lose bits" flag.
+"""Float formats as integers: bit views, a total order on bit patterns, and the merge's roundings.
 
 Pure tensor functions shared by every backend. ``ordinal`` maps the bit patterns of a float format
 one-to-one onto integers so that larger values get larger integers (-0.0 sits just below +0.0), so
@@ -82,28 +82,3 @@ def unmerged_guess(wm: Tensor, d: Tensor, g: Tensor | None = None) -> Tensor:
         return wm - d if g is None else wm / g - d
     v = wm.float()
     return ((v if g is None else v / g) - d).to(wm.dtype)
-
-
-def may_lose(guess: Tensor, merged: Tensor, d: Tensor, fmt: Format) -> Tensor:
-    """Where the original may not be ``guess``, judged from (guess, merged, d) alone.  Flat bool.
-
-    Merging ``w -> round(w + d)`` is one-to-one near ``w`` unless the merged value lies in a coarser
-    binade than ``w``, or ``w`` is a power of two (or zero) whose lower neighbour is closer, or the
-    rounding was a tie. For 16-bit formats ``d`` (fp32) has many more bits than the weight, so ties
-    are negligible and the binade test is used: ``|W'|`` in a higher binade than the guess, or a guess
-    whose mantissa is all zeros or all ones (a power of two, or just below one). For fp32, where ties
-    are common, the exact test: the guess does not merge back to ``W'``, or a neighbour of it does.
-    Unflagged elements unmerge to the guess; merge checks that and records any exception verbatim.
-    """
-    g, m = bits(guess).view(-1), bits(merged).view(-1)
-    if fmt.bits == 32:
-        d = d.view(-1)
-        inf = torch.full_like(guess.view(-1), float("inf"))
-        flag = bits(merged_value(guess.view(-1), d)) != m
-        flag |= bits(merged_value(torch.nextafter(guess.view(-1), inf), d)) == m
-        flag |= bits(merged_value(torch.nextafter(guess.view(-1), -inf), d)) == m
-        return flag
-    mag_g = g & fmt.magnitude_mask
-    mag_m = m & fmt.magnitude_mask
-    mant = mag_g & fmt.mantissa_mask
-    return (mag_m > (mag_g | fmt.mantissa_mask)) | (mant == 0) | (mant == fmt.mantissa_mask)

@@ -16,25 +16,25 @@ class NonFiniteMergeError(ValueError):
 class MergeRecord:
     """Exact-unmerge information for one (rows, cols) weight matrix.
 
-    Unmerge writes ``round(W' - ΔW)`` everywhere, then fixes the elements flagged by
-    ``_bits.may_lose`` from their candidate-index ``codes`` (see ``_codec``), then writes the
-    ``escapes`` verbatim. ``chunks[i]`` is the first word of the codes of the i-th block of elements
-    (the backend's blocking), so blocks decode independently.
+    Unmerge writes ``round(W' - ΔW)`` everywhere but where the element's window (``_codec.window``) has a
+    code: there the window's start plus the code from ``codes``; then it writes the ``escapes`` verbatim.
+    ``chunks[i]`` is the first word of the codes of the i-th block of elements (the backend's blocking), so
+    blocks decode independently.
 
     A merge with a per-row gain (DoRA, see ``_gain``) also keeps the gains, since unmerge needs them to
     recompute the merged-value function, and keeps verbatim the rows whose gain is zero (nothing of them
-    is left in ``W'``). Its guess is ``round(W'/g - ΔW)`` and its flag ``_gain.exact_flag``.
+    is left in ``W'``). Its guess is ``round(W'/g - ΔW)``, and its windows are computed with the gain.
     """
 
     backend: str
     dtype: torch.dtype
     device: torch.device
     shape: tuple[int, int]
-    codes: Tensor  # (words,) int32: candidate indices packed back-to-back, block by block
+    codes: Tensor  # (words,) int32: window offsets by bit planes, block by block (see _codec)
     chunks: Tensor  # torch: (blocks + 1,) int64 word offsets (CPU); triton: (tiles,) int64 bit offsets (device)
     escape_index: Tensor  # (n,) int64 flat indices into the matrix
     escape_values: Tensor  # (n,) original values, in W's dtype
-    flagged: int = 0  # elements whose codes were computed (for reports)
+    flagged: int = 0  # elements with a code (width > 0; for reports)
     gain: Tensor | None = None  # (rows,) float32 per-row gains of a DoRA merge; None for a plain merge
     raw_index: Tensor | None = None  # (n,) int64 rows whose gain is 0, kept verbatim
     raw_values: Tensor | None = None  # (n, cols) their original values, in W's dtype
