@@ -150,18 +150,34 @@ def check_triton_cycles():
 
 
 def check_triton_small_buffers():
-    """Tiles that find the code buffer or the escape list full write nothing and run again: same result."""
-    from peftlite.kernels import _triton
+    """Tiles that find the code buffer or the escape list full write nothing and run again: same result.
+
+    ΔW is exact here (rank 1, B powers of two), so the reference codec (``_codec``) says which originals
+    escape: some of those planted 4 or 8 ulps inside -1, whose windows miss them, more than the list holds.
+    """
+    from peftlite.kernels import _codec, _triton
+    from peftlite.kernels._bits import FORMATS, merged_value, unmerged_guess
     _triton.MIN_CODE_BITS, _triton.CODE_FRACTION, _triton.MIN_ESCAPES = 64, 10**9, 2
     for dtype in (torch.bfloat16, torch.float32):
-        W, A, B, scale = problem(40, 136, 8, dtype, 1.0)
-        W.view(-1)[::37] = float("inf")  # non-finite originals are escapes: more than the list holds
+        fmt = FORMATS[dtype]
+        g = torch.Generator().manual_seed(2)
+        W = torch.randn(40, 136, generator=g).to(dtype)
+        W[:, ::2] = (-1 + 2.0 ** (1 - fmt.mantissa) * torch.randint(1, 3, (40, 68), generator=g)).to(dtype)
+        W.view(-1)[::37] = float("inf")  # non-finite originals: coded in windows of the whole format
         W.view(-1)[5::41] = float("nan")
+        A, B = torch.randn(1, 136, generator=g), 2.0 ** torch.randint(0, 4, (40, 1), generator=g)
         W0 = W.clone()
-        rec = _triton.merge_(W, A, B, scale)
-        assert rec.escape_index.numel() == int((~torch.isfinite(W0)).sum()), rec.escape_index.numel()
+        d = (B @ A).view(-1)
+        m = merged_value(W0.view(-1), d)
+        guess = unmerged_guess(m, d)
+        width, start = _codec.window(m, guess, d, fmt)
+        escapes = _codec.encode(W0.view(-1), guess, width, start, fmt)[1].nonzero().view(-1)
+        assert escapes.numel() > 2, f"{dtype}: only {escapes.numel()} escapes, too few to fill the list"
+        rec = _triton.merge_(W, A, B, 1.0)
+        assert torch.equal(rec.escape_index.sort().values, escapes), (rec.escape_index.numel(), escapes.numel())
+        assert rec.flagged == int((width > 0).sum()), (rec.flagged, int((width > 0).sum()))
         assert rec.codes.numel() * 32 > 64  # the buffer grew
-        _triton.unmerge_(W, A, B, scale, rec)
+        _triton.unmerge_(W, A, B, 1.0, rec)
         assert same_bits(W, W0), f"{dtype}: not exact after reruns"
     return "ok"
 

@@ -1,10 +1,10 @@
 """Host side of the Triton kernels: launch the one pass, rerun tiles that found a buffer full, records.
 
-The kernel (``_triton_kernels.codec_kernel``) decides every element's candidate run, code and escape in
-registers, so merge and unmerge are each one pass over W. A merge record holds the packed codes
-(``codes``: int32 words; each tile's codes start at the bit ``chunks[tile]``, an int64 offset kept on
-the device), and the escapes (non-finite originals). Code order follows the order in which tiles
-reserved their bits, so records of equal merges may differ in layout, never in what they decode to.
+The kernel (``_triton_kernels.codec_kernel``) decides every element's window code (``_codec``) and escape
+in registers, so merge and unmerge are each one pass over W. A merge record holds the codes (``codes``: int32
+words, each element's ``width`` bits back to back, each tile's from the bit ``chunks[tile]``, an int64 offset
+kept on the device) and the escapes (originals the code would not give back). Code order follows the order in
+which tiles reserved their bits, so records of equal merges may differ in layout, never in what they decode to.
 
 Merges with a per-row gain (DoRA) do not run here: ``kernels.merge_`` routes them to the torch backend
 (``_torch``, torch ops on the weight's device), whose record then names "torch" for the unmerge.

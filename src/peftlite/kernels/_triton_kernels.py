@@ -3,9 +3,12 @@
 Each program takes one (BM, BN) tile of the (rows, cols) weight matrix. It computes the tile of
 ``d = scale·(B @ A)`` in fp32 registers (``tl.dot`` with ``input_precision="ieee"``, in the same order
 for merge and unmerge), rounds ``W' = round(w + d)`` to nearest-even with integer ops (the Triton
-interpreter truncates fp32 -> bf16 casts, and CI runs the interpreter), and for every element finds
-the run of originals that merge to W' (``_runs``: settled from the evaluations at the guess's
-neighbours, a search from an estimate of the run's ends otherwise). See ``codec_kernel``.
+interpreter truncates fp32 -> bf16 casts, and CI runs the interpreter), and codes every element with the
+window code of ``_codec`` (``_window``: ``_codec.window``'s integer and fp32 operations, without a gain).
+From W', the guess ``round(W' - d)`` and d alone it gives a window of ``2**width`` consecutive ordinals
+holding every original that merges to W' (width 0: the guess is the original); merge stores the original's
+offset in its window, unmerge adds it back. No loop depends on the data: per element, the rank sum, three
+evaluations of the merged-value function and a few dozen integer ops. See ``codec_kernel``.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _merged(b, d, KIND: tl.constexpr):
     return _round(_to_f32(b, KIND) + d, KIND)
 
 
-# ---- the in-kernel codec: candidate runs, codes and escapes decided per tile ----------------------
+# ---- the in-kernel window code (``_codec.window``): widths, windows, codes and escapes per tile ----
 
 @triton.jit
 def _ord(b, KIND: tl.constexpr):
@@ -104,96 +107,53 @@ def _f(o, d, KIND: tl.constexpr):
 
 
 @triton.jit
-def _pred(o, d, target, STRICT: tl.constexpr, KIND: tl.constexpr):
-    """f(o) >= target (STRICT: > target), monotone in o; true beyond the largest finite ordinal."""
-    HIGH = _high(KIND)
-    f = _f(tl.minimum(o, HIGH), d, KIND)
-    if STRICT:
-        p = f > target
+def _exponent(b, KIND: tl.constexpr):
+    """The biased exponent field of bit patterns (int32), subnormals and zeros counted as 1; int64."""
+    if KIND == _FP32:
+        e = (b & 0x7FFFFFFF) >> 23
+    elif KIND == _BF16:
+        e = (b & 0x7FFF) >> 7
     else:
-        p = f >= target
-    return p | (o > HIGH)
+        e = (b & 0x7FFF) >> 10
+    return tl.maximum(e, 1).to(tl.int64)
 
 
 @triton.jit
-def _first_true(pc, pm, pp, c, est, d, target, active, STRICT: tl.constexpr, KIND: tl.constexpr):
-    """Per element, the smallest ordinal with ``_pred`` true, given its values at c - 1, c, c + 1.
-
-    Most elements are settled by those three; the rest restart from ``est`` (a step or two from the
-    answer whatever the run's length), gallop and bisect, all lanes of the tile together, until every
-    active lane has converged (``lo`` false, ``hi`` true, adjacent). The answer does not depend on est.
-    """
+def _window(m, g, d, KIND: tl.constexpr):
+    """(width, start), int64: each element's code width (0: the guess g is the original) and the first
+    ordinal of its window of 2**width, from the merged bits m, the guess bits g and d (``_codec.window``)."""
     HIGH = _high(KIND)
     LOW = -1 - HIGH
-    pm = pm & (c - 1 >= LOW)
-    pp = pp | (c + 1 > HIGH)
-    settled_at = (pc & ~pm) | ~active
-    settled_up = ~pc & pp & active
-    down = pc & pm & active  # hi = c - 1 is true: gallop down
-    hi = tl.where(pc, tl.where(settled_at, c, c - 1), tl.where(settled_up, c + 1, HIGH + 1))
-    lo = tl.where(settled_at | settled_up | down, hi - 1, c + 1)  # up: c + 1 is false
-    lo = tl.where(down, LOW - 1, lo)
-    todo = down | (~pc & ~pp & active)
-    pe = _pred(est, d, target, STRICT, KIND)
-    hi = tl.where(todo, tl.where(pe, est, HIGH + 1), hi)
-    lo = tl.where(todo, tl.where(pe, LOW - 1, est), lo)
-    down = pe
-    step = tl.full(c.shape, 1, tl.int64)
-    while tl.max(todo.to(tl.int32), axis=0) > 0:
-        probe = tl.where(down, hi - step, lo + step)
-        out = tl.where(down, probe < LOW, probe > HIGH)
-        pv = _pred(tl.minimum(tl.maximum(probe, LOW), HIGH), d, target, STRICT, KIND) & ~out
-        set_hi = todo & tl.where(down, ~out & pv, out | pv)
-        set_lo = todo & tl.where(down, out | ~pv, ~out & ~pv)
-        hi = tl.where(set_hi, tl.where(out, HIGH + 1, probe), hi)
-        lo = tl.where(set_lo, tl.where(out, LOW - 1, probe), lo)
-        todo = todo & ~out & tl.where(down, pv, ~pv)
-        step = tl.where(todo, step * 2, step)
-    gap = (hi - lo > 1) & active
-    while tl.max(gap.to(tl.int32), axis=0) > 0:
-        mid = lo + (hi - lo) // 2
-        pv = _pred(mid, d, target, STRICT, KIND)
-        hi = tl.where(gap & pv, mid, hi)
-        lo = tl.where(gap & ~pv, mid, lo)
-        gap = (hi - lo > 1) & active
-    return hi
-
-
-@triton.jit
-def _estimate(m, side: tl.constexpr, d, KIND: tl.constexpr):
-    """The ordinal nearest (midpoint between m and its neighbour on ``side``) - d, in fp64: where w + d
-    crosses into rounding to m, so a run's end is a step or two away (as ``_codec._estimate``)."""
-    HIGH = _high(KIND)
-    LOW = -1 - HIGH
-    nb = _from_ord(_ord(m, KIND) + side, KIND)
-    mid = (_to_f32(m, KIND).to(tl.float64) + _to_f32(nb, KIND).to(tl.float64)) * 0.5
-    e = _ord(_round((mid - d.to(tl.float64)).to(tl.float32), KIND), KIND)
-    return tl.minimum(tl.maximum(e, LOW), HIGH)
-
-
-@triton.jit
-def _runs(m, g, d, active, KIND: tl.constexpr):
-    """The run [first, first + count) of originals that merge to m under d (``_codec.candidates``)."""
-    HIGH = _high(KIND)
-    LOW = -1 - HIGH
-    target = _ord(m, KIND)
-    c = tl.minimum(tl.maximum(_ord(g, KIND), LOW), HIGH)
-    fm = _f(tl.maximum(c - 1, LOW), d, KIND)
-    f0 = _f(c, d, KIND)
-    fp = _f(tl.minimum(c + 1, HIGH), d, KIND)
-    first = _first_true(f0 >= target, fm >= target, fp >= target, c, _estimate(m, -1, d, KIND), d, target,
-                        active, False, KIND)
-    end = _first_true(f0 > target, fm > target, fp > target, c, _estimate(m, 1, d, KIND), d, target,
-                      active, True, KIND)
-    return first, tl.maximum(end - first, 0)
-
-
-@triton.jit
-def _width(count):
-    """ceil(log2 count) (0 for count <= 1), int32, from the exponent of count - 1 as an fp64."""
-    x = tl.maximum(count - 1, 0).to(tl.float64)
-    e = ((x.to(tl.int64, bitcast=True) >> 52) - 1022).to(tl.int32)
-    return tl.where(count > 1, e, 0)
+    if KIND == _FP32:
+        NB: tl.constexpr = 32
+        P: tl.constexpr = 23
+        BOTTOM: tl.constexpr = -2147483648  # the window of the whole format starts at the lowest ordinal
+    elif KIND == _BF16:
+        NB: tl.constexpr = 16
+        P: tl.constexpr = 7
+        BOTTOM: tl.constexpr = -32768
+    else:
+        NB: tl.constexpr = 16
+        P: tl.constexpr = 10
+        BOTTOM: tl.constexpr = -32768
+    t = _ord(m, KIND)
+    o = _ord(g, KIND)
+    interior = (o > LOW) & (o < HIGH) & (t >= LOW) & (t <= HIGH)
+    at = tl.minimum(tl.maximum(o, LOW + 1), HIGH - 1)
+    f_at = _f(at, d, KIND)
+    e0 = f_at == t
+    e_lo = _f(at - 1, d, KIND) == t
+    e_hi = _f(at + 1, d, KIND) == t
+    single = interior & e0 & ~e_lo & ~e_hi
+    q = tl.maximum(_exponent(m, KIND) - _exponent(g, KIND), 0)
+    wide = ~interior | (q >= P)  # an end of the finite range, or a run reaching zero: the whole format
+    width = tl.where(wide, NB, q + 1)
+    size = tl.full(o.shape, 1, tl.int64) << tl.minimum(width, NB - 1)
+    start = tl.where(e0 & ~e_lo, o,
+                     tl.where(e0 & ~e_hi, o - size + 1,
+                              tl.where(e0, o - size // 2, tl.where(f_at < t, o + 1, o - size))))
+    start = tl.where(wide, BOTTOM, start)
+    return tl.where(single, 0, width), start
 
 
 @triton.jit
@@ -203,13 +163,15 @@ def codec_kernel(W, A, B, scale, rows, cols, R, stride_ar, stride_ac, stride_br,
                  BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
     """Merge or unmerge one tile with its codes decided in registers.
 
-    merge: writes W' and, for each element, ``ordinal(w) - first`` of its candidate run in
-    ``ceil(log2 count)`` bits at the tile's bit offset (reserved with one atomic add on ``ctr[0]``,
-    stored in ``tile_off``), OR-ed into ``buf``; originals outside their run (non-finite weights) go
-    to the escape list (``ctr[1]`` counts). A tile that finds ``buf`` or the list full writes nothing
-    and records its needs in ``status`` so the host can rerun it. ``ctr[2]``: elements with a code,
-    ``ctr[3]``: merged values that overflowed, ``ctr[4]``: pending tiles.
-    unmerge: recomputes the same runs from W' and d and writes ``first + code`` (escapes: the host).
+    merge: writes W' and, for each element of width > 0 (``_window``), ``ordinal(w) - start`` mod 2**32 in
+    ``width`` bits at the tile's bit offset (reserved with one atomic add on ``ctr[0]``, stored in
+    ``tile_off``) plus the prefix sum of the widths before it, OR-ed into ``buf``. An original the code
+    would not give back (outside its window, or a width-0 guess that is not it) goes to the escape list
+    (``ctr[1]`` counts) and keeps its bits, zero. A tile that finds ``buf`` or the list full writes
+    nothing and records its needs in ``status`` so the host can rerun it. ``ctr[2]``: elements of width
+    > 0, ``ctr[3]``: merged values that overflowed, ``ctr[4]``: pending tiles.
+    unmerge: recomputes the same windows from W' and d and writes the guess where the width is 0, else
+    ``start + code`` (escapes: the host).
     """
     pid = tl.program_id(0)
     tile = tl.load(tiles + pid)
@@ -240,23 +202,23 @@ def codec_kernel(W, A, B, scale, rows, cols, R, stride_ar, stride_ac, stride_br,
     if UNMERGE and not EXACT:
         out = g
     else:
-        first, count = _runs(m, g, d, inside, KIND)
-        width = tl.where(inside, _width(count), 0)
+        width, start = _window(m, g, d, KIND)
+        width = tl.where(inside, width, 0)
         need = tl.sum(width, axis=0)
         pos = tl.cumsum(width, axis=0) - width  # the element's first bit within the tile
+        has = width > 0
         if UNMERGE:
             bit = tl.load(tile_off + tile) + pos
             word = bit >> 5
             shift = (bit & 31).to(tl.int64)
-            has = width > 0
             lo_w = tl.load(buf + word, mask=has, other=0).to(tl.int64) & 0xFFFFFFFF
             hi_w = tl.load(buf + word + 1, mask=has & (shift + width > 32), other=0).to(tl.int64) & 0xFFFFFFFF
             code = ((lo_w | (hi_w << 32)) >> shift) & ((tl.full(shift.shape, 1, tl.int64) << width) - 1)
-            out = _from_ord(first + code, KIND)
+            o = (start + code) & 0xFFFFFFFF
+            out = tl.where(has, _from_ord(tl.where(o >= 2147483648, o - 4294967296, o), KIND), g)
         else:
-            index = _ord(w, KIND) - first
-            fits = (index >= 0) & (index < count)
-            escape = inside & ~fits
+            code = (_ord(w, KIND) - start) & 0xFFFFFFFF
+            escape = inside & tl.where(has, code >= (tl.full(code.shape, 1, tl.int64) << width), g != w)
             n_esc = tl.sum(escape.to(tl.int32), axis=0)
             base = tl.atomic_add(ctr, need.to(tl.int64))
             ebase = tl.atomic_add(ctr + 1, n_esc.to(tl.int64))
@@ -266,8 +228,7 @@ def codec_kernel(W, A, B, scale, rows, cols, R, stride_ar, stride_ac, stride_br,
                 bit = base + pos
                 word = bit >> 5
                 shift = (bit & 31).to(tl.int64)
-                has = width > 0
-                v = tl.where(fits, index, 0) << shift
+                v = tl.where(escape, 0, code) << shift
                 tl.atomic_or(buf + word, (v & 0xFFFFFFFF).to(tl.int32), mask=has)
                 tl.atomic_or(buf + word + 1, (v >> 32).to(tl.int32), mask=has & (shift + width > 32))
                 epos = ebase + tl.cumsum(escape.to(tl.int32), axis=0) - 1
@@ -283,7 +244,7 @@ def codec_kernel(W, A, B, scale, rows, cols, R, stride_ar, stride_ac, stride_br,
                 n_bad = tl.sum(overflow.to(tl.int32), axis=0)
                 if n_bad > 0:
                     tl.atomic_add(ctr + 3, n_bad.to(tl.int64))
-                tl.atomic_add(ctr + 2, tl.sum((inside & (count > 1)).to(tl.int64), axis=0))
+                tl.atomic_add(ctr + 2, tl.sum(has.to(tl.int64), axis=0))
             else:
                 tl.store(status + 2 * pid, need + 1)
                 tl.store(status + 2 * pid + 1, n_esc)
