@@ -1,8 +1,8 @@
 """The fused CPU pass of the torch backend: ``_cpu.c`` built once with the system C compiler, via ctypes.
 
 The torch-op implementation of the scheme runs a few dozen elementwise ops per block, each a pass over
-memory; the C pass computes ΔW (in ``_torch.delta``'s order) and the flag, the candidate run, the code and
-the escape of each element in one pass over the block, and blocks run on all of torch's threads. It
+memory; the C pass computes ΔW (in ``_torch.delta``'s order) and the window, the code and the escape of
+each element in one pass over the block, and blocks run on all of torch's threads. It
 implements the same scheme to the bit, so records are interchangeable and the tests compare the two.
 Without a C compiler (or with ``PEFTLITE_CPU_FUSED=0``) the torch ops run instead, logged at debug level.
 The library is built for the vector ISA torch detects (AVX-512 or AVX2, else the baseline) and cached per
