@@ -74,46 +74,53 @@ typedef int32_t i32;
 
 
 /* ΔW for elements [j0, j0 + len) of one row: scale·Σ_k b[k]·A[k, j0 + j], summed k = 0..r-1 in that order,
- * every product and sum rounded to fp32 (no fused multiply-add). _torch.delta computes the same op by op.
- * Blocks of 64 lanes are summed in four vector registers over k (GCC/clang vector extensions; the order of
- * the sum is the same for every lane, so the result is too). */
-typedef float vf16 __attribute__((vector_size(64)));
-INLINE vf16 loadv(const float *p) { vf16 v; memcpy(&v, p, sizeof v); return v; }
-#define DBLOCK 64
-INLINE void delta_block(const float *restrict a, i64 cols, const float *restrict b, i64 r, float scale,
-                        float *restrict d) {
-    vf16 s0 = b[0] * loadv(a), s1 = b[0] * loadv(a + 16), s2 = b[0] * loadv(a + 32), s3 = b[0] * loadv(a + 48);
-    for (i64 k = 1; k < r; k++) {
-        const float *ak = a + k * cols;
-        float bk = b[k];
-        s0 = s0 + bk * loadv(ak);
-        s1 = s1 + bk * loadv(ak + 16);
-        s2 = s2 + bk * loadv(ak + 32);
-        s3 = s3 + bk * loadv(ak + 48);
-    }
-    s0 = s0 * scale; s1 = s1 * scale; s2 = s2 * scale; s3 = s3 * scale;
-    memcpy(d, &s0, 64); memcpy(d + 16, &s1, 64); memcpy(d + 32, &s2, 64); memcpy(d + 48, &s3, 64);
-}
-
-INLINE void delta(const float *restrict A, i64 cols, const float *restrict b, i64 r, float scale, i64 j0,
+ * every product and sum rounded to fp32 (no fused multiply-add). _torch.delta computes the same op by op. */
+INLINE void delta(const float *restrict A, i64 lda, const float *restrict b, i64 r, float scale, i64 j0,
                   i64 len, float *restrict d) {
-    i64 full = len - len % DBLOCK;
-    for (i64 j = 0; j < full; j += DBLOCK) delta_block(A + j0 + j, cols, b, r, scale, d + j);
     const float *a = A + j0;
-    for (i64 j = full; j < len; j++) d[j] = b[0] * a[j];
+    for (i64 j = 0; j < len; j++) d[j] = b[0] * a[j];
     for (i64 k = 1; k < r; k++)
-        for (i64 j = full; j < len; j++) d[j] = d[j] + b[k] * a[k * cols + j];
-    for (i64 j = full; j < len; j++) d[j] = d[j] * scale;
+        for (i64 j = 0; j < len; j++) d[j] = d[j] + b[k] * a[k * lda + j];
+    for (i64 j = 0; j < len; j++) d[j] = d[j] * scale;
 }
 
-/* ΔW of rows [row0, row0 + nr) of the block, every column, into D (nr·cols floats): a chunk of columns at a
- * time for all nr rows, so that chunk of A is read from L1 for every row, not streamed once per row. */
+typedef float vf16 __attribute__((vector_size(64))); /* 16 lanes (GCC/clang vector extensions) */
+INLINE vf16 loadv(const float *p) { vf16 v; memcpy(&v, p, sizeof v); return v; }
+INLINE void storev(float *p, vf16 v) { memcpy(p, &v, sizeof v); }
+
+/* Columns [j, j + 16) of rows [0, nr), over k in [k0, k0 + K): A's K vectors held in registers, every row's
+ * sum continued in order (first: the sum starts with the product at k0), so the result is delta()'s. */
+#define DELTA_RUN(K) \
+INLINE void delta_run##K(const float *a, i64 lda, const float *b, i64 r, i64 k0, int first, i64 nr, float *D, \
+                         i64 ldd) { \
+    vf16 ak[K]; \
+    for (int k = 0; k < K; k++) ak[k] = loadv(a + (k0 + k) * lda); \
+    for (i64 i = 0; i < nr; i++) { \
+        const float *bi = b + i * r + k0; \
+        vf16 s = first ? bi[0] * ak[0] : loadv(D + i * ldd) + bi[0] * ak[0]; \
+        for (int k = 1; k < K; k++) s = s + bi[k] * ak[k]; \
+        storev(D + i * ldd, s); \
+    } \
+}
+DELTA_RUN(16) DELTA_RUN(8) DELTA_RUN(4) DELTA_RUN(1)
+#undef DELTA_RUN
+
+/* ΔW of rows [row0, row0 + nr) of the block, every column, into D (nr·cols floats): 16 columns at a time, A's
+ * values for them held in registers over runs of 16, 8, 4 and 1 ranks while every row of the group is summed
+ * (in delta()'s order), which measured 1.4x faster than streaming A from L1 row by row. */
 INLINE void deltas(const float *A, i64 lda, const float *B, i64 r, float scale, i64 row0, i64 nr, i64 cols,
                    float *D) {
-    for (i64 j0 = 0; j0 < cols; j0 += CHUNK) {
-        i64 len = cols - j0 < CHUNK ? cols - j0 : CHUNK;
-        for (i64 i = 0; i < nr; i++) delta(A, lda, B + (row0 + i) * r, r, scale, j0, len, D + i * cols + j0);
+    const float *b = B + row0 * r;
+    i64 full = cols - cols % 16;
+    for (i64 j = 0; j < full; j += 16) {
+        i64 k = 0;
+        for (; k + 16 <= r; k += 16) delta_run16(A + j, lda, b, r, k, k == 0, nr, D + j, cols);
+        for (; k + 8 <= r; k += 8) delta_run8(A + j, lda, b, r, k, k == 0, nr, D + j, cols);
+        for (; k + 4 <= r; k += 4) delta_run4(A + j, lda, b, r, k, k == 0, nr, D + j, cols);
+        for (; k < r; k++) delta_run1(A + j, lda, b, r, k, k == 0, nr, D + j, cols);
+        for (i64 i = 0; i < nr; i++) storev(D + i * cols + j, loadv(D + i * cols + j) * scale);
     }
+    for (i64 i = 0; i < nr; i++) delta(A, lda, b + i * r, r, scale, full, cols - full, D + i * cols + full); /* tail */
 }
 
 /* ordinal() in 32 bits (every format's ordinals fit), and its inverse */
