@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -138,10 +139,20 @@ def padded(A: Tensor) -> Tensor:
     return out.copy_(A)
 
 
+_scratch = threading.local()
+
+
 def _work(rows: int, cols: int) -> tuple[Tensor, int]:
-    """Room for the ΔW of a few rows (about 128 KiB, so it stays in L2), and how many rows that is."""
+    """Room for the ΔW of a few rows (about 128 KiB, so it stays in L2), and how many rows that is.
+
+    One buffer per thread, kept and grown as needed: allocated per block, the allocator's churn between it
+    and the blocks' larger scratch raised a 4096² merge's peak RSS growth from 4.5 to 12 MiB.
+    """
     n = max(1, min(rows, 32768 // max(cols, 1)))
-    return torch.empty(n * cols, dtype=torch.float32), n
+    buf = getattr(_scratch, "work", None)
+    if buf is None or buf.numel() < n * cols:
+        _scratch.work = buf = torch.empty(n * cols, dtype=torch.float32)
+    return buf, n
 
 
 def merge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float, gain: Tensor | None = None) -> Block:
