@@ -126,19 +126,6 @@ def _address(gain: Tensor | None) -> int | None:
     return None if gain is None else gain.data_ptr()
 
 
-def padded(A: Tensor) -> Tensor:
-    """A (r, cols) fp32 as a view whose rows lie an odd number of 64-byte lines apart (the copy is A-sized).
-
-    The pass reads the same columns of every row of A; with rows a power of two of bytes apart (4096 columns:
-    16 KiB) they all fall in the same L1 cache sets and evict each other, which measured 2.4x slower.
-    """
-    r, cols = A.shape
-    lda = (cols + 15) // 16 * 16
-    lda += 16 if (lda // 16) % 2 == 0 else 0
-    out = torch.empty(r, lda, dtype=torch.float32)[:, :cols]
-    return out.copy_(A)
-
-
 _scratch = threading.local()
 
 
@@ -158,8 +145,7 @@ def _work(rows: int, cols: int) -> tuple[Tensor, int]:
 def merge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float, gain: Tensor | None = None) -> Block:
     """Merge ``scale·B_rows@A`` (see ``_torch.delta``) into the contiguous (rows, cols) block in place.
 
-    A: (r, cols) fp32 with unit column stride (any row stride: pass ``padded(A)``), B_rows: (rows, r)
-    contiguous fp32. gain: the block's (rows,) contiguous fp32 per-row gains (DoRA, see ``_gain``), or None.
+    A: (r, cols) fp32 with unit column stride (any row stride), B_rows: (rows, r) contiguous fp32. gain: the block's (rows,) contiguous fp32 per-row gains (DoRA, see ``_gain``), or None.
     Rows with gain 0 get no codes: the caller keeps them.
     """
     rows, cols = blk.shape

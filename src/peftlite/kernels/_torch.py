@@ -195,7 +195,7 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: i
         gain = gain.detach().clone()  # the record's own: the caller's magnitudes may train on
     out = _Builder(weight, gain)
     if _fused(weight, A.dtype, fused):
-        return _merge_fused(weight, _cpu.padded(A), B.contiguous(), scale, block_elements, out)
+        return _merge_fused(weight, A.contiguous(), B.contiguous(), scale, block_elements, out)
     for start, stop in _blocks(rows, cols, block_elements):
         blk = weight[start:stop]
         d = delta(A, B[start:stop], scale)
@@ -245,7 +245,7 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
     A, B = _factors(A, B)
     gain = None if record is None else record.gain
     if record is not None and _fused(weight, A.dtype, fused):
-        A, B = _cpu.padded(A), B.contiguous()
+        A, B = A.contiguous(), B.contiguous()
         chunks = record.chunks.tolist()
 
         def block(i_span):
