@@ -89,17 +89,18 @@ INLINE vf16 loadv(const float *p) { vf16 v; memcpy(&v, p, sizeof v); return v; }
 INLINE void storev(float *p, vf16 v) { memcpy(p, &v, sizeof v); }
 
 /* Columns [j, j + 16) of rows [0, nr), over k in [k0, k0 + K): A's K vectors held in registers, every row's
- * sum continued in order (first: the sum starts with the product at k0), so the result is delta()'s. */
+ * sum continued in order (first: the sum starts with the product at k0; last: then times the scale), so the
+ * result is delta()'s. */
 #define DELTA_RUN(K) \
-INLINE void delta_run##K(const float *a, i64 lda, const float *b, i64 r, i64 k0, int first, i64 nr, float *D, \
-                         i64 ldd) { \
+INLINE void delta_run##K(const float *a, i64 lda, const float *b, i64 r, i64 k0, int first, int last, float scale, \
+                         i64 nr, float *D, i64 ldd) { \
     vf16 ak[K]; \
     for (int k = 0; k < K; k++) ak[k] = loadv(a + (k0 + k) * lda); \
     for (i64 i = 0; i < nr; i++) { \
         const float *bi = b + i * r + k0; \
         vf16 s = first ? bi[0] * ak[0] : loadv(D + i * ldd) + bi[0] * ak[0]; \
         for (int k = 1; k < K; k++) s = s + bi[k] * ak[k]; \
-        storev(D + i * ldd, s); \
+        storev(D + i * ldd, last ? s * scale : s); \
     } \
 }
 DELTA_RUN(16) DELTA_RUN(8) DELTA_RUN(4) DELTA_RUN(1)
@@ -114,11 +115,10 @@ INLINE void deltas(const float *A, i64 lda, const float *B, i64 r, float scale, 
     i64 full = cols - cols % 16;
     for (i64 j = 0; j < full; j += 16) {
         i64 k = 0;
-        for (; k + 16 <= r; k += 16) delta_run16(A + j, lda, b, r, k, k == 0, nr, D + j, cols);
-        for (; k + 8 <= r; k += 8) delta_run8(A + j, lda, b, r, k, k == 0, nr, D + j, cols);
-        for (; k + 4 <= r; k += 4) delta_run4(A + j, lda, b, r, k, k == 0, nr, D + j, cols);
-        for (; k < r; k++) delta_run1(A + j, lda, b, r, k, k == 0, nr, D + j, cols);
-        for (i64 i = 0; i < nr; i++) storev(D + i * cols + j, loadv(D + i * cols + j) * scale);
+        for (; k + 16 <= r; k += 16) delta_run16(A + j, lda, b, r, k, k == 0, k + 16 == r, scale, nr, D + j, cols);
+        for (; k + 8 <= r; k += 8) delta_run8(A + j, lda, b, r, k, k == 0, k + 8 == r, scale, nr, D + j, cols);
+        for (; k + 4 <= r; k += 4) delta_run4(A + j, lda, b, r, k, k == 0, k + 4 == r, scale, nr, D + j, cols);
+        for (; k < r; k++) delta_run1(A + j, lda, b, r, k, k == 0, k + 1 == r, scale, nr, D + j, cols);
     }
     for (i64 i = 0; i < nr; i++) delta(A, lda, b + i * r, r, scale, full, cols - full, D + i * cols + full); /* tail */
 }
