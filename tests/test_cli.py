@@ -82,6 +82,21 @@ def test_inspect_json(files, capsys):
     assert d["modules"]["fc"]["params"] == 7 * 64 + 7
 
 
+@pytest.mark.parametrize("rank_scaling, variant", [("sqrt", "lora"), ("linear", "dora"), ("sqrt", "dora")])
+def test_inspect_json_reports_the_scale_the_adapter_computes_with(tmp_path, capsys, rank_scaling, variant):
+    """rsLoRA (rank 4, alpha 8) computes with 8 / sqrt(4) = 4, not alpha / rank = 2: inspect reports what the
+    loaded model's pairs use."""
+    torch.manual_seed(0)
+    model = peftlite.wrap(tiny_resnet(), "layer3.*", rank=4, alpha=8, rank_scaling=rank_scaling, variant=variant)
+    peftlite.save(model, tmp_path / "r.safetensors")
+    rc, out, _ = run(capsys, "inspect", tmp_path / "r.safetensors", "--json")
+    layer = json.loads(out)["layers"][0]
+    expected = 8 / (4 ** 0.5 if rank_scaling == "sqrt" else 4)
+    assert rc == 0 and layer["scale"] == expected == model.get_submodule(layer["name"]).lora["default"].scale
+    assert (layer["rank_scaling"], layer["variant"]) == (rank_scaling, variant)
+    assert "rank_scaling" not in layer["geometry"] and "variant" not in layer["geometry"]
+
+
 def test_convert_round_trip(files, capsys):
     tmp_path, model = files
     with torch.no_grad():

@@ -26,6 +26,7 @@ from torch import nn
 from .demo import options as demo_options
 from .formats import native, peft, schema
 from .formats._safetensors import file_tensors, read_file, write_file
+from .layers.spec import AdapterSpec
 from .wrapping import unwrap
 
 EXIT_ERROR = 2
@@ -62,9 +63,12 @@ def describe(path: str) -> dict[str, Any]:
     owner = {k: schema.adapter_layer(k, config["layers"]) for k in tensors}
     for name, entry in config["layers"].items():
         own = {k: t for k, t in tensors.items() if owner[k] == name}
-        geometry = {k: v for k, v in entry.items() if k not in ("kind", "rank", "alpha", "dropout", "slots")}
-        layers.append({"name": name, "kind": entry["kind"], "rank": entry["rank"], "alpha": entry["alpha"],
-                       "scale": entry["alpha"] / entry["rank"], "dropout": entry.get("dropout", 0.0),
+        geometry = {k: v for k, v in entry.items()
+                    if k not in ("kind", "rank", "alpha", "dropout", "slots", "variant", "rank_scaling")}
+        spec = AdapterSpec.from_entry(entry, f"layer {name!r}")
+        layers.append({"name": name, "kind": entry["kind"], "rank": spec.rank, "alpha": spec.alpha,
+                       "scale": spec.scale, "rank_scaling": spec.rank_scaling, "variant": spec.variant,
+                       "dropout": spec.dropout,
                        "tensors": {k[len(name) + 1:]: list(t.shape) for k, t in own.items()},
                        "params": sum(t.numel() for t in own.values()), "geometry": geometry})
     full = {}

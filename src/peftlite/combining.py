@@ -26,6 +26,7 @@ from torch import nn
 
 from . import functional
 from .layers import adapted_layers, registry
+from .layers.spec import AdapterSpec
 from .switching import is_dora, known
 from .wrapping import apply_active, apply_adapter_grads, check_name, wrap_state
 
@@ -91,8 +92,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     errors = {}
     for lname, (layer, slots) in plans.items():
         first = next(iter(slots.values()))
-        registry.attach(layer, registry.kind_of(layer), rank=first[0].shape[0], alpha=float(first[0].shape[0]),
-                        dropout=0.0, adapter=name)
+        registry.attach(layer, registry.kind_of(layer), AdapterSpec(rank=first[0].shape[0]), adapter=name)
         with torch.no_grad():
             for slot, (A, B, error) in slots.items():
                 pair = layer.pairs(name)[slot]

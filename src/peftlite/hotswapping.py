@@ -29,6 +29,7 @@ from .formats import native, schema
 from .layers import AdaptedLayer, adapted_layers, registry
 from .layers.base import LowRank
 from .layers.routing import routes_any
+from .layers.spec import AdapterSpec
 from .switching import is_dora, known
 from .wrapping import apply_adapter_grads, resolve_targets, wrap_state
 
@@ -89,10 +90,11 @@ def prepare_hotswap(model: nn.Module, max_rank: int = 64, targets=None) -> nn.Mo
     for lname, module in union.items():
         for adapter in state.adapters:
             if not isinstance(module, AdaptedLayer) or adapter not in module.lora:
-                registry.attach(module, kinds[lname], rank=max_rank, alpha=0.0, dropout=0.0, adapter=adapter)
+                registry.attach(module, kinds[lname], AdapterSpec(rank=max_rank), adapter=adapter)
                 with torch.no_grad():
                     for pair in module.pairs(adapter).values():
                         pair.A.zero_()
+                        pair.alpha = 0.0  # a slot that holds no adapter of this name (``LowRank.off``)
             for pair in module.pairs(adapter).values():
                 if pair.scale_buffer is None:
                     _pad(pair, max_rank)
@@ -168,7 +170,7 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
                 r = a.shape[0]
                 pair.A[:r] = a
                 pair.B[:, :r] = b
-                scale = float(entry["alpha"]) / (r ** 0.5 if entry.get("rank_scaling") == "sqrt" else r)
+                scale = AdapterSpec.from_entry(entry, f"{path}: layer {lname!r}").scale
                 pair.scale_buffer.fill_(scale)
                 pair.alpha = scale * max_rank
     if changed:

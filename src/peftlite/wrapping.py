@@ -8,8 +8,6 @@ and with ``train_bn`` every BatchNorm). Full units are shared by all named adapt
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import merging, selection
 from .layers import adapted_layers, attention, batchnorm, registry
-from .layers.base import RANK_SCALINGS, VARIANTS
+from .layers.spec import AdapterSpec
 
 
 @dataclass
@@ -132,18 +130,6 @@ def apply_freezing(model: nn.Module, state: WrapState) -> None:
 
 # ---- resolving the arguments ---------------------------------------------------------------------
 
-def _check_hparams(rank, alpha, dropout) -> float:
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}; typical values are 4 to 64")
-    alpha = rank if alpha is None else alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive finite number (scale = alpha / rank), got {alpha!r}; "
-                         "leave it None for alpha = rank")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    return float(alpha)
-
-
 def resolve_heads(model: nn.Module, heads: Mapping | None, index: selection.Index) -> dict[str, nn.Module]:
     """``{module name: new module}``: each key is a pattern that must select exactly one module."""
     if heads is None:
@@ -239,14 +225,6 @@ def check_name(name: object, what: str) -> str:
     return name
 
 
-def _check_variant(variant, rank_scaling) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
-    if rank_scaling not in RANK_SCALINGS:
-        raise ValueError(f"rank_scaling must be 'linear' (scale = alpha / rank) or 'sqrt' (rsLoRA: alpha / "
-                         f"sqrt(rank)), got {rank_scaling!r}")
-
-
 def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
          heads: Mapping[str, nn.Module] | None = None, trainable=None, train_bn: bool = False,
          name: str = "default", variant: str = "lora", rank_scaling: str = "linear") -> nn.Module:
@@ -285,9 +263,8 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
-    alpha = _check_hparams(rank, alpha, dropout)
+    spec = AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, variant=variant, rank_scaling=rank_scaling)
     name = check_name(name, "wrap")
-    _check_variant(variant, rank_scaling)
     index = selection.Index.of(model)
     heads = resolve_heads(model, heads, index)
     units = trainable_units(model, trainable, index) if trainable is not None else []
@@ -314,8 +291,7 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
         _replace(model, head_name, head)
         state.heads.append(head_name)
     for (_, module), kind in zip(plan, kinds, strict=True):
-        registry.attach(module, kind, rank=rank, alpha=alpha, dropout=dropout, adapter=name, variant=variant,
-                        rank_scaling=rank_scaling)
+        registry.attach(module, kind, spec, adapter=name)
     on_meta = [n for n, module in plan if any(p.is_meta for p in module.lora[name].parameters())]
     if plan and name not in state.adapters:
         state.adapters.append(name)

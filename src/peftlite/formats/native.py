@@ -26,6 +26,7 @@ from torch import nn
 from .. import selection
 from .._version import __version__
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, adapted_layers, registry
+from ..layers.spec import AdapterSpec
 from ..wrapping import (
     WrapState,
     apply_active,
@@ -319,23 +320,17 @@ def _wrap_as_file(model: nn.Module, config: dict, built: dict[str, nn.Module]) -
     """Wrap an unwrapped model as the file says: one wrap call per (rank, alpha, dropout)."""
     groups: dict[tuple, list[str]] = {}
     for name, entry in config["layers"].items():
-        groups.setdefault(_hparams(entry), []).append(name)
+        groups.setdefault(AdapterSpec.from_entry(entry, f"layer {name!r}"), []).append(name)
     trainable = list(config["trainable"]) or None
     first = {"heads": built or None, "trainable": trainable}
-    for (rank, alpha, dropout, variant, rank_scaling), names in groups.items():
+    for spec, names in groups.items():
         chosen = set(names)
-        wrap(model, lambda n, m, chosen=chosen: n in chosen, rank=rank, alpha=alpha, dropout=dropout,
-             train_bn=config["train_bn"], name=schema.adapter_name(config), variant=variant,
-             rank_scaling=rank_scaling, **first)
+        wrap(model, lambda n, m, chosen=chosen: n in chosen, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
+             train_bn=config["train_bn"], name=schema.adapter_name(config), variant=spec.variant,
+             rank_scaling=spec.rank_scaling, **first)
         first = {}
     if first:  # a head-only or trainable-only file
         wrap(model, None, train_bn=config["train_bn"], **first)
-
-
-def _hparams(entry: dict) -> tuple:
-    """(rank, alpha, dropout, variant, rank_scaling) of a layer entry: what ``wrap`` needs to rebuild it."""
-    return (entry["rank"], float(entry["alpha"]), float(entry.get("dropout", 0.0)), entry.get("variant", "lora"),
-            entry.get("rank_scaling", "linear"))
 
 
 def _copy_in(model: nn.Module, tensors: Mapping[str, torch.Tensor], layers: dict, adapter: str) -> None:
@@ -358,8 +353,9 @@ def _copy_in(model: nn.Module, tensors: Mapping[str, torch.Tensor], layers: dict
     for name, entry in layers.items():  # the file's alpha is the scale its values were trained at
         module = modules.get(name)
         if isinstance(module, AdaptedLayer) and adapter in module.lora:
+            spec = AdapterSpec.from_entry(entry, f"layer {name!r}")
             for pair in module.pairs(adapter).values():
-                pair.alpha, pair.rank_scaling = float(entry["alpha"]), entry.get("rank_scaling", "linear")
+                pair.alpha, pair.rank_scaling = spec.alpha, spec.rank_scaling
 
 
 def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Module] | None = None,
@@ -489,9 +485,8 @@ def _load_new(model, path, found, values, config, adapter, strict, partial) -> n
     try:
         for lname, entry in config["layers"].items():
             module = modules[lname]
-            rank, alpha, dropout, variant, rank_scaling = _hparams(entry)
-            registry.attach(module, registry.kind_of(module), rank=rank, alpha=alpha, dropout=dropout,
-                            adapter=adapter, variant=variant, rank_scaling=rank_scaling)
+            registry.attach(module, registry.kind_of(module), AdapterSpec.from_entry(entry, f"layer {lname!r}"),
+                            adapter=adapter)
         state.adapters.append(adapter)
         apply_active(model, state)
         apply_adapter_grads(model, state)

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer
+from ..layers.spec import is_positive
 from . import _direct_reads, schema
 from ._safetensors import file_tensors, read_file, write_folder
 from .schema import AdapterFileError
@@ -114,7 +115,7 @@ def _check_config(path: str, config: dict[str, Any]) -> None:
         raise PeftFormatError(f"{path}: bias={config['bias']!r} trains the base layers' biases, which peftlite's "
                               "LoRA does not support; only bias='none' adapters can be read")
     for key in ("r", "lora_alpha"):
-        if not _positive(config.get(key)):
+        if not is_positive(config.get(key)):
             raise PeftFormatError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(key) or {}
@@ -122,7 +123,7 @@ def _check_config(path: str, config: dict[str, Any]) -> None:
             raise PeftFormatError(f"{path}: {key} must be a JSON object, got {config[key]!r}")
         for pattern, value in patterns.items():
             _regex(path, key, pattern)
-            if not _positive(value):
+            if not is_positive(value):
                 raise PeftFormatError(f"{path}: {key}[{pattern!r}] must be a positive number, got {value!r}")
     targets = config.get("target_modules")
     if isinstance(targets, str):
@@ -138,16 +139,6 @@ def _check_config(path: str, config: dict[str, Any]) -> None:
     for key in ("use_dora", "use_rslora"):
         if not isinstance(config.get(key, False), bool):
             raise PeftFormatError(f"{path}: {key} must be true or false, got {config[key]!r}")
-
-
-def _positive(value: object) -> bool:
-    """A positive finite number (JSON also gives NaN, Infinity and booleans)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond a float's range
-        return False
 
 
 def _regex(path: str, key: str, pattern: object) -> None:

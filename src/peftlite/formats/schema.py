@@ -9,8 +9,6 @@ by ``validate``.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +17,7 @@ from torch import nn
 
 from ..functional import ConvGeometry
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, registry
+from ..layers.spec import AdapterSpec, is_positive
 
 FORMAT = "peftlite-adapter"
 FORMAT_VERSION = 2  # the newest this reader reads; 2 adds DoRA and rsLoRA layers (a plain file is still 1)
@@ -64,17 +63,6 @@ def renamed(tensors: dict, config: dict[str, Any], name: str) -> tuple[dict, dic
     return out, {**config, "adapter": name}
 
 
-def _positive(value: object, integral: bool) -> bool:
-    """A positive int (``integral``) or a positive finite real, never a bool."""
-    kind = numbers.Integral if integral else numbers.Real
-    if not isinstance(value, kind) or isinstance(value, bool) or not value > 0:
-        return False
-    try:
-        return integral or math.isfinite(value)
-    except OverflowError:  # an int beyond a float's range
-        return False
-
-
 def validate(config: object, where: str) -> dict[str, Any]:
     """Check a config read from ``where``; returns it, or raises AdapterFileError naming what is wrong."""
     def bad(what: str) -> AdapterFileError:
@@ -83,7 +71,7 @@ def validate(config: object, where: str) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise bad(f"metadata is not a {FORMAT} config")
     version = config.get("format_version")
-    if not _positive(version, True):
+    if not is_positive(version, integral=True):
         raise bad(f"format_version {version!r} is not a positive integer")
     if version > FORMAT_VERSION:
         raise bad(f"format version {version} is newer than this peftlite reads ({FORMAT_VERSION}); upgrade peftlite")
@@ -95,20 +83,16 @@ def validate(config: object, where: str) -> dict[str, Any]:
     for name, entry in config["layers"].items():
         if not isinstance(entry, dict) or entry.get("kind") not in KINDS:
             raise bad(f"layer entry {name!r} is malformed (no kind among {', '.join(KINDS)})")
-        if not _positive(entry.get("rank"), True) or not _positive(entry.get("alpha"), False):
+        if not is_positive(entry.get("rank"), integral=True) or not is_positive(entry.get("alpha")):
             raise bad(f"layer {name!r} has rank {entry.get('rank')!r} and alpha {entry.get('alpha')!r}; both must "
                       "be positive")
-        dropout = entry.get("dropout", 0.0)
-        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-            raise bad(f"layer {name!r} has dropout {dropout!r}, not a probability in [0, 1)")
+        try:
+            AdapterSpec.from_entry(entry, f"layer {name!r}")  # dropout, variant, rank_scaling
+        except ValueError as e:
+            raise bad(str(e)) from None
         slots = entry.get("slots", ["weight"])
         if not isinstance(slots, list) or not all(isinstance(s, str) for s in slots):
             raise bad(f"layer {name!r} has slots {slots!r}, not a list of names")
-        if entry.get("variant", "lora") not in ("lora", "dora"):
-            raise bad(f"layer {name!r} has variant {entry.get('variant')!r}; this peftlite knows 'lora' and 'dora'")
-        if entry.get("rank_scaling", "linear") not in ("linear", "sqrt"):
-            raise bad(f"layer {name!r} has rank_scaling {entry.get('rank_scaling')!r}; this peftlite knows "
-                      "'linear' and 'sqrt'")
     for name, entry in config["heads"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
             raise bad(f"head entry {name!r} is malformed (no type)")

@@ -145,7 +145,8 @@ def _work(rows: int, cols: int) -> tuple[Tensor, int]:
 def merge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float, gain: Tensor | None = None) -> Block:
     """Merge ``scale·B_rows@A`` (see ``_torch.delta``) into the contiguous (rows, cols) block in place.
 
-    A: (r, cols) fp32 with unit column stride (any row stride), B_rows: (rows, r) contiguous fp32. gain: the block's (rows,) contiguous fp32 per-row gains (DoRA, see ``_gain``), or None.
+    A: (r, cols) fp32 with unit column stride (any row stride), B_rows: (rows, r) contiguous fp32.
+    gain: the block's (rows,) contiguous fp32 per-row gains (DoRA, see ``_gain``), or None.
     Rows with gain 0 get no codes: the caller keeps them.
     """
     rows, cols = blk.shape

@@ -23,12 +23,11 @@ from torch import Tensor, nn
 from .. import functional
 from ._guard import effective
 from .routing import lookup
+from .spec import AdapterSpec, scale_of
 
 DEFAULT_ADAPTER = "default"
 
 
-VARIANTS = ("lora", "dora")
-RANK_SCALINGS = ("linear", "sqrt")
 
 
 class LowRank(nn.Module):
@@ -42,11 +41,12 @@ class LowRank(nn.Module):
     hot-swapping (``peftlite.prepare_hotswap``), so that a compiled forward reads no Python number.
     """
 
-    def __init__(self, rank: int, fan_in: int, fan_out: int, alpha: float, dropout: float,
-                 *, variant: str = "lora", rank_scaling: str = "linear", device=None, dtype=None):
+    def __init__(self, spec: AdapterSpec, fan_in: int, fan_out: int, *, device=None, dtype=None):
         super().__init__()
-        self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
-        self.variant, self.rank_scaling = variant, rank_scaling
+        rank, variant = spec.rank, spec.variant
+        # plain attributes, read on every forward; hot-swapping and loading a file reassign alpha and rank_scaling
+        self.rank, self.alpha, self.dropout = rank, spec.alpha, spec.dropout
+        self.variant, self.rank_scaling = variant, spec.rank_scaling
         self.A = nn.Parameter(torch.empty(rank, fan_in, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(fan_out, rank, device=device, dtype=dtype))
         self.magnitude = nn.Parameter(torch.ones(fan_out, device=device, dtype=dtype)) if variant == "dora" else None
@@ -55,7 +55,13 @@ class LowRank(nn.Module):
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rank_scaling == "sqrt" else self.rank)
+        return scale_of(self.alpha, self.rank, self.rank_scaling)
+
+    @property
+    def spec(self) -> AdapterSpec:
+        """The pair's hyper-parameters as an ``AdapterSpec`` (a hot-swap slot that holds no adapter has none)."""
+        return AdapterSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout, variant=self.variant,
+                           rank_scaling=self.rank_scaling)
 
     @property
     def off(self) -> bool:

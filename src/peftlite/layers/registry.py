@@ -36,6 +36,7 @@ from .attention import PROJECTIONS, LeanMultiheadAttention, LoraMultiheadAttenti
 from .base import DEFAULT_ADAPTER, AdaptedLayer, LayerState, LowRank, effective_weight_property
 from .conv import LoraConv2d
 from .linear import LoraLinear
+from .spec import AdapterSpec
 
 
 @dataclass(frozen=True)
@@ -175,20 +176,18 @@ def adapter_shapes(module: nn.Module, rank: int) -> dict[str, tuple[tuple[int, i
     return out
 
 
-def attach(module: nn.Module, kind: Kind, *, rank: int, alpha: float, dropout: float,
-           adapter: str = DEFAULT_ADAPTER, variant: str = "lora", rank_scaling: str = "linear") -> None:
+def attach(module: nn.Module, kind: Kind, spec: AdapterSpec, *, adapter: str = DEFAULT_ADAPTER) -> None:
     """Add adapter ``adapter`` to ``module`` with fresh pairs (B = 0, so outputs are unchanged; a DoRA
     magnitude starts at the rows' norms ‖W_i‖ for the same reason).
 
     An unadapted module first becomes its adapted class, with nothing active; the caller activates.
     """
     pairs = {}
-    for slot, (a_shape, b_shape) in adapter_shapes(module, rank).items():
+    for slot, (a_shape, b_shape) in adapter_shapes(module, spec.rank).items():
         w = module._parameters[slot]
         dtype = torch.promote_types(w.dtype, torch.float32)  # adapters keep fp32 master precision
-        pairs[slot] = LowRank(rank, a_shape[1], b_shape[0], alpha, dropout, variant=variant,
-                              rank_scaling=rank_scaling, device=w.device, dtype=dtype)
-        if variant == "dora":
+        pairs[slot] = LowRank(spec, a_shape[1], b_shape[0], device=w.device, dtype=dtype)
+        if spec.variant == "dora":
             with torch.no_grad():
                 pairs[slot].magnitude.copy_(functional.dora_norms(w.detach(), pairs[slot].A, pairs[slot].B, 0.0))
     entry = pairs["weight"] if list(pairs) == ["weight"] else nn.ModuleDict(pairs)

@@ -12,7 +12,6 @@ adapter B then gets ``loraplus_ratio`` times the LR of its own A, in groups of i
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 
@@ -22,6 +21,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .. import selection
 from ..layers import adapted_layers
+from ..layers.spec import is_positive
 from .partition import block_index
 
 NORM_TYPES: tuple[type, ...] = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
@@ -29,8 +29,7 @@ NORM_TYPES: tuple[type, ...] = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.Grou
 
 
 def _positive(value, what: str, fix: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value <= 0:
+    if not is_positive(value):
         raise ValueError(f"{what} must be a positive finite number, got {value!r}; {fix}")
     return float(value)
 

@@ -1,0 +1,100 @@
+"""One adapter's hyper-parameters: their one validation, their one scale formula, their file entry fields.
+
+``AdapterSpec`` is what ``wrap`` validates its arguments into, what ``registry.attach`` builds pairs from,
+what a file's layer entry is read into (``from_entry``) and written from (``entry``), and what the CLI
+reports. ``scale_of`` is the only place the scale is computed (``LowRank.scale`` calls it on every
+forward, so it is a plain function of numbers). ``is_positive`` is the one "positive finite number"
+predicate of the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("lora",)  # adapter kinds: the math in functional.py, one layer file each
+VARIANTS = ("lora", "dora")
+RANK_SCALINGS = ("linear", "sqrt")
+INITS = ("default",)
+
+
+def is_positive(value: object, integral: bool = False) -> bool:
+    """A positive finite real (``integral``: a positive int), never a bool; JSON's NaN, Infinity and ints beyond
+    a float's range are not."""
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        return False
+    try:
+        return integral or math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def scale_of(alpha: float, rank: int, rank_scaling: str) -> float:
+    """``alpha / rank``, or rsLoRA's ``alpha / sqrt(rank)`` for ``rank_scaling="sqrt"``."""
+    return alpha / (math.sqrt(rank) if rank_scaling == "sqrt" else rank)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Validated on construction (``ValueError`` naming the value and the fix); ``alpha=None`` means the rank."""
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    variant: str = "lora"
+    rank_scaling: str = "linear"
+    kind: str = "lora"
+    init: str = "default"
+
+    def __post_init__(self) -> None:
+        if not is_positive(self.rank, integral=True):
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}; typical values are 4 to 64")
+        alpha = self.rank if self.alpha is None else self.alpha
+        if not is_positive(alpha):
+            raise ValueError(f"alpha must be a positive finite number (scale = alpha / rank), got {alpha!r}; "
+                             "leave it None for alpha = rank")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        for field, known in (("kind", KINDS), ("variant", VARIANTS), ("init", INITS)):
+            if getattr(self, field) not in known:
+                raise ValueError(f"{field} must be one of {', '.join(map(repr, known))}, "
+                                 f"got {getattr(self, field)!r}")
+        if self.rank_scaling not in RANK_SCALINGS:
+            raise ValueError(f"rank_scaling must be 'linear' (scale = alpha / rank) or 'sqrt' (rsLoRA: alpha / "
+                             f"sqrt(rank)), got {self.rank_scaling!r}")
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+
+    @property
+    def scale(self) -> float:
+        return scale_of(self.alpha, self.rank, self.rank_scaling)
+
+    def replace(self, **changes: Any) -> AdapterSpec:
+        return dataclasses.replace(self, **changes)
+
+    def entry(self) -> dict[str, Any]:
+        """The fields of a file's layer entry: rank, alpha, dropout, and variant / rank_scaling when not the
+        defaults (files without them stay readable by older peftlite)."""
+        out: dict[str, Any] = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
+        if self.variant != "lora":
+            out["variant"] = self.variant
+        if self.rank_scaling != "linear":
+            out["rank_scaling"] = self.rank_scaling
+        return out
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any], where: str = "layer entry") -> AdapterSpec:
+        """A file's layer entry read back; ``ValueError`` names ``where`` and the bad field."""
+        if entry.get("alpha") is None:
+            raise ValueError(f"{where}: no alpha; a file's layer entry gives the alpha its values were trained at")
+        try:
+            return cls(rank=entry.get("rank"), alpha=entry.get("alpha"), dropout=entry.get("dropout", 0.0),
+                       variant=entry.get("variant", "lora"), rank_scaling=entry.get("rank_scaling", "linear"))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
