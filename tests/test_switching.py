@@ -308,3 +308,29 @@ def test_routing_compiles_once_without_graph_breaks():
     assert counters["stats"]["unique_graphs"] == 1
     with peftlite.per_sample(m, ["a", "b", None, "c"]):
         assert torch._dynamo.explain(m)(x).graph_break_count == 0
+
+
+def test_every_state_refusal_is_one_exception_type_that_old_except_clauses_catch():
+    """Merged, routed or disabled: wrap, use, delete, combine, merge and hot-swapping refuse with
+    AdapterStateError, a ValueError and a RuntimeError at once."""
+    assert issubclass(peftlite.AdapterStateError, ValueError) and issubclass(peftlite.AdapterStateError, RuntimeError)
+    torch.manual_seed(0)
+    m = peftlite.wrap(nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 3)), ["0", "1"], rank=2, name="a")
+    peftlite.wrap(m, ["0"], rank=2, name="b")
+    peftlite.merge(m)
+    calls = {
+        "wrap": lambda: peftlite.wrap(m, ["1"], rank=2, name="c"),
+        "use": lambda: peftlite.use(m, "a"),
+        "combine": lambda: peftlite.combine(m, {"a": 1.0, "b": 1.0}, name="ab"),
+        "prepare_hotswap": lambda: peftlite.prepare_hotswap(m, max_rank=4),
+    }
+    for call in calls.values():
+        with pytest.raises(peftlite.AdapterStateError, match="merged"):
+            call()
+    peftlite.unmerge(m)
+    with peftlite.per_sample(m, ["a"]):
+        for call in (lambda: peftlite.merge(m), lambda: peftlite.delete(m, "b"), lambda: peftlite.use(m, "b")):
+            with pytest.raises(peftlite.AdapterStateError, match="per_sample"):
+                call()
+    with peftlite.disabled(m), pytest.raises(peftlite.AdapterStateError, match="disabled"):
+        peftlite.merge(m)

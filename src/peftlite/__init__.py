@@ -15,6 +15,8 @@ from .formats.native import load, save
 from .formats.peft import PeftFormatError
 from .formats.schema import AdapterFileError
 from .hotswapping import hotswap, prepare_hotswap
+from .layers.base import AdapterStateError
+from .layers.spec import AdapterSpec
 from .merging import disabled, merge, unmerge
 from .switching import adapters, delete, per_sample, use
 from .tuning.freezing import freeze, unfreeze
@@ -27,6 +29,8 @@ from .wrapping import unwrap, wrap
 
 __all__ = [
     "AdapterFileError",
+    "AdapterSpec",
+    "AdapterStateError",
     "Block",
     "PeftFormatError",
     "Unfreezer",

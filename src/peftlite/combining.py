@@ -26,6 +26,7 @@ from torch import nn
 
 from . import functional
 from .layers import adapted_layers, registry
+from .layers.base import AdapterStateError
 from .layers.spec import AdapterSpec
 from .switching import is_dora, known
 from .wrapping import apply_active, apply_adapter_grads, check_name, wrap_state
@@ -75,7 +76,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     if rank is not None and how != "svd":
         raise ValueError(f"combine: rank= applies to how='svd' only (how={how!r} fixes the rank)")
     if any(m.adapter_state.merged for _, m in adapted_layers(model)):
-        raise ValueError("combine: the model is merged; call peftlite.unmerge(model) first")
+        raise AdapterStateError("combine: the model is merged; call peftlite.unmerge(model) first")
     plans = {}
     for lname, layer in adapted_layers(model):
         inputs = [(n, w) for n, w in weights.items() if n in layer.lora]

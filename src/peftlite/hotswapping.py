@@ -27,7 +27,7 @@ from torch import nn
 
 from .formats import native, schema
 from .layers import AdaptedLayer, adapted_layers, registry
-from .layers.base import LowRank
+from .layers.base import AdapterStateError, LowRank
 from .layers.routing import routes_any
 from .layers.spec import AdapterSpec
 from .switching import is_dora, known
@@ -37,9 +37,9 @@ from .wrapping import apply_adapter_grads, resolve_targets, wrap_state
 def _refuse_busy(model: nn.Module, what: str) -> None:
     found = adapted_layers(model)
     if any(m.adapter_state.merged for _, m in found):
-        raise RuntimeError(f"{what}: the model is merged; call peftlite.unmerge(model) first")
+        raise AdapterStateError(f"{what}: the model is merged; call peftlite.unmerge(model) first")
     if routes_any(m for _, m in found):
-        raise RuntimeError(f"{what}: inside peftlite.per_sample; call it after the block")
+        raise AdapterStateError(f"{what}: inside peftlite.per_sample; call it after the block")
 
 
 @torch.no_grad()

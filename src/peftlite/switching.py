@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .layers import LoraConv2d, LoraLinear, adapted_layers, registry
+from .layers import AdapterStateError, LoraConv2d, LoraLinear, adapted_layers, registry
 from .layers.routing import ROUTE, Routed, routes_any
 from .wrapping import WrapState, apply_active, apply_adapter_grads, wrap_state
 
@@ -47,8 +47,8 @@ def known(state: WrapState, name: object, what: str) -> str:
 def _refuse_merged(model: nn.Module, what: str) -> None:
     merged = [n for n, m in adapted_layers(model) if m.adapter_state.merged]
     if merged:
-        raise RuntimeError(f"{what}: the model is merged ({merged[0]}, ...), so its weights hold the active "
-                           "adapters; call peftlite.unmerge(model) first")
+        raise AdapterStateError(f"{what}: the model is merged ({merged[0]}, ...), so its weights hold the active "
+                                "adapters; call peftlite.unmerge(model) first")
 
 
 def is_dora(model: nn.Module, name: str) -> bool:
@@ -110,7 +110,8 @@ def use(model: nn.Module, spec) -> nn.Module:
                          f"weight 1 (got {combination})")
     _refuse_merged(model, "use")
     if routes_any(m for _, m in adapted_layers(model)):
-        raise RuntimeError("use: inside peftlite.per_sample the route picks each row's adapter; use() after the block")
+        raise AdapterStateError("use: inside peftlite.per_sample the route picks each row's adapter; use() after the "
+                                "block")
     state.active = combination
     apply_active(model, state)
     apply_adapter_grads(model, state)
@@ -127,7 +128,7 @@ def delete(model: nn.Module, name: str) -> nn.Module:
     known(state, name, "delete")
     _refuse_merged(model, "delete")
     if routes_any(m for _, m in adapted_layers(model)):
-        raise RuntimeError("delete: inside peftlite.per_sample; delete after the block")
+        raise AdapterStateError("delete: inside peftlite.per_sample; delete after the block")
     for _, layer in adapted_layers(model):
         if name in layer.lora:
             registry.remove(layer, name)

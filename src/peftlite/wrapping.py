@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import merging, selection
 from .layers import adapted_layers, attention, batchnorm, registry
+from .layers.base import AdapterStateError
 from .layers.spec import AdapterSpec
 
 
@@ -275,7 +276,7 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
         raise ValueError(f"model is already wrapped with train_bn={state.train_bn}; wrap again with the same value")
     merged = [n for n, m in adapted_layers(model) if m.adapter_state.merged]
     if merged:
-        raise ValueError(f"wrap: the model is merged ({merged[0]}, ...); call peftlite.unmerge(model) first")
+        raise AdapterStateError(f"wrap: the model is merged ({merged[0]}, ...); call peftlite.unmerge(model) first")
     if state is not None and state.hotswap is not None and targets is not None:
         raise ValueError("wrap: the model is prepared for hot-swapping; add adapters before prepare_hotswap, or "
                          "hotswap a file into an existing name")

@@ -26,6 +26,7 @@ from torch import nn
 from .. import selection
 from .._version import __version__
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, adapted_layers, registry
+from ..layers.base import AdapterStateError
 from ..layers.spec import AdapterSpec
 from ..wrapping import (
     WrapState,
@@ -457,8 +458,8 @@ def _load_values(model, path, found, values, config, adapter, strict, partial) -
     """Load the file's values into the model's adapter ``adapter`` (and its heads), all or nothing."""
     merged = [n for n, m in adapted_layers(model) if m.adapter_state.merged and adapter in m.adapter_state.active]
     if merged:
-        raise ValueError(f"load: adapter {adapter!r} is merged into the weights ({merged[0]}, ...); call "
-                         "peftlite.unmerge(model) first")
+        raise AdapterStateError(f"load: adapter {adapter!r} is merged into the weights ({merged[0]}, ...); call "
+                                "peftlite.unmerge(model) first")
     current = saved_tensors(model, wrap_state(model), [adapter])
     _compare(path, current, found, strict, partial)
     _check_layers(model, path, config, adapter, strict, new=False)

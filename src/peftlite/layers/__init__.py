@@ -9,13 +9,14 @@
 """
 
 from .attention import LeanMultiheadAttention, LoraMultiheadAttention
-from .base import DEFAULT_ADAPTER, AdaptedLayer, LayerState, LowRank, adapted_layers
+from .base import DEFAULT_ADAPTER, AdaptedLayer, AdapterStateError, LayerState, LowRank, adapted_layers
 from .conv import LoraConv2d
 from .linear import LoraLinear
 
 __all__ = [
     "DEFAULT_ADAPTER",
     "AdaptedLayer",
+    "AdapterStateError",
     "LayerState",
     "LeanMultiheadAttention",
     "LoraConv2d",

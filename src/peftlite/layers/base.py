@@ -92,6 +92,13 @@ class Term(NamedTuple):
     dora: LowRank | None = None
 
 
+class AdapterStateError(ValueError, RuntimeError):
+    """The call needs the model's adapters in another state: not merged into the weights, outside
+    ``peftlite.per_sample`` or ``peftlite.disabled``. The one exception every such refusal raises (wrap, load,
+    use, delete, combine, merge, hot-swapping); a subclass of both ``ValueError`` and ``RuntimeError``, which
+    those refusals raised before, so ``except`` clauses written for either still catch it."""
+
+
 @dataclass
 class LayerState:
     """Explicit per-layer adapter state. Only ``merged`` travels in the state_dict (``_extra_state``)."""
