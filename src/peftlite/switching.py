@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .layers import AdapterStateError, LoraConv2d, LoraLinear, adapted_layers, registry
+from .layers import AdapterStateError, adapted_layers, registry
 from .layers.routing import ROUTE, Routed, routes_any
 from .wrapping import WrapState, apply_active, apply_adapter_grads, wrap_state
 
@@ -156,7 +156,7 @@ def _route(model: nn.Module, state: WrapState, rows: Sequence) -> dict[int, Rout
         if key not in shares:
             shares[key] = _share(key[0], rows, key[1])
         slots, used, packed = shares[key]
-        if used and not isinstance(layer, (LoraLinear, LoraConv2d)):
+        if used and not registry.kind_of(layer).routable:
             raise ValueError(
                 f"per_sample: {lname} ({type(layer).__name__}) computes with its weight as a whole, so one batch "
                 f"cannot use a different adapter per row there; route adapters that do not adapt it, or run "

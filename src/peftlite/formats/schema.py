@@ -8,20 +8,18 @@ by ``validate``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..functional import ConvGeometry
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, registry
 from ..layers.spec import AdapterSpec, is_positive
 
 FORMAT = "peftlite-adapter"
 FORMAT_VERSION = 2  # the newest this reader reads; 2 adds DoRA and rsLoRA layers (a plain file is still 1)
-KINDS = ("linear", "conv2d", "mha")
+KINDS = tuple(k.name for k in registry.KINDS.values())  # the layer kinds a file may name: the registry's rows
 
 
 class AdapterFileError(ValueError):
@@ -126,23 +124,15 @@ def check_shapes(config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], 
 
 def layer_geometry(module: nn.Module) -> dict[str, Any]:
     """What fixes the adapted weight's meaning: enough to rebuild the layer or convert its adapter."""
-    kind = registry.kind_of(module)
-    if kind.name == "conv2d":
-        g = dataclasses.asdict(ConvGeometry.of(module))
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-    if kind.name == "linear":
-        return {"in_features": module.in_features, "out_features": module.out_features}
-    return {"embed_dim": module.embed_dim, "num_heads": module.num_heads, "kdim": module.kdim, "vdim": module.vdim}
+    return registry.kind_of(module).geometry(module)
 
 
 def layer_entry(module: AdaptedLayer, adapter: str) -> dict[str, Any]:
     """The config entry of one adapter of an adapted layer."""
     pairs = module.pairs(adapter)
-    first = next(iter(pairs.values()))
-    variant = {k: v for k, v in (("variant", first.variant), ("rank_scaling", first.rank_scaling))
-               if v not in ("lora", "linear")}  # only when not the default: plain files stay as they were
-    return {"kind": module.adapter_kind, "rank": first.rank, "alpha": first.alpha, "dropout": first.dropout,
-            **variant, "slots": list(pairs), "base_class": module.base_class.__name__, **layer_geometry(module)}
+    spec = next(iter(pairs.values())).spec
+    return {"kind": module.adapter_kind, **spec.entry(), "slots": list(pairs), "base_class": module.base_class.__name__,
+            **layer_geometry(module)}
 
 
 def head_entry(module: nn.Module) -> dict[str, Any]:

@@ -24,6 +24,7 @@ length of a merge (``peftlite.merge(model, untie=True)``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,14 +50,22 @@ class Kind:
     slots: Callable[[nn.Module], tuple[str, ...]]  # the parameters that get adapters
     properties: tuple[str, ...]  # attributes the adapted class turns into effective-weight properties
     stock: tuple[str, ...]  # methods a subclass must not override to use the adapted class's forward
+    geometry: Callable[[nn.Module], dict]  # what fixes the weight's meaning, as a file entry writes it
+    routable: bool  # can ``per_sample`` give each batch row its own adapter (a weight not used as a whole)?
+
+
+def _conv_geometry(m: nn.Module) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(ConvGeometry.of(m)).items()}
 
 
 KINDS: dict[type, Kind] = {
-    nn.MultiheadAttention: Kind("mha", nn.MultiheadAttention, LoraMultiheadAttention, projection_slots,
-                                PROJECTIONS, ("forward",)),
-    nn.Linear: Kind("linear", nn.Linear, LoraLinear, lambda m: ("weight",), ("weight",), ("forward",)),
+    nn.MultiheadAttention: Kind(
+        "mha", nn.MultiheadAttention, LoraMultiheadAttention, projection_slots, PROJECTIONS, ("forward",),
+        lambda m: {"embed_dim": m.embed_dim, "num_heads": m.num_heads, "kdim": m.kdim, "vdim": m.vdim}, False),
+    nn.Linear: Kind("linear", nn.Linear, LoraLinear, lambda m: ("weight",), ("weight",), ("forward",),
+                    lambda m: {"in_features": m.in_features, "out_features": m.out_features}, True),
     nn.Conv2d: Kind("conv2d", nn.Conv2d, LoraConv2d, lambda m: ("weight",), ("weight",),
-                    ("forward", "_conv_forward")),
+                    ("forward", "_conv_forward"), _conv_geometry, True),
 }
 SUPPORTED = tuple(KINDS)
 SUPPORTED_NAMES = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED)
