@@ -8,6 +8,7 @@ by ``validate``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, registry
-from ..layers.spec import AdapterSpec, is_positive
+from ..layers.spec import RANK_SCALINGS, VARIANTS, is_positive
 
 FORMAT = "peftlite-adapter"
 FORMAT_VERSION = 2  # the newest this reader reads; 2 adds DoRA and rsLoRA layers (a plain file is still 1)
@@ -84,10 +85,13 @@ def validate(config: object, where: str) -> dict[str, Any]:
         if not is_positive(entry.get("rank"), integral=True) or not is_positive(entry.get("alpha")):
             raise bad(f"layer {name!r} has rank {entry.get('rank')!r} and alpha {entry.get('alpha')!r}; both must "
                       "be positive")
-        try:
-            AdapterSpec.from_entry(entry, f"layer {name!r}")  # dropout, variant, rank_scaling
-        except ValueError as e:
-            raise bad(str(e)) from None
+        dropout = entry.get("dropout", 0.0)
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise bad(f"layer {name!r} has dropout {dropout!r}, not a probability in [0, 1)")
+        for field, known in (("variant", VARIANTS), ("rank_scaling", RANK_SCALINGS)):
+            if entry.get(field, known[0]) not in known:
+                raise bad(f"layer {name!r} has {field} {entry.get(field)!r}; this peftlite knows "
+                          f"{', '.join(map(repr, known))}")
         slots = entry.get("slots", ["weight"])
         if not isinstance(slots, list) or not all(isinstance(s, str) for s in slots):
             raise bad(f"layer {name!r} has slots {slots!r}, not a list of names")
