@@ -29,7 +29,7 @@ from .layers import adapted_layers, registry
 from .layers.base import AdapterStateError
 from .layers.spec import AdapterSpec
 from .switching import is_dora, known
-from .wrapping import apply_active, apply_adapter_grads, check_name, wrap_state
+from .wrapping import activate, check_name, wrap_state
 
 HOWS = ("linear", "cat", "svd")
 
@@ -101,8 +101,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
                 pair.B.copy_(B)
                 errors[lname if len(slots) == 1 else f"{lname}.{slot}"] = error
     state.adapters.append(name)
-    apply_active(model, state)
-    apply_adapter_grads(model, state)
+    activate(model, state)
     return errors
 
 

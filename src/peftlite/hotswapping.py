@@ -31,7 +31,7 @@ from .layers.base import AdapterStateError, LowRank
 from .layers.routing import routes_any
 from .layers.spec import AdapterSpec
 from .switching import is_dora, known
-from .wrapping import apply_adapter_grads, resolve_targets, wrap_state
+from .wrapping import activate, resolve_targets, wrap_state
 
 
 def _refuse_busy(model: nn.Module, what: str) -> None:
@@ -99,9 +99,7 @@ def prepare_hotswap(model: nn.Module, max_rank: int = 64, targets=None) -> nn.Mo
                 if pair.scale_buffer is None:
                     _pad(pair, max_rank)
     state.hotswap = {"max_rank": int(max_rank), "layers": [n for n, _ in adapted_layers(model)]}
-    for _, layer in adapted_layers(model):
-        layer.adapter_state.active = {n: w for n, w in state.active.items() if n in layer.lora}
-    apply_adapter_grads(model, state)
+    activate(model, state)
     return model
 
 

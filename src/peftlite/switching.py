@@ -27,7 +27,7 @@ from torch import nn
 
 from .layers import AdapterStateError, adapted_layers, registry
 from .layers.routing import ROUTE, Routed, routes_any
-from .wrapping import WrapState, apply_active, apply_adapter_grads, wrap_state
+from .wrapping import WrapState, activate, wrap_state
 
 
 def _state(model: nn.Module, what: str) -> WrapState:
@@ -113,8 +113,7 @@ def use(model: nn.Module, spec) -> nn.Module:
         raise AdapterStateError("use: inside peftlite.per_sample the route picks each row's adapter; use() after the "
                                 "block")
     state.active = combination
-    apply_active(model, state)
-    apply_adapter_grads(model, state)
+    activate(model, state)
     return model
 
 
@@ -134,8 +133,7 @@ def delete(model: nn.Module, name: str) -> nn.Module:
             registry.remove(layer, name)
     state.adapters.remove(name)
     state.active.pop(name, None)
-    apply_active(model, state)
-    apply_adapter_grads(model, state)
+    activate(model, state)
     return model
 
 

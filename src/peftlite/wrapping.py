@@ -115,6 +115,13 @@ def saved_tensors(model: nn.Module, state: WrapState, adapters: Sequence[str] | 
             if not k.endswith("_extra_state") and (k in adapters or under(k, units)) and not under(k, aliases)}
 
 
+def activate(model: nn.Module, state: WrapState) -> None:
+    """Make ``state.active`` what every layer computes and what trains: ``apply_active`` then
+    ``apply_adapter_grads``, the pair every change of the active set or of the adapters needs."""
+    apply_active(model, state)
+    apply_adapter_grads(model, state)
+
+
 def apply_adapter_grads(model: nn.Module, state: WrapState) -> None:
     """requires_grad of adapter parameters only: True for the active adapters, False for the others."""
     active = set(adapter_tensors(model, list(state.active)))

@@ -30,8 +30,7 @@ from ..layers.base import AdapterStateError
 from ..layers.spec import AdapterSpec
 from ..wrapping import (
     WrapState,
-    apply_active,
-    apply_adapter_grads,
+    activate,
     check_name,
     saved_tensors,
     under,
@@ -489,8 +488,7 @@ def _load_new(model, path, found, values, config, adapter, strict, partial) -> n
             registry.attach(module, registry.kind_of(module), AdapterSpec.from_entry(entry, f"layer {lname!r}"),
                             adapter=adapter)
         state.adapters.append(adapter)
-        apply_active(model, state)
-        apply_adapter_grads(model, state)
+        activate(model, state)
         _compare(path, saved_tensors(model, state, [adapter]), found, strict, partial)
         changed = [k for k, t in shared.items() if k in values and not torch.equal(t, values[k].to(t))]
         _copy_in(model, values, config["layers"], adapter)
@@ -501,8 +499,7 @@ def _load_new(model, path, found, values, config, adapter, strict, partial) -> n
                 registry.remove(layer, adapter)
         if adapter in state.adapters:
             state.adapters.remove(adapter)
-        apply_active(model, state)
-        apply_adapter_grads(model, state)
+        activate(model, state)
         raise
     if changed:
         warnings.warn(f"load: heads and trainable tensors are shared by all adapters, and {path} changed "
