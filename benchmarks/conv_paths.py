@@ -17,6 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402  (the shared helpers)
 import run  # noqa: E402
 
 from peftlite.layers import conv  # noqa: E402
@@ -28,7 +29,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model_inf, model_train = conv.inference_path, conv.training_path
-    print(f"{run.machine()}\n\n| conv path | inference ÷ base | training ÷ frozen-base step |\n|---|---|---|")
+    print(f"{common.machine()}\n\n| conv path | inference ÷ base | training ÷ frozen-base step |\n|---|---|---|")
     for mode in ("cost model", "activations", "merged", "dense"):
         if mode == "cost model":
             conv.inference_path, conv.training_path = model_inf, model_train

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/conv_train.py [--threads 1] [--repeats 7] [--px 128] [--profile]
 
-All contenders run in one process, interleaved, medians (``run.timed``), batch 8, r=8, BN frozen:
+All contenders run in one process, interleaved, medians (``common.timed``), batch 8, r=8, BN frozen:
 
 - ``base``: the frozen-base step (every weight frozen, gradients still flowing to the input);
 - ``full``: a full fine-tune step of the same network;
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-import run  # noqa: E402
+import common  # noqa: E402
 
 import peftlite  # noqa: E402
 from peftlite import functional as F_  # noqa: E402
@@ -49,12 +49,12 @@ def _functional(x, weight, bias, A, B, scale, geom, path="activations"):
 
 @contextlib.contextmanager
 def previous_paths():
-    saved = conv.training_path, conv_autograd.lora_conv2d
-    conv.training_path, conv_autograd.lora_conv2d = previous_training_path, _functional
+    saved = conv.training_path, conv_autograd.adapted_conv2d
+    conv.training_path, conv_autograd.adapted_conv2d = previous_training_path, _functional
     try:
         yield
     finally:
-        conv.training_path, conv_autograd.lora_conv2d = saved
+        conv.training_path, conv_autograd.adapted_conv2d = saved
 
 
 def inference(px: int) -> dict:
@@ -63,7 +63,7 @@ def inference(px: int) -> dict:
     torch.manual_seed(0)
     base = resnet50().eval()
     ours = peftlite.wrap(copy.deepcopy(base), targets=nn.Conv2d, rank=8).eval()
-    run.randomize_adapters(ours)
+    common.randomize_adapters(ours)
     x = torch.randn(8, 3, px, px)
 
     def fwd(m, previous=False):
@@ -81,7 +81,7 @@ def models(px: int):
     base = resnet50()
     full = copy.deepcopy(base)
     ours = peftlite.wrap(copy.deepcopy(base), targets=nn.Conv2d, rank=8)
-    run.randomize_adapters(ours)
+    common.randomize_adapters(ours)
     for p in base.parameters():
         p.requires_grad_(False)
     x = torch.randn(8, 3, px, px)
@@ -119,13 +119,13 @@ def main() -> None:
                 fns[name]()
             print(f"== {name} (two steps)")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=40))
-    t = run.timed(fns, args.repeats)
-    print(run.machine())
+    t = common.timed(fns, args.repeats)
+    print(common.machine())
     print("| step | ms | ÷ frozen-base step | ÷ full fine-tune step |\n|---|---|---|---|")
     for k, v in t.items():
         print(f"| {k} | {1e3 * v:.1f} | {v / t['base']:.3f} | {v / t['full']:.3f} |")
     if args.inference_px:
-        t = run.timed(inference(args.inference_px), args.repeats)
+        t = common.timed(inference(args.inference_px), args.repeats)
         print(f"\n| inference {args.inference_px}px | ms | ÷ base |\n|---|---|---|")
         for k, v in t.items():
             print(f"| {k} | {1e3 * v:.1f} | {v / t['base']:.3f} |")

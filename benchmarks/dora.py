@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-import run  # noqa: E402
+import common  # noqa: E402
 
 import peftlite  # noqa: E402
 
@@ -49,13 +49,13 @@ def forward(repeats: int) -> dict:
         ours(x)
 
     fns = {"base": lambda: base(x), "ours": lambda: ours(x), "fresh": fresh}
-    if run.peft:
-        theirs = run.peft.get_peft_model(copy.deepcopy(base), run.peft.LoraConfig(
+    if common.peft:
+        theirs = common.peft.get_peft_model(copy.deepcopy(base), common.peft.LoraConfig(
             r=R, lora_alpha=R, target_modules=["0"], use_dora=True))
         theirs.eval()
         fns["peft"] = lambda: theirs(x)
     with torch.no_grad():
-        return run.timed(fns, repeats)
+        return common.timed(fns, repeats)
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -80,8 +80,8 @@ def step_memory() -> dict:
     base = nn.Sequential(nn.Linear(D, D))
     x = torch.randn(N, D)
     models = {"lora": peftlite.wrap(copy.deepcopy(base), "0", rank=R), "dora": _dora_model(base)}
-    if run.peft:
-        models["peft-dora"] = run.peft.get_peft_model(copy.deepcopy(base), run.peft.LoraConfig(
+    if common.peft:
+        models["peft-dora"] = common.peft.get_peft_model(copy.deepcopy(base), common.peft.LoraConfig(
             r=R, lora_alpha=R, target_modules=["0"], use_dora=True))
     return {k: saved_bytes(m, x) for k, m in models.items()}
 
@@ -93,7 +93,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t = forward(args.repeats)
-    print(run.machine())
+    print(common.machine())
     print({k: f"{v / t['base']:.3f}" for k, v in t.items()})
     print({k: f"{v / 2**20:.1f} MiB" if isinstance(v, int) else v for k, v in step_memory().items()})
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-import run  # noqa: E402
+import common  # noqa: E402
 
 from peftlite.kernels import dropout as D  # noqa: E402
 
@@ -35,7 +35,7 @@ P = 0.1
 
 
 def machine() -> str:
-    return f"{run.machine()}; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
+    return f"{common.machine()}; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
 
 
 def timed(fns: dict, repeats: int, warm: int = 2) -> dict[str, float]:

@@ -34,8 +34,8 @@ parameters get no gradient in the warm-up step (an adapter its forward bypasses)
   non-reentrant checkpoint keeps its inputs as saved tensors, so the hook does see those). Where saved and
   live differ by more than a few %, something is kept outside ``save_for_backward``;
 - peak RSS: the step in a fresh process (``--one``), after a warm-up step and ``malloc_trim``: VmHWM
-  growth over VmRSS, after writing 5 to /proc/self/clear_refs (as ``run.PEAK_SCRIPT``);
-- time: the median step, all contenders of a model round-robin in one process (``run.timed``, one call a
+  growth over VmRSS, after writing 5 to /proc/self/clear_refs (as ``common.PEAK_SCRIPT``);
+- time: the median step, all contenders of a model round-robin in one process (``common.timed``, one call a
   round), and each ratio as the median of the round-by-round ratios with their min–max.
 
 ``--frozen-kinds`` times instead, interleaved, forward + backward of single layers with the gradient
@@ -45,7 +45,7 @@ contiguous 3-D, and non-contiguous 3-D input (a (T, B, 768) view of a (B, T, 768
 LayerNorm, self-attention ``nn.MultiheadAttention``, and that attention after ``wrap(targets=nn.Linear)``
 (its out_proj adapted and training, the rest frozen) against the plain trainable one.
 
-The first line gives the date and the command, the last the machine (``run.machine()``, whose load
+The first line gives the date and the command, the last the machine (``common.machine()``, whose load
 average is the one at the end). ``--quick`` keeps the architectures but shrinks images to 32 px and
 sequences to 16 tokens, with 2 rounds: a smoke run, not figures.
 """
@@ -74,7 +74,7 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _lean_models  # noqa: E402
-import run  # noqa: E402
+import common  # noqa: E402
 
 import peftlite  # noqa: E402
 from peftlite.layers import conv  # noqa: E402
@@ -180,8 +180,8 @@ def peak_rss_bytes(step: Callable[[], None]) -> int:
 
 
 def rounds(fns: dict[str, Callable[[], None]], repeats: int) -> list[dict[str, float]]:
-    """Seconds per call of each fn, round by round, interleaved (``run.timed`` with one call a round)."""
-    return [run.timed(fns, 1, warmup=1 if i == 0 else 0) for i in range(repeats)]
+    """Seconds per call of each fn, round by round, interleaved (``common.timed`` with one call a round)."""
+    return [common.timed(fns, 1, warmup=1 if i == 0 else 0) for i in range(repeats)]
 
 
 def ratio(per_round: list[dict[str, float]], num: str, den: str) -> str:
@@ -240,18 +240,18 @@ def _activations_paths():
 
 def _lora(case: _lean_models.Case, model: nn.Module, targets, dropout: float = 0.0) -> nn.Module:
     model = peftlite.wrap(model, targets=targets, rank=RANK, alpha=RANK, dropout=dropout, **case.wrap_kwargs(model))
-    run.randomize_adapters(model)
+    common.randomize_adapters(model)
     return model
 
 
 def _peft(case: _lean_models.Case, model: nn.Module) -> nn.Module:
-    if run.peft is None:
+    if common.peft is None:
         raise RuntimeError("PEFT is not installed (pip install peft)")
     names = [n for n, _ in resolve_targets(model, case.variants["lora"], skip=[case.head])]
-    config = run.peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=names, lora_dropout=0.0,
+    config = common.peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=names, lora_dropout=0.0,
                                  modules_to_save=[case.head])
-    model = run.peft.get_peft_model(model, config)
-    run.randomize_adapters(model)
+    model = common.peft.get_peft_model(model, config)
+    common.randomize_adapters(model)
     return model
 
 
@@ -378,7 +378,7 @@ def frozen_kinds(args) -> list[list[str]]:
     seq = torch.randn(B, T, d)
     attn = SelfAttention(d)
     wrapped = peftlite.wrap(copy.deepcopy(attn), targets=nn.Linear, rank=RANK)
-    run.randomize_adapters(wrapped)
+    common.randomize_adapters(wrapped)
     cases = [  # (label, trainable layer, input, frozen layer (None: a frozen copy), view of the input, shape shown)
         ("Linear(768, 3072)", nn.Linear(d, 4 * d), torch.randn(B * T, d), None, None, f"({B * T}, {d})"),
         ("Linear(768, 3072)", nn.Linear(d, 4 * d), seq, None, None, f"({B}, {T}, {d}) contiguous"),
@@ -458,7 +458,7 @@ def main() -> None:
             notes = "".join(f"{gap}{n}" for n in case.notes)
             print(f"{'### ' if args.markdown else ''}{title}\n\n{table(MODEL_HEAD, rows, args.markdown)}{notes}\n",
                   flush=True)
-    print(f"\nMachine: {run.machine()}")
+    print(f"\nMachine: {common.machine()}")
 
 
 if __name__ == "__main__":

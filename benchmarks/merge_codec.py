@@ -10,7 +10,7 @@ For each dtype (fp32, bf16, fp16), a 4096² Linear with a rank-16 adapter, std(s
 - floor: two ``W.view(int).add_(0)`` passes (an integer pass reads and writes W once).
 
 Then the bits the record holds per element at std(ΔW)/std(W) = 0.01, 0.1 and 1 (256², r = 16), and the peak
-RSS growth of one merge in a fresh process (``run.peak_memory``).
+RSS growth of one merge in a fresh process (``common.peak_memory``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-import run  # noqa: E402  (the shared timing, adapter and machine helpers)
+import common  # noqa: E402  (the shared timing, adapter and machine helpers)
 
 import peftlite  # noqa: E402
 from peftlite import kernels  # noqa: E402
@@ -36,13 +36,13 @@ INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: t
 def contenders(dtype: torch.dtype, n: int) -> dict:
     base = nn.Sequential(nn.Linear(n, n, bias=False)).to(dtype)
     ours = peftlite.wrap(copy.deepcopy(base), targets="0", rank=16)
-    run.randomize_adapters(ours)
+    common.randomize_adapters(ours)
     pair = ours[0].pairs(next(iter(ours[0].adapter_state.active)))["weight"]
     w = ours[0]._parameters["weight"].data
     fns = {"peftlite": lambda: (peftlite.merge(ours), peftlite.unmerge(ours))}
-    if run.peft:
-        theirs = run.peft_wrap(copy.deepcopy(base), ["0"], 16)
-        run.randomize_adapters(theirs)
+    if common.peft:
+        theirs = common.peft_wrap(copy.deepcopy(base), ["0"], 16)
+        common.randomize_adapters(theirs)
         fns["peft"] = lambda: (theirs.merge_adapter(), theirs.unmerge_adapter())
     plain = copy.deepcopy(base)[0].weight.data
     A, B, s = pair.A.detach().to(dtype), pair.B.detach().to(dtype), pair.scale
@@ -77,7 +77,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype in DTYPES:
         fns, exact = contenders(dtype, args.n)
-        t = run.timed(fns, args.repeats)
+        t = common.timed(fns, args.repeats)
         ms = {k: v * 1e3 for k, v in t.items()}
         peft = f"{ms['peft']:.1f}" if "peft" in ms else "n/a"
         speedup = f"{ms['peft'] / ms['peftlite']:.2f}×" if "peft" in ms else "n/a"
@@ -91,10 +91,10 @@ def main() -> None:
         print(f"| {ratio} | " + " | ".join(f"{b:.3f} ({e} escapes)" for b, e in cells) + " |")
     print("\n(bits held per element of W, 256², r = 16; the bound is 4 for fp32, 2 for 16-bit)\n")
     for dtype in (torch.float32, torch.bfloat16):  # run.py's measurement: one merge in a fresh process each
-        peak = run.peak_memory(dtype, args.n)
+        peak = common.peak_memory(dtype, args.n)
         mib = {k: f"{v / 2**20:.1f} MiB" if isinstance(v, int) else v for k, v in peak.items()}
         print(f"peak extra memory of one merge, {args.n}² {str(dtype).removeprefix('torch.')}: {mib}")
-    print(f"\nMachine: {run.machine()}")
+    print(f"\nMachine: {common.machine()}")
 
 
 if __name__ == "__main__":

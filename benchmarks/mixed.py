@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-import run  # noqa: E402
+import common  # noqa: E402
 
 import peftlite  # noqa: E402
-from peftlite.kernels import routing as kernel  # noqa: E402
+from peftlite.kernels import route as kernel  # noqa: E402
 from peftlite.layers import routing  # noqa: E402
 
 try:
@@ -115,7 +115,7 @@ def measure(base: nn.Module, targets: list[str], rank: int, K: int, x: torch.Ten
         want = fns["ours"](x)
         if "peft" in fns:
             torch.testing.assert_close(fns["peft"](x), want, rtol=1e-3, atol=1e-3)  # same adapters, same route
-        return run.timed({k: (lambda f=f: f(x)) for k, f in fns.items()}, repeats, warmup=2)
+        return common.timed({k: (lambda f=f: f(x)) for k, f in fns.items()}, repeats, warmup=2)
 
 
 def route_setup(model: nn.Module, K: int, repeats: int) -> float:
@@ -127,7 +127,7 @@ def route_setup(model: nn.Module, K: int, repeats: int) -> float:
     def enter():
         with peftlite.per_sample(model, rows):
             pass
-    return run.timed({"setup": enter}, repeats, warmup=5)["setup"]
+    return common.timed({"setup": enter}, repeats, warmup=5)["setup"]
 
 
 def linear_case(K: int, repeats: int, breakdown: bool = False) -> dict:
@@ -153,7 +153,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.breakdown:
-        print(f"{run.machine()}\n\n2 × Linear 1024, r=16, batch 64; ms added over the base")
+        print(f"{common.machine()}\n\n2 × Linear 1024, r=16, batch 64; ms added over the base")
         for K in (16, 64):
             t = linear_case(K, args.repeats, breakdown=True)
             print(f"K={K}: " + "  ".join(f"{k} {1e3 * (v - t['base']):.2f}" for k, v in t.items() if k != "base"))
@@ -163,7 +163,7 @@ def main() -> None:
                             ("ResNet-50 (53 convs)", resnet50())):
             print(f"per_sample enter + exit, {name}, 16 adapters: {1e3 * route_setup(model, 16, 200):.3f} ms")
         return
-    print(f"{run.machine()}\n\n| case | K | base | peftlite adds | PEFT adds | ours ÷ PEFT (added) | "
+    print(f"{common.machine()}\n\n| case | K | base | peftlite adds | PEFT adds | ours ÷ PEFT (added) | "
           "throughput ÷ PEFT |")
     print("|---|---|---|---|---|---|---|")
     cases = (("2 × Linear 1024, r=16, batch 64", linear_case), ("ResNet-50, r=8, batch 16, 96 px", resnet_case))

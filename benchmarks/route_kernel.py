@@ -1,4 +1,4 @@
-"""Per-sample routing on the CPU: the C kernel (``kernels.routing``) against a torch loop over the adapters.
+"""Per-sample routing on the CPU: the C kernel (``kernels.route``) against a torch loop over the adapters.
 
     PYTHONPATH=src python benchmarks/route_kernel.py [--threads 1] [--repeats 200] [--cold]
 
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-import run  # noqa: E402
+import common  # noqa: E402
 
-from peftlite.kernels.routing import library, route_linear_  # noqa: E402
+from peftlite.kernels.route import library, route_linear_  # noqa: E402
 
 D, RANK, BATCH = 1024, 16, 64
 
@@ -71,7 +71,7 @@ def case(K: int, repeats: int) -> tuple[dict[str, float], float]:
 
     with torch.inference_mode():
         error = (kernel() - loop()).abs().max().item()
-        return run.timed({"base": base, "kernel": kernel, "loop": loop}, repeats), error
+        return common.timed({"base": base, "kernel": kernel, "loop": loop}, repeats), error
 
 
 def cold_and_warm(K: int, repeats: int) -> tuple[float, float]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-import run  # noqa: E402
+import common  # noqa: E402
 
 import peftlite  # noqa: E402
 from peftlite.layers import linear  # noqa: E402
@@ -61,7 +61,7 @@ def _reads_only(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _products(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     pair = layer.lora._modules["default"]
-    return linear.lora_linear(x, layer._parameters["weight"], layer.bias, pair.A, pair.B, pair.scale)
+    return linear.adapted_linear(x, layer._parameters["weight"], layer.bias, pair.A, pair.B, pair.scale)
 
 
 def _autograd_fn(*args) -> torch.Tensor:
@@ -70,17 +70,17 @@ def _autograd_fn(*args) -> torch.Tensor:
 
 def _with_forward(model: nn.Module, forward, products, ids: torch.Tensor, dec: torch.Tensor):
     """A call of ``model`` with every adapted Linear's forward swapped for ``forward`` (None: its own), and
-    the products it runs (``linear.lora_linear``) for ``products`` (None: the same)."""
+    the products it runs (``linear.adapted_linear``) for ``products`` (None: the same)."""
     def call():
-        linear.LoraLinear.forward, linear.lora_linear = forward or FORWARD, products or PRODUCTS
+        linear.LoraLinear.forward, linear.adapted_linear = forward or FORWARD, products or PRODUCTS
         try:
             return model(input_ids=ids, decoder_input_ids=dec)
         finally:
-            linear.LoraLinear.forward, linear.lora_linear = FORWARD, PRODUCTS
+            linear.LoraLinear.forward, linear.adapted_linear = FORWARD, PRODUCTS
     return call
 
 
-FORWARD, PRODUCTS = linear.LoraLinear.forward, linear.lora_linear
+FORWARD, PRODUCTS = linear.LoraLinear.forward, linear.adapted_linear
 BREAKDOWN = {"reads only": (_reads_only, None), "products": (_products, None), "autograd fn": (None, _autograd_fn)}
 
 
@@ -92,7 +92,7 @@ def per_call(repeats: int) -> dict[str, float]:
     A, B = torch.randn(8, 512), torch.randn(2048, 8)
     loop = lambda f: lambda: [f(x, w, b, A, B, 2.0) for _ in range(200)]  # noqa: E731
     with torch.no_grad():
-        t = run.timed({"products": loop(PRODUCTS), "autograd fn": loop(_autograd_fn)}, repeats)
+        t = common.timed({"products": loop(PRODUCTS), "autograd fn": loop(_autograd_fn)}, repeats)
     return {k: v / 200 for k, v in t.items()}
 
 
@@ -100,7 +100,7 @@ def medians(base: nn.Module, repeats: int, breakdown: bool = False) -> dict[str,
     """Median seconds of one encoder-decoder forward, base and wrapped (and the breakdown), per shape."""
     torch.manual_seed(0)
     ours = peftlite.wrap(copy.deepcopy(base), nn.Linear, rank=8)
-    run.randomize_adapters(ours)
+    common.randomize_adapters(ours)
     twin = copy.deepcopy(base) if breakdown else None  # the same model again: what a null change measures
     vocab = base.config.vocab_size
     out = {}
@@ -116,7 +116,7 @@ def medians(base: nn.Module, repeats: int, breakdown: bool = False) -> dict[str,
             want = fns["ours"]().logits
             for k in ("products", "autograd fn") if breakdown else ():
                 assert torch.equal(fns[k]().logits, want), k  # the same ops as the layer's own forward
-            out[f"batch {batch}, {n_enc}/{n_dec} tokens"] = run.timed(fns, repeats)
+            out[f"batch {batch}, {n_enc}/{n_dec} tokens"] = common.timed(fns, repeats)
     return out
 
 
@@ -128,7 +128,7 @@ def main() -> None:
     p.add_argument("--breakdown", action="store_true", help="also the wrapped model's forward in parts")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(run.machine())
+    print(common.machine())
     models = {"t5-small": t5_small} | ({"bart-base": bart_base} if args.bart else {})
     for name, build in models.items():
         for shape, t in medians(build(), args.repeats, args.breakdown).items():

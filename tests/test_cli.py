@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftlite
-from peftlite.cli import describe, format_description, main, read_any
+from peftlite.cli import describe_file, format_description, main, read_for_inspect
 from peftlite.demo.digits import tiny_resnet
 
 X = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -359,21 +359,21 @@ def ok(runs: Runs, name: str) -> tuple[str, Path]:
 def test_line_inspect(runs, monkeypatch):
     out, folder = ok(runs, "inspect")
     monkeypatch.chdir(folder)
-    assert out == format_description(describe("adapter.safetensors")) + "\n"
+    assert out == format_description(describe_file("adapter.safetensors")) + "\n"
     assert out.startswith("adapter.safetensors: peftlite adapter\n") and "layer3.0.conv1" in out
 
 
 def test_line_inspect_json(runs, monkeypatch):
     out, folder = ok(runs, "inspect --json")
     monkeypatch.chdir(folder)
-    assert json.loads(out) == json.loads(json.dumps(describe("peft_dir")))
+    assert json.loads(out) == json.loads(json.dumps(describe_file("peft_dir")))
     assert json.loads(out)["format"] == "peft"
 
 
 def test_line_convert_to_peft(runs):
     _, folder = ok(runs, "to peft")
     assert sorted(os.listdir(folder / "out_dir")) == ["adapter_config.json", "adapter_model.safetensors"]
-    fmt, back, config, _ = read_any(str(folder / "out_dir"))  # converted back, in-process
+    fmt, back, config, _ = read_for_inspect(str(folder / "out_dir"))  # converted back, in-process
     original, original_config = peftlite.formats.native.read(folder / "adapter.safetensors")
     assert fmt == "peft" and state_equal(back, original)
     assert config["layers"].keys() == original_config["layers"].keys()
@@ -382,7 +382,7 @@ def test_line_convert_to_peft(runs):
 def test_line_convert_to_peftlite(runs):
     _, folder = ok(runs, "to peftlite")
     written, _ = peftlite.formats.native.read(folder / "adapter.safetensors")
-    assert state_equal(written, read_any(str(folder / "peft_dir"))[1])
+    assert state_equal(written, read_for_inspect(str(folder / "peft_dir"))[1])
     model = tiny_resnet()
     model.load_state_dict(runs.expected["tiny base"])
     model.fc = nn.Linear(64, 7)  # PEFT's modules_to_save: the head's shape comes from the base model

@@ -39,7 +39,7 @@ class CliError(Exception):
 
 # ---- reading either format ----------------------------------------------------------------------
 
-def read_any(path: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+def read_for_inspect(path: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(format, peftlite tensors, peftlite config, the file's own config) of a file or PEFT directory."""
     if os.path.isdir(path):
         raw_tensors, raw_config = peft.read_raw(path)
@@ -56,9 +56,9 @@ def _file_bytes(path: str) -> int:
     return os.path.getsize(path)
 
 
-def describe(path: str) -> dict[str, Any]:
+def describe_file(path: str) -> dict[str, Any]:
     """Everything ``inspect`` prints, as plain JSON-able data."""
-    fmt, tensors, config, raw = read_any(path)
+    fmt, tensors, config, raw = read_for_inspect(path)
     layers = []
     owner = {k: schema.adapter_layer(k, config["layers"]) for k in tensors}
     for name, entry in config["layers"].items():
@@ -121,7 +121,7 @@ def format_description(d: dict[str, Any]) -> str:
 # ---- commands -----------------------------------------------------------------------------------
 
 def cmd_inspect(args) -> int:
-    d = describe(args.path)
+    d = describe_file(args.path)
     print(json.dumps(d, indent=2) if args.json else format_description(d))
     return 0
 
@@ -185,7 +185,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    fmt, tensors, config, _ = read_any(args.src)
+    fmt, tensors, config, _ = read_for_inspect(args.src)
     if fmt == args.to:
         raise CliError(f"{args.src} is already in {fmt} format")
     if args.to == "peft":

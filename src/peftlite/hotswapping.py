@@ -120,7 +120,7 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
                            "(before torch.compile)")
     known(state, name, "hotswap")
     _refuse_busy(model, "hotswap")
-    _, tensors, config = native.read_any(path, model)
+    _, tensors, config = native.read_adapter(path, model)
     tensors, config = schema.renamed(tensors, config, name)
     for key, t in tensors.items():  # as load does: a diverged adapter is refused
         if schema.adapter_layer(key, config["layers"]) is not None and native.non_finite(t):

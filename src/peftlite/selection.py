@@ -67,7 +67,7 @@ def as_list(patterns: Pattern | Iterable[Pattern] | None) -> list[Pattern]:
     return [patterns]
 
 
-def describe(pattern: object) -> str:
+def describe_pattern(pattern: object) -> str:
     """A pattern as the user wrote it, for messages."""
     if isinstance(pattern, str):
         return repr(pattern)
@@ -76,7 +76,7 @@ def describe(pattern: object) -> str:
     if isinstance(pattern, type):
         return pattern.__name__
     if isinstance(pattern, tuple):
-        return "(" + ", ".join(describe(m) for m in pattern) + ")"
+        return "(" + ", ".join(describe_pattern(m) for m in pattern) + ")"
     return getattr(pattern, "__name__", repr(pattern))
 
 
@@ -146,7 +146,7 @@ def check_any(hits: list[list[str]], patterns: list[Pattern], what: str, noun: s
               hint: Callable[[Pattern], str]) -> None:
     """Raise ValueError when a non-empty list of patterns selects nothing at all."""
     if patterns and not any(hits):
-        shown = ", ".join(describe(p) for p in patterns)
+        shown = ", ".join(describe_pattern(p) for p in patterns)
         raise ValueError(f"{what}: {shown} selected no {noun}; {hint(patterns[0])}")
 
 

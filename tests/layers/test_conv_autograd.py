@@ -41,7 +41,7 @@ def _outputs_and_grads(fn, gm, x, w, b, A, B, scale=0.7):
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=ids)
 def test_function_matches_oracle_fp64(geom, path, train_base):
     case = _case(geom, train_base=train_base)
-    got = _outputs_and_grads(lambda *a: _conv_autograd.lora_conv2d(*a, path=path), *case)
+    got = _outputs_and_grads(lambda *a: _conv_autograd.adapted_conv2d(*a, path=path), *case)
     ref = _outputs_and_grads(F_.lora_conv2d, *case)
     assert len(got) == len(ref) == (4 + (1 + (geom[-1])) * train_base)
     for u, v in zip(got, ref, strict=True):
@@ -58,7 +58,7 @@ def test_function_gradcheck(geom, path):
     def fn(*t):
         x, w, *rest = t
         b, A, B = rest if len(rest) == 3 else (None, *rest)
-        return _conv_autograd.lora_conv2d(x, w, b, A, B, 0.7, gm, path=path)
+        return _conv_autograd.adapted_conv2d(x, w, b, A, B, 0.7, gm, path=path)
 
     assert torch.autograd.gradcheck(fn, args)
 
@@ -76,7 +76,7 @@ def test_function_matches_oracle_fp32(geom, path, layout):
     gm, x, w, b, A, B = _case(geom, torch.float32, rank=8, n=4, size=(16, 16))
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = x.detach().contiguous(memory_format=fmt).requires_grad_()
-    got = _outputs_and_grads(lambda *a: _conv_autograd.lora_conv2d(*a, path=path), gm, x, w, b, A, B)
+    got = _outputs_and_grads(lambda *a: _conv_autograd.adapted_conv2d(*a, path=path), gm, x, w, b, A, B)
     ref = _outputs_and_grads(F_.lora_conv2d, gm, x, w, b, A, B)
     for u, v in zip(got, ref, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-3)
@@ -87,7 +87,7 @@ def test_function_matches_oracle_fp32(geom, path, layout):
 def test_function_with_an_expanded_output_gradient(geom, path):
     """``y.sum()`` hands backward a stride-0 gradient: the NCHW fast branches must not assume a layout."""
     gm, x, w, b, A, B = _case(geom, rank=4, n=2, size=(6, 6))
-    got = torch.autograd.grad(_conv_autograd.lora_conv2d(x, w, b, A, B, 0.7, gm, path=path).sum(), (x, A, B))
+    got = torch.autograd.grad(_conv_autograd.adapted_conv2d(x, w, b, A, B, 0.7, gm, path=path).sum(), (x, A, B))
     ref = torch.autograd.grad(F_.lora_conv2d(x, w, b, A, B, 0.7, gm).sum(), (x, A, B))
     for u, v in zip(got, ref, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
@@ -97,7 +97,7 @@ def test_function_with_an_expanded_output_gradient(geom, path):
 def test_function_under_cpu_autocast_matches_autocast_oracle(path):
     gm, x, w, b, A, B = _case(RESNET[0], torch.float32, rank=8, n=2, size=(8, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = _outputs_and_grads(lambda *a: _conv_autograd.lora_conv2d(*a, path=path), gm, x, w, b, A, B)
+        got = _outputs_and_grads(lambda *a: _conv_autograd.adapted_conv2d(*a, path=path), gm, x, w, b, A, B)
         ref = _outputs_and_grads(F_.lora_conv2d, gm, x, w, b, A, B)
     assert got[0].dtype == ref[0].dtype == torch.bfloat16
     for u, v, t in zip(got[1:], ref[1:], (x, A, B), strict=True):
@@ -128,7 +128,7 @@ def test_depthwise_weight_gradient_matches_torch_fp64(shape):
 @pytest.mark.parametrize("path", PATHS)
 def test_function_compiles_fullgraph(path):
     gm, x, w, b, A, B = _case(GEOMETRIES[0], torch.float32, rank=4, n=2, size=(8, 8))
-    fn = lambda x, A, B: _conv_autograd.lora_conv2d(x, w, b, A, B, 0.5, gm, path=path)
+    fn = lambda x, A, B: _conv_autograd.adapted_conv2d(x, w, b, A, B, 0.5, gm, path=path)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     y, ref = compiled(x, A, B), fn(x, A, B)
     torch.testing.assert_close(y, ref)

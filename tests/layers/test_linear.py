@@ -20,13 +20,13 @@ def _linear_case(dtype=torch.float64, shape=(3, 5, 12), out=7, rank=3, bias=True
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_function_gradcheck(bias):
     x, w, b, A, B = _linear_case(bias=bias)
-    assert torch.autograd.gradcheck(lambda *t: _linear_autograd.lora_linear(*t, 0.7), (x, w, b, A, B))
+    assert torch.autograd.gradcheck(lambda *t: _linear_autograd.adapted_linear(*t, 0.7), (x, w, b, A, B))
 
 
 def test_linear_function_matches_functional_oracle_fp32():
     case = _linear_case(torch.float32, (64, 48), 40, 8)
     x, w, b, A, B = (t.detach().requires_grad_() for t in case)
-    y = _linear_autograd.lora_linear(x, w, b, A, B, 2.0)
+    y = _linear_autograd.adapted_linear(x, w, b, A, B, 2.0)
     y.square().sum().backward()
     got = [t.grad.clone() for t in (x, w, b, A, B)]
     for t in (x, w, b, A, B):
@@ -41,7 +41,7 @@ def test_linear_function_matches_functional_oracle_fp32():
 def test_linear_function_under_cpu_autocast_bf16():
     x, w, b, A, B = (t.detach().requires_grad_() for t in _linear_case(torch.float32, (32, 64), 48, 4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = _linear_autograd.lora_linear(x, w, b, A, B, 1.0)
+        y = _linear_autograd.adapted_linear(x, w, b, A, B, 1.0)
         ref = F_.lora_linear(x, w, b, A, B, 1.0)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=5e-2)
@@ -55,9 +55,9 @@ def test_linear_function_without_grad_gives_the_same_values(grad_off, autocast):
     # Without grad the products run outside the autograd function: the same ops, so the same bits.
     x, w, b, A, B = (t.detach() for t in _linear_case(torch.float32, (2, 16, 64), 48, 4))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        with_grad = _linear_autograd.lora_linear(x, w.requires_grad_(), b, A, B, 1.5)
+        with_grad = _linear_autograd.adapted_linear(x, w.requires_grad_(), b, A, B, 1.5)
         with grad_off():
-            y = _linear_autograd.lora_linear(x, w, b, A, B, 1.5)
+            y = _linear_autograd.adapted_linear(x, w, b, A, B, 1.5)
         ref = F_.lora_linear(x, w, b, A, B, 1.5)
     assert with_grad.grad_fn is not None and y.grad_fn is None
     assert y.dtype == with_grad.dtype == (torch.bfloat16 if autocast else torch.float32)

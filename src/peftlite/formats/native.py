@@ -176,7 +176,7 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, An
         return {k: f[k] for k in f}, config
 
 
-def read_any(path: str | os.PathLike, model: nn.Module | None = None, name: str | None = None):
+def read_adapter(path: str | os.PathLike, model: nn.Module | None = None, name: str | None = None):
     """``(format, tensors, config)`` of a peftlite file or a PEFT directory (adapter ``name``'s subfolder
     when it has one), checked against ``model``."""
     if os.path.isdir(path):

@@ -39,7 +39,7 @@ def _blocks(rows: int, cols: int, block_elements: int):
         yield start, min(rows, start + step)
 
 
-def _factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+def _in_delta_dtype(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     """A and B in the fp32 (fp64 for fp64 adapters) the deltas are computed in."""
     dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
     return A.to(dtype), B.to(dtype)
@@ -189,7 +189,7 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: i
     """
     rows, cols = weight.shape
     fmt = FORMATS.get(weight.dtype)
-    A, B = _factors(A, B)
+    A, B = _in_delta_dtype(A, B)
     if gain is not None:
         check_gain(weight, gain)
         gain = gain.detach().clone()  # the record's own: the caller's magnitudes may train on
@@ -242,7 +242,7 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
     if rows == 0:
         return
     fmt = FORMATS.get(weight.dtype)
-    A, B = _factors(A, B)
+    A, B = _in_delta_dtype(A, B)
     gain = None if record is None else record.gain
     if record is not None and _fused(weight, A.dtype, fused):
         A, B = A.contiguous(), B.contiguous()

@@ -31,7 +31,7 @@ def supports(weight: Tensor) -> bool:
     return weight.dtype in KINDS
 
 
-def _factors(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+def _as_fp32(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return A.to(torch.float32), B.to(torch.float32)
 
 
@@ -71,7 +71,7 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> MergeRecord:
         NonFiniteMergeError: non-finite merged values (W restored exactly). The caller (``kernels.merge_``'s
             callers in ``merging``) has checked the adapter is finite.
     """
-    A, B = _factors(A, B)
+    A, B = _as_fp32(A, B)
     rows, cols = weight.shape
     dev = weight.device
     n_tiles, _ = _tiles(rows, cols)
@@ -132,7 +132,7 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
     """Triton counterpart of ``_torch.unmerge_``: one pass; then the escapes are written."""
     if weight.numel() == 0:
         return
-    A, B = _factors(A, B)
+    A, B = _as_fp32(A, B)
     rows, cols = weight.shape
     dev = weight.device
     n_tiles, _ = _tiles(rows, cols)

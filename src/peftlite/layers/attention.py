@@ -11,7 +11,7 @@ before it reaches A and B, and torch runs a batch-first input's projection as a 
 expanded per batch, because the transposed input cannot be folded into one matrix when the weight is
 frozen: several times slower in backward than the same layer trainable. So with gradients enabled both
 classes here run ``LeanAttention.forward``: the same math as ``F.multi_head_attention_forward``, each
-projection one (N, E) matrix product (through ``linear.lora_linear`` for an adapted one: r-wide
+projection one (N, E) matrix product (through ``linear.adapted_linear`` for an adapted one: r-wide
 gradients), the attention by ``F.scaled_dot_product_attention`` (or, with ``need_weights``, the explicit
 softmax torch uses), and ``out_proj`` called as a module. Without gradients, with ``bias_k``/``bias_v``
 or ``add_zero_attn``, a DoRA projection, or inside ``per_sample``, they take the stock forward.
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import AdaptedLayer, effective_weight_property
-from .linear import frozen_linear, lora_linear
+from .linear import adapted_linear, frozen_linear
 from .routing import lookup
 
 PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -171,7 +171,7 @@ class LoraMultiheadAttention(AdaptedLayer, LeanAttention, nn.MultiheadAttention)
         if folded is None:
             return frozen_linear(x, w[rows], bias)
         A, B, scale = folded
-        return lora_linear(x, w[rows], bias, A, B[rows], scale)
+        return adapted_linear(x, w[rows], bias, A, B[rows], scale)
 
 
 def make_lean(module: nn.Module) -> None:

@@ -120,4 +120,4 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
             path = training_path(geom, rank, pixels)
         else:
             path = inference_path(geom, rank, pixels)
-        return conv_autograd.lora_conv2d(x, w, bias, A, B, scale, geom, path)
+        return conv_autograd.adapted_conv2d(x, w, bias, A, B, scale, geom, path)

@@ -328,7 +328,7 @@ def dropped_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, terms, geom: 
     return y
 
 
-def lora_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+def adapted_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                 geom: ConvGeometry, path: str = "activations") -> Tensor:
     """``functional.lora_conv2d`` without dropout, as one autograd function.  x: (N, in, H, W).
 

@@ -17,7 +17,7 @@ seeded mask (``kernels.dropout``), drawn anew per call, that backward regenerate
 dropped copy of x is kept (``F.dropout`` kept one per layer and doubled a step's memory). Under
 ``torch.compile`` it takes ``functional.lora_linear`` with ``F.dropout`` instead.
 
-Without grad (inference) ``lora_linear`` runs the same products directly, skipping the autograd
+Without grad (inference) ``adapted_linear`` runs the same products directly, skipping the autograd
 function's bookkeeping (a few µs a call: ``benchmarks/t5_reads.py --breakdown``).
 """
 
@@ -151,7 +151,7 @@ def dropped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, terms) -> Ten
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
+def adapted_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``x @ Wᵀ + b + scale·(x @ Aᵀ) @ Bᵀ`` without dropout.  x: (..., in) -> (..., out)."""
     if not torch.is_grad_enabled():  # inference: the same products, without the autograd function
         return _forward(x, weight, bias, A, B, scale)[0]
@@ -185,7 +185,7 @@ class LoraLinear(AdaptedLayer, nn.Linear):
                 y = dropped_linear(x, w, bias, terms)
         else:
             A, B, scale = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
-            y = lora_linear(x, w, bias, A, B, scale)
+            y = adapted_linear(x, w, bias, A, B, scale)
         if dora_pair is None:
             return y
         t = terms[0]

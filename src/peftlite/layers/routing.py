@@ -11,7 +11,7 @@ order), so that every row's result is exactly its own adapter's:
 
     y[n] = base(x[n]) + scale_k · B_k A_k x[n]      with k = slots[n]   (nothing added for -1)
 
-- Linear, inference on CPU float32 (eager): the C kernel (``kernels.routing``) reads each adapter's
+- Linear, inference on CPU float32 (eager): the C kernel (``kernels.route``) reads each adapter's
   factors once, rows grouped by adapter.
 - Otherwise (training, torch.compile, other dtypes or devices): the factors are stacked (rank-padded
   with zeros, plus a zero slot for -1) and gathered per row; one ``bmm`` pair for a Linear, one grouped
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import functional
 from ..functional import ConvGeometry
-from ..kernels.routing import route_linear_
+from ..kernels.route import route_linear_
 from .dora import gain
 
 
@@ -115,7 +115,7 @@ def _rescaled(y: Tensor, bias: Tensor | None, slots: Tensor, gains: list, channe
     return y + (bias.view(-1, *([1] * channel_dims)) if channel_dims else bias)
 
 
-def linear_delta(x: Tensor, slots: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list,
+def routed_linear_delta(x: Tensor, slots: Tensor, As: list[Tensor], Bs: list[Tensor], scales: list,
                  dropouts: list[float], training: bool) -> Tensor:
     """Σ of each row's own ``scale·(x A_kᵀ) B_kᵀ`` by stacked factors.  x: (N, ..., in) -> (N, ..., out)."""
     if training and any(dropouts):
@@ -138,7 +138,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, route: Routed, As: li
                                                                      for k in route.used)))
     if not (fast and route_linear_(y, x, route.packed, [As[k] for k in route.used], [Bs[k] for k in route.used],
                                    [float(scales[k]) for k in route.used])):
-        y = y + linear_delta(x, route.slots, As, Bs, scales, dropouts, training).to(y.dtype)
+        y = y + routed_linear_delta(x, route.slots, As, Bs, scales, dropouts, training).to(y.dtype)
     return _rescaled(y, bias, route.slots, dora, 0) if rescale else y
 
 

@@ -1,4 +1,4 @@
-"""The per-sample routing kernel (``kernels.routing``) against a float64 loop over the rows.
+"""The per-sample routing kernel (``kernels.route``) against a float64 loop over the rows.
 
 Random ranks per adapter, rows without an adapter, feature sizes off the vector widths, 1 and 2 threads;
 the errors for inconsistent inputs, and the fallback (False, y untouched) where the kernel cannot run.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftlite.kernels import routing
+from peftlite.kernels import route
 
-needs_kernel = pytest.mark.skipif(routing.library() is None, reason="the routing kernel needs a C compiler")
+needs_kernel = pytest.mark.skipif(route.library() is None, reason="the routing kernel needs a C compiler")
 
 
 def problem(K, N, lead=(), d_in=37, d_out=53, seed=0, no_adapter=True):
@@ -38,7 +38,7 @@ def reference(y, x, slots, A, B, scales):
 
 def routed(y, *args) -> torch.Tensor:
     y = y.clone()
-    assert routing.route_linear_(y, *args)
+    assert route.route_linear_(y, *args)
     return y
 
 
@@ -53,7 +53,7 @@ def assert_matches_reference(got, y, x, slots, A, B, scales):
 @pytest.mark.parametrize("lead", [(), (5,), (2, 3)], ids=["N,in", "N,T,in", "N,T1,T2,in"])
 @pytest.mark.parametrize("K", [1, 3, 17])
 def test_matches_float64_loop(K, lead, threads, monkeypatch):
-    monkeypatch.setattr(routing, "MIN_WORK", 1)  # split the rows among the threads, however little work
+    monkeypatch.setattr(route, "MIN_WORK", 1)  # split the rows among the threads, however little work
     torch.set_num_threads(threads)
     try:
         y, x, slots, A, B, scales = problem(K, 24, lead, seed=K)
@@ -92,12 +92,12 @@ def test_rows_without_adapter_are_untouched():
 @needs_kernel
 def test_empty_batch():
     y, x, slots, A, B, scales = problem(3, 0, (4,))
-    assert routing.route_linear_(y, x, slots, A, B, scales)
+    assert route.route_linear_(y, x, slots, A, B, scales)
 
 
 @needs_kernel
 def test_deterministic_across_calls_and_threads(monkeypatch):
-    monkeypatch.setattr(routing, "MIN_WORK", 1)
+    monkeypatch.setattr(route, "MIN_WORK", 1)
     y, x, slots, A, B, scales = problem(17, 40, (3,), 101, 67, seed=5)
     first = routed(y, x, slots, A, B, scales)
     assert torch.equal(routed(y, x, slots, A, B, scales), first)
@@ -109,11 +109,11 @@ def test_deterministic_across_calls_and_threads(monkeypatch):
 
 
 def test_spans_split_the_rows_in_order_by_work(monkeypatch):
-    monkeypatch.setattr(routing, "MIN_WORK", 1)
+    monkeypatch.setattr(route, "MIN_WORK", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     sorted_slots = torch.tensor([-1, -1, 0, 0, 0, 1, 2, 2])  # rows without an adapter take no work
-    assert routing._spans(sorted_slots, torch.tensor([2, 2, 2]), per_rank=10) == [(0, 4), (4, 6), (6, 8)]
-    assert routing._spans(sorted_slots, torch.tensor([2, 2, 2]), per_rank=0) == [(0, 8)]  # too little work
+    assert route._spans(sorted_slots, torch.tensor([2, 2, 2]), per_rank=10) == [(0, 4), (4, 6), (6, 8)]
+    assert route._spans(sorted_slots, torch.tensor([2, 2, 2]), per_rank=0) == [(0, 8)]  # too little work
 
 
 @pytest.mark.parametrize("change, match", [
@@ -133,7 +133,7 @@ def test_inconsistent_inputs_raise(change, match):
     change(args)
     y0 = args["y"].clone()
     with pytest.raises(ValueError, match=match):
-        routing.route_linear_(**args)
+        route.route_linear_(**args)
     assert torch.equal(args["y"], y0)
 
 
@@ -144,7 +144,7 @@ def test_slot_out_of_range_raises(bad):
     slots[7] = bad
     y0 = y.clone()
     with pytest.raises(ValueError, match=rf"slots\[7\] = {bad} is out of range \[-1, 3\) for 3 adapters"):
-        routing.route_linear_(y, x, slots, A, B, scales)
+        route.route_linear_(y, x, slots, A, B, scales)
     assert torch.equal(y, y0)
 
 
@@ -161,26 +161,26 @@ def test_what_the_kernel_does_not_take_returns_false(change):
     args = {"y": y, "x": x, "slots": slots, "A": A, "B": B, "scales": scales}
     change(args)
     y0 = args["y"].clone()
-    assert routing.route_linear_(**args) is False
+    assert route.route_linear_(**args) is False
     assert torch.equal(args["y"], y0)
 
 
 def test_falls_back_without_the_library(monkeypatch):
     y, x, slots, A, B, scales = problem(3, 12, (3,), seed=6)
     y0 = y.clone()
-    monkeypatch.setattr(routing, "library", lambda: None)
-    assert routing.route_linear_(y, x, slots, A, B, scales) is False
+    monkeypatch.setattr(route, "library", lambda: None)
+    assert route.route_linear_(y, x, slots, A, B, scales) is False
     assert torch.equal(y, y0)
 
 
 def test_turned_off_by_environment(monkeypatch):
     monkeypatch.setenv("PEFTLITE_CPU_FUSED", "0")
-    routing.library.cache_clear()
+    route.library.cache_clear()
     try:
-        assert routing.library() is None
+        assert route.library() is None
         y, x, slots, A, B, scales = problem(3, 12, seed=7)
         y0 = y.clone()
-        assert routing.route_linear_(y, x, slots, A, B, scales) is False
+        assert route.route_linear_(y, x, slots, A, B, scales) is False
         assert torch.equal(y, y0)
     finally:
-        routing.library.cache_clear()  # later tests build (or find) the real library again
+        route.library.cache_clear()  # later tests build (or find) the real library again

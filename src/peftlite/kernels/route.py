@@ -68,7 +68,7 @@ def route_linear_(y: Tensor, x: Tensor, slots: Tensor, A: Sequence[Tensor], B: S
         MemoryError: the kernel's scratch (r_max × out floats per thread) could not be allocated.
     """
     _check_batch(y, x, slots, A, B, scales)
-    factors = _factors(A, B, x.shape[-1], y.shape[-1])
+    factors = _stacked(A, B, x.shape[-1], y.shape[-1])
     if factors is None or not _takes(y, x, slots) or (lib := library()) is None:
         return False
     if x.numel() == 0 or y.numel() == 0:  # no rows, no tokens, or nothing to add
@@ -102,7 +102,7 @@ class _Factors(NamedTuple):
     b: array  # (K,) int64 addresses
 
 
-def _factors(A: Sequence[Tensor], B: Sequence[Tensor], d_in: int, d_out: int) -> _Factors | None:
+def _stacked(A: Sequence[Tensor], B: Sequence[Tensor], d_in: int, d_out: int) -> _Factors | None:
     """The adapters' ranks and addresses, or None when a factor is not a contiguous float32 CPU tensor.
 
     Raises:
