@@ -4,7 +4,7 @@ The levels, bottom to top (docs/design.md):
 
     0  functional, kernels, _version
     1  layers
-    2  selection
+    2  selection, state
     3  merging, wrapping, switching, combining
     4  formats, hotswapping
     5  tuning
@@ -24,7 +24,7 @@ import pytest
 import peftlite
 
 SRC = Path(peftlite.__file__).parent
-LEVELS = {"functional": 0, "kernels": 0, "_version": 0, "layers": 1, "selection": 2, "merging": 3,
+LEVELS = {"functional": 0, "kernels": 0, "_version": 0, "layers": 1, "selection": 2, "state": 2, "merging": 3,
           "wrapping": 3, "switching": 3, "combining": 3, "formats": 4, "hotswapping": 4, "tuning": 5, "cli": 6,
           "demo": 6, "integrations": 6}
 ROOT_FILES = ("peftlite", "peftlite.__main__")

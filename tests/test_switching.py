@@ -121,7 +121,7 @@ def test_bad_names_and_refusals_change_nothing():
         peftlite.wrap(m, "2", name="d")
     assert_unchanged(m, snap)
     peftlite.unmerge(m)
-    with peftlite.per_sample(m, ["a"]), pytest.raises(RuntimeError, match="merge inside peftlite.per_sample"):
+    with peftlite.per_sample(m, ["a"]), pytest.raises(RuntimeError, match="merge: inside peftlite.per_sample"):
         peftlite.merge(m)
 
 

@@ -26,10 +26,10 @@ from torch import nn
 
 from . import functional
 from .layers import adapted_layers, registry
-from .layers.base import AdapterStateError
 from .layers.spec import AdapterSpec
+from .state import activate, add, refuse_busy, wrap_state
 from .switching import is_dora, known
-from .wrapping import activate, check_name, wrap_state
+from .wrapping import check_name
 
 HOWS = ("linear", "cat", "svd")
 
@@ -75,8 +75,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
         raise ValueError(f"combine: rank must be a positive integer (svd only), got {rank!r}")
     if rank is not None and how != "svd":
         raise ValueError(f"combine: rank= applies to how='svd' only (how={how!r} fixes the rank)")
-    if any(m.adapter_state.merged for _, m in adapted_layers(model)):
-        raise AdapterStateError("combine: the model is merged; call peftlite.unmerge(model) first")
+    refuse_busy(model, "combine", routed=False)
     plans = {}
     for lname, layer in adapted_layers(model):
         inputs = [(n, w) for n, w in weights.items() if n in layer.lora]
@@ -100,7 +99,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
                 pair.A.copy_(A)
                 pair.B.copy_(B)
                 errors[lname if len(slots) == 1 else f"{lname}.{slot}"] = error
-    state.adapters.append(name)
+    add(state, name)
     activate(model, state)
     return errors
 

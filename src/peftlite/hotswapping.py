@@ -27,19 +27,11 @@ from torch import nn
 
 from .formats import native, schema
 from .layers import AdaptedLayer, adapted_layers, registry
-from .layers.base import AdapterStateError, LowRank
-from .layers.routing import routes_any
+from .layers.base import LowRank
 from .layers.spec import AdapterSpec
+from .state import activate, refuse_busy, wrap_state
 from .switching import is_dora, known
-from .wrapping import activate, resolve_targets, wrap_state
-
-
-def _refuse_busy(model: nn.Module, what: str) -> None:
-    found = adapted_layers(model)
-    if any(m.adapter_state.merged for _, m in found):
-        raise AdapterStateError(f"{what}: the model is merged; call peftlite.unmerge(model) first")
-    if routes_any(m for _, m in found):
-        raise AdapterStateError(f"{what}: inside peftlite.per_sample; call it after the block")
+from .wrapping import resolve_targets
 
 
 @torch.no_grad()
@@ -73,7 +65,7 @@ def prepare_hotswap(model: nn.Module, max_rank: int = 64, targets=None) -> nn.Mo
         raise ValueError(f"prepare_hotswap: {dora[0]!r} is a DoRA adapter; hot-swapping takes LoRA adapters only")
     if isinstance(max_rank, bool) or not isinstance(max_rank, numbers.Integral) or max_rank < 1:
         raise ValueError(f"prepare_hotswap: max_rank must be a positive integer, got {max_rank!r}")
-    _refuse_busy(model, "prepare_hotswap")
+    refuse_busy(model, "prepare_hotswap")
     union = {n: m for n, m in adapted_layers(model)}
     if targets is not None:
         union.update(resolve_targets(model, targets, skip=state.heads))
@@ -119,7 +111,7 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
         raise RuntimeError("hotswap: call peftlite.prepare_hotswap(model, max_rank=..., targets=...) first "
                            "(before torch.compile)")
     known(state, name, "hotswap")
-    _refuse_busy(model, "hotswap")
+    refuse_busy(model, "hotswap")
     _, tensors, config = native.read_adapter(path, model)
     tensors, config = schema.renamed(tensors, config, name)
     for key, t in tensors.items():  # as load does: a diverged adapter is refused

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .layers import AdaptedLayer, AdapterStateError, adapted_layers, dora, registry
-from .layers.routing import routes_any
+from .layers import AdaptedLayer, adapted_layers, dora, registry
+from .state import refuse_busy
 
 
 def _require_layers(model: nn.Module, what: str) -> list[tuple[str, AdaptedLayer]]:
@@ -237,12 +237,7 @@ def merge(model: nn.Module, untie: bool = False) -> nn.Module:
             ``fully_shard``; the model is unchanged): merge an unsharded model that loaded the adapter.
     """
     found = _require_layers(model, "merge")
-    if any(not m.adapter_state.enabled for _, m in found):
-        raise AdapterStateError("merge inside peftlite.disabled(model) would change the base model; merge after the "
-                                "block")
-    if routes_any(m for _, m in found):
-        raise AdapterStateError("merge inside peftlite.per_sample: every row uses its own adapter there, so there is "
-                                "no one weight to merge; merge after the block")
+    refuse_busy(model, "merge", merged=False, disabled=True)
     todo = [(n, m) for n, m in found if not m.adapter_state.merged]
     if not todo:
         warnings.warn("merge: the model is already merged; nothing to do", stacklevel=2)

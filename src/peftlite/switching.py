@@ -25,9 +25,9 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .layers import AdapterStateError, adapted_layers, registry
-from .layers.routing import ROUTE, Routed, routes_any
-from .wrapping import WrapState, activate, wrap_state
+from .layers import adapted_layers, registry
+from .layers.routing import ROUTE, Routed
+from .state import WrapState, activate, refuse_busy, remove, wrap_state
 
 
 def _state(model: nn.Module, what: str) -> WrapState:
@@ -42,13 +42,6 @@ def known(state: WrapState, name: object, what: str) -> str:
     if name not in state.adapters:
         raise KeyError(f"{what}: no adapter named {name!r}; the model has {', '.join(map(repr, state.adapters))}")
     return name
-
-
-def _refuse_merged(model: nn.Module, what: str) -> None:
-    merged = [n for n, m in adapted_layers(model) if m.adapter_state.merged]
-    if merged:
-        raise AdapterStateError(f"{what}: the model is merged ({merged[0]}, ...), so its weights hold the active "
-                                "adapters; call peftlite.unmerge(model) first")
 
 
 def is_dora(model: nn.Module, name: str) -> bool:
@@ -108,12 +101,8 @@ def use(model: nn.Module, spec) -> nn.Module:
     if dora and (len(combination) > 1 or combination[dora[0]] != 1.0):
         raise ValueError(f"use: {dora[0]!r} is a DoRA adapter, whose magnitudes do not add: use it alone, at "
                          f"weight 1 (got {combination})")
-    _refuse_merged(model, "use")
-    if routes_any(m for _, m in adapted_layers(model)):
-        raise AdapterStateError("use: inside peftlite.per_sample the route picks each row's adapter; use() after the "
-                                "block")
-    state.active = combination
-    activate(model, state)
+    refuse_busy(model, "use")
+    activate(model, state, combination)
     return model
 
 
@@ -125,15 +114,8 @@ def delete(model: nn.Module, name: str) -> nn.Module:
     """
     state = _state(model, "delete")
     known(state, name, "delete")
-    _refuse_merged(model, "delete")
-    if routes_any(m for _, m in adapted_layers(model)):
-        raise AdapterStateError("delete: inside peftlite.per_sample; delete after the block")
-    for _, layer in adapted_layers(model):
-        if name in layer.lora:
-            registry.remove(layer, name)
-    state.adapters.remove(name)
-    state.active.pop(name, None)
-    activate(model, state)
+    refuse_busy(model, "delete")
+    remove(model, state, name)
     return model
 
 
@@ -192,7 +174,7 @@ def per_sample(model: nn.Module, rows: Sequence) -> Iterator[nn.Module]:
     state = _state(model, "per_sample")
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
         raise TypeError(f"per_sample: give one adapter name (or None) per batch row, as a list; got {rows!r}")
-    _refuse_merged(model, "per_sample")
+    refuse_busy(model, "per_sample", routed=False)
     route = _route(model, state, rows)
     outer = ROUTE.get()
     token = ROUTE.set({**(outer or {}), **route})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,26 +17,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import merging, selection
 from .layers import adapted_layers, attention, batchnorm, registry
-from .layers.base import AdapterStateError
 from .layers.spec import AdapterSpec
-
-
-@dataclass
-class WrapState:
-    """What wrap did to the model as a whole, kept on the root module as ``model._peftlite``."""
-
-    heads: list[str] = field(default_factory=list)  # module names replaced by new modules
-    trainable: list[str] = field(default_factory=list)  # module or tensor names trained in full
-    train_bn: bool = False
-    requires_grad: dict[str, bool] = field(default_factory=dict)  # each base param's flag before wrap
-    adapters: list[str] = field(default_factory=list)  # adapter names, in creation order
-    active: dict[str, float] = field(default_factory=dict)  # name -> weight: what the forward computes
-    hotswap: dict | None = None  # {"max_rank": R, "layers": [...]} once prepared for hot-swapping
-
-
-def wrap_state(model: nn.Module) -> WrapState | None:
-    """The model's WrapState, or None for a model peftlite has not wrapped."""
-    return model.__dict__.get("_peftlite")
+from .state import WrapState, adapter_tensors, add, apply_active, refuse_busy, wrap_state
 
 
 def under(name: str, units: Sequence[str]) -> bool:
@@ -46,23 +27,6 @@ def under(name: str, units: Sequence[str]) -> bool:
 
 
 # ---- what trains, what is saved ----------------------------------------------------------------
-
-def adapter_tensors(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
-    """The parameters of the adapters ``names`` (all when None), by qualified name (``conv1.lora.default.A``)."""
-    out = {}
-    for name, layer in adapted_layers(model):
-        for adapter, pairs in layer.lora.items():
-            if (names is None or adapter in names) and not all(p.off for p in layer.pairs(adapter).values()):
-                prefix = f"{name}.lora.{adapter}" if name else f"lora.{adapter}"
-                out.update(pairs.named_parameters(prefix=prefix))
-    return out
-
-
-def apply_active(model: nn.Module, state: WrapState) -> None:
-    """Give every adapted layer the model's active combination (the adapters it has of it)."""
-    for _, layer in adapted_layers(model):
-        layer.adapter_state.active = {n: w for n, w in state.active.items() if n in layer.lora}
-
 
 def full_units(model: nn.Module, state: WrapState) -> list[str]:
     """Names whose every tensor trains and is saved: heads, ``trainable=`` names, BatchNorms with train_bn."""
@@ -113,20 +77,6 @@ def saved_tensors(model: nn.Module, state: WrapState, adapters: Sequence[str] | 
     aliases = alias_names(model)
     return {k: t for k, t in model.state_dict().items()
             if not k.endswith("_extra_state") and (k in adapters or under(k, units)) and not under(k, aliases)}
-
-
-def activate(model: nn.Module, state: WrapState) -> None:
-    """Make ``state.active`` what every layer computes and what trains: ``apply_active`` then
-    ``apply_adapter_grads``, the pair every change of the active set or of the adapters needs."""
-    apply_active(model, state)
-    apply_adapter_grads(model, state)
-
-
-def apply_adapter_grads(model: nn.Module, state: WrapState) -> None:
-    """requires_grad of adapter parameters only: True for the active adapters, False for the others."""
-    active = set(adapter_tensors(model, list(state.active)))
-    for name, p in adapter_tensors(model).items():
-        p.requires_grad_(name in active)
 
 
 def apply_freezing(model: nn.Module, state: WrapState) -> None:
@@ -281,9 +231,7 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
     state = wrap_state(model)
     if state is not None and state.train_bn != bool(train_bn):
         raise ValueError(f"model is already wrapped with train_bn={state.train_bn}; wrap again with the same value")
-    merged = [n for n, m in adapted_layers(model) if m.adapter_state.merged]
-    if merged:
-        raise AdapterStateError(f"wrap: the model is merged ({merged[0]}, ...); call peftlite.unmerge(model) first")
+    refuse_busy(model, "wrap", routed=False)
     if state is not None and state.hotswap is not None and targets is not None:
         raise ValueError("wrap: the model is prepared for hot-swapping; add adapters before prepare_hotswap, or "
                          "hotswap a file into an existing name")
@@ -301,9 +249,8 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
     for (_, module), kind in zip(plan, kinds, strict=True):
         registry.attach(module, kind, spec, adapter=name)
     on_meta = [n for n, module in plan if any(p.is_meta for p in module.lora[name].parameters())]
-    if plan and name not in state.adapters:
-        state.adapters.append(name)
-        state.active = {name: 1.0}
+    if plan:
+        add(state, name, make_active=True)
     apply_active(model, state)
     state.trainable += [n for n in units if n not in state.trainable]
     apply_freezing(model, state)

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 import peftlite
 from peftlite.layers import adapted_layers
-from peftlite.wrapping import saved_tensors, wrap_state
+from peftlite.state import wrap_state
+from peftlite.wrapping import saved_tensors
 
 WORLD = 2
 

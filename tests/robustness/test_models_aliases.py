@@ -12,7 +12,8 @@ from torch import nn
 import peftlite
 from conftest import randomize_adapters
 from peftlite.layers import adapted_layers
-from peftlite.wrapping import alias_names, saved_tensors, trained_names, under, wrap_state
+from peftlite.state import wrap_state
+from peftlite.wrapping import alias_names, saved_tensors, trained_names, under
 
 
 class Aliased(nn.Module):

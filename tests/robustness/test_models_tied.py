@@ -88,7 +88,7 @@ def test_unwrap_merge_refuses_a_tied_head_unless_untied(family):
         unmerged = run()
         with pytest.raises(ValueError, match=r"peftlite.unwrap\(model, untie=True\)"):
             peftlite.unwrap(model)
-        assert peftlite.wrapping.wrap_state(model) is not None and tied(model, head)
+        assert peftlite.state.wrap_state(model) is not None and tied(model, head)
         embedding_before = model.get_input_embeddings().weight.clone()
         peftlite.unwrap(model, untie=True)
         assert type(model.get_submodule(head)) is nn.Linear and not tied(model, head)

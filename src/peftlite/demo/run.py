@@ -23,8 +23,9 @@ from torch import nn
 
 from ..formats.native import load, save
 from ..merging import merge, unmerge
+from ..state import wrap_state
 from ..tuning.report import summary
-from ..wrapping import wrap, wrap_state
+from ..wrapping import wrap
 from . import digits
 from .options import DESCRIPTION, add_arguments
 

@@ -26,18 +26,9 @@ from torch import nn
 from .. import selection
 from .._version import __version__
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, adapted_layers, registry
-from ..layers.base import AdapterStateError
 from ..layers.spec import AdapterSpec
-from ..wrapping import (
-    WrapState,
-    activate,
-    check_name,
-    saved_tensors,
-    under,
-    unwrap,
-    wrap,
-    wrap_state,
-)
+from ..state import WrapState, activate, add, refuse_busy, remove, wrap_state
+from ..wrapping import check_name, saved_tensors, under, unwrap, wrap
 from . import peft, schema
 from ._safetensors import TensorFile, file_tensors, write_file
 from .schema import AdapterFileError
@@ -455,10 +446,7 @@ def _check_layers(model: nn.Module, path, config: dict, adapter: str, strict: bo
 
 def _load_values(model, path, found, values, config, adapter, strict, partial) -> nn.Module:
     """Load the file's values into the model's adapter ``adapter`` (and its heads), all or nothing."""
-    merged = [n for n, m in adapted_layers(model) if m.adapter_state.merged and adapter in m.adapter_state.active]
-    if merged:
-        raise AdapterStateError(f"load: adapter {adapter!r} is merged into the weights ({merged[0]}, ...); call "
-                                "peftlite.unmerge(model) first")
+    refuse_busy(model, "load", routed=False, adapter=adapter)
     current = saved_tensors(model, wrap_state(model), [adapter])
     _compare(path, current, found, strict, partial)
     _check_layers(model, path, config, adapter, strict, new=False)
@@ -487,19 +475,14 @@ def _load_new(model, path, found, values, config, adapter, strict, partial) -> n
             module = modules[lname]
             registry.attach(module, registry.kind_of(module), AdapterSpec.from_entry(entry, f"layer {lname!r}"),
                             adapter=adapter)
-        state.adapters.append(adapter)
+        add(state, adapter)
         activate(model, state)
         _compare(path, saved_tensors(model, state, [adapter]), found, strict, partial)
         changed = [k for k, t in shared.items() if k in values and not torch.equal(t, values[k].to(t))]
         _copy_in(model, values, config["layers"], adapter)
     except BaseException:
         _copy_in(model, shared, {}, adapter)
-        for _, layer in adapted_layers(model):
-            if adapter in layer.lora:
-                registry.remove(layer, adapter)
-        if adapter in state.adapters:
-            state.adapters.remove(adapter)
-        activate(model, state)
+        remove(model, state, adapter)
         raise
     if changed:
         warnings.warn(f"load: heads and trainable tensors are shared by all adapters, and {path} changed "

@@ -32,7 +32,7 @@ import torch
 from transformers import Trainer
 
 from ..formats.native import load, save
-from ..wrapping import wrap_state
+from ..state import wrap_state
 
 ADAPTER_FILE = "adapter.safetensors"
 TRAINING_ARGS_FILE = "training_args.bin"  # Trainer's name for it

@@ -21,7 +21,8 @@ import warnings
 from torch import nn
 
 from .. import selection
-from ..wrapping import saved_tensors, wrap_state
+from ..state import wrap_state
+from ..wrapping import saved_tensors
 
 
 def _resolve(model: nn.Module, patterns: tuple, what: str) -> list[str]:
