@@ -55,7 +55,7 @@ def prepare_hotswap(model: nn.Module, max_rank: int = 64, targets=None) -> nn.Mo
         targets: pattern(s) selecting further layers that swapped-in adapters may target (as ``wrap``'s).
     Raises:
         ValueError: no adapters, a bad ``max_rank`` or one below a current rank, targets that select
-            nothing. RuntimeError: merged, or inside ``per_sample``.
+            nothing. AdapterStateError: merged, or inside ``per_sample``.
     """
     state = wrap_state(model)
     if state is None or not state.adapters:
@@ -102,7 +102,7 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
     file's heads and trainable tensors, shared by all adapters, are copied in place too.
 
     Raises:
-        RuntimeError: not prepared, merged, or inside ``per_sample``. KeyError: an unknown ``name``.
+        RuntimeError: not prepared. AdapterStateError: merged, or inside ``per_sample``. KeyError: an unknown ``name``.
         ValueError: a layer outside the prepared union, a rank above ``max_rank``, a shape or geometry
             that does not fit (the model is unchanged).
     """

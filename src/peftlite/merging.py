@@ -233,8 +233,9 @@ def merge(model: nn.Module, untie: bool = False) -> nn.Module:
     Raises:
         ValueError: non-finite adapters or merged weights (the model is unchanged), no adapters, or a
             tied weight without ``untie=True``.
-        RuntimeError: called inside ``peftlite.disabled(model)``, or on sharded weights (FSDP2's
-            ``fully_shard``; the model is unchanged): merge an unsharded model that loaded the adapter.
+        AdapterStateError: called inside ``peftlite.disabled(model)`` or ``per_sample``.
+        RuntimeError: on sharded weights (FSDP2's ``fully_shard``; the model is unchanged): merge an unsharded
+            model that loaded the adapter.
     """
     found = _require_layers(model, "merge")
     refuse_busy(model, "merge", merged=False, disabled=True)

@@ -93,7 +93,7 @@ def use(model: nn.Module, spec) -> nn.Module:
 
     Raises:
         KeyError: an unknown name (the message lists the known ones).
-        RuntimeError: the model is merged, or inside ``per_sample``.
+        AdapterStateError: the model is merged, or inside ``per_sample``.
     """
     state = _state(model, "use")
     combination = _combination(state, spec, "use")
@@ -110,7 +110,7 @@ def delete(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name`` from every layer; a layer left without adapters gets its own class back.
 
     Raises:
-        KeyError: an unknown name. RuntimeError: the model is merged, or inside ``per_sample``.
+        KeyError: an unknown name. AdapterStateError: the model is merged, or inside ``per_sample``.
     """
     state = _state(model, "delete")
     known(state, name, "delete")
@@ -168,7 +168,7 @@ def per_sample(model: nn.Module, rows: Sequence) -> Iterator[nn.Module]:
 
     Raises:
         KeyError: an unknown name. ValueError: a layer whose weight is read directly (attention) would
-        be routed. RuntimeError: the model is merged. A forward whose batch size differs from
+        be routed. AdapterStateError: the model is merged. A forward whose batch size differs from
         ``len(rows)`` raises ValueError.
     """
     state = _state(model, "per_sample")
