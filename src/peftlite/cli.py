@@ -64,10 +64,12 @@ def describe_file(path: str) -> dict[str, Any]:
     for name, entry in config["layers"].items():
         own = {k: t for k, t in tensors.items() if owner[k] == name}
         geometry = {k: v for k, v in entry.items()
-                    if k not in ("kind", "rank", "alpha", "dropout", "slots", "variant", "rank_scaling")}
+                    if k not in ("kind", "rank", "alpha", "dropout", "slots", "variant", "rank_scaling",
+                                 "adapter_kind")}
         spec = AdapterSpec.from_entry(entry, f"layer {name!r}")
         layers.append({"name": name, "kind": entry["kind"], "rank": spec.rank, "alpha": spec.alpha,
                        "scale": spec.scale, "rank_scaling": spec.rank_scaling, "variant": spec.variant,
+                       "adapter_kind": spec.kind,
                        "dropout": spec.dropout,
                        "tensors": {k[len(name) + 1:]: list(t.shape) for k, t in own.items()},
                        "params": sum(t.numel() for t in own.values()), "geometry": geometry})

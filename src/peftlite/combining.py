@@ -28,7 +28,7 @@ from . import functional
 from .layers import adapted_layers, registry
 from .layers.spec import AdapterSpec
 from .state import activate, add, refuse_busy, wrap_state
-from .switching import is_dora, known
+from .switching import is_dora, kind_of_adapter, known
 from .wrapping import check_name
 
 HOWS = ("linear", "cat", "svd")
@@ -62,6 +62,10 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     """
     weights = _weights(model, weights)
     state = wrap_state(model)
+    other = [n for n in weights if kind_of_adapter(model, n) != "lora"]
+    if other:
+        raise ValueError(f"combine: {other[0]!r} is a {kind_of_adapter(model, other[0])} adapter; combine makes a LoRA "
+                         "adapter from LoRA ones (a weighted sum of LoHa products is not a LoHa product)")
     dora = [n for n in weights if is_dora(model, n)]
     if dora:
         raise ValueError(f"combine: {dora[0]!r} is a DoRA adapter; magnitudes do not add, so a combination of "

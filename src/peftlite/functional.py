@@ -103,6 +103,24 @@ def delta_weight(A: Tensor, B: Tensor, shape: torch.Size | tuple[int, ...]) -> T
     return (B.to(dtype) @ A.to(dtype)).reshape(shape)
 
 
+def hadamard_delta(A1: Tensor, B1: Tensor, A2: Tensor, B2: Tensor) -> Tensor:
+    """LoHa's ΔW = (B1 @ A1) ⊙ (B2 @ A2) as a matrix (out, fan_in): the reference.  A_k: (r, fan_in), B_k: (out, r)."""
+    return (B1 @ A1) * (B2 @ A2)
+
+
+def hadamard_pair(A1: Tensor, B1: Tensor, A2: Tensor, B2: Tensor) -> tuple[Tensor, Tensor]:
+    """LoHa's ΔW as one low-rank pair ``(A, B)`` of rank r1·r2, ``B @ A = (B1 @ A1) ⊙ (B2 @ A2)``.
+
+    ΔW_ij = Σ_ab B1_ia B2_ib · A1_aj A2_bj: A's rows are the products of a row of A1 and a row of A2 (the
+    column-wise Khatri–Rao product), B's columns the products of a column of B1 and one of B2. So every
+    path that takes a LoRA pair (the layers' forwards without forming ΔW, the exact merge kernels, per-sample
+    routing) takes a LoHa adapter too.  -> A: (r1·r2, fan_in), B: (out, r1·r2).
+    """
+    A = (A1[:, None, :] * A2[None, :, :]).reshape(A1.shape[0] * A2.shape[0], A1.shape[1])
+    B = (B1[:, :, None] * B2[:, None, :]).reshape(B1.shape[0], B1.shape[1] * B2.shape[1])
+    return A, B
+
+
 def effective_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``W + scale * ΔW`` in W's dtype, summed in fp32 and rounded once (as merge does)."""
     delta = delta_weight(A, B, weight.shape)

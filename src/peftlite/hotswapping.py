@@ -30,7 +30,7 @@ from .layers import AdaptedLayer, adapted_layers, registry
 from .layers.base import LowRank
 from .layers.spec import AdapterSpec
 from .state import activate, refuse_busy, wrap_state
-from .switching import is_dora, known
+from .switching import is_dora, kind_of_adapter, known
 from .wrapping import resolve_targets
 
 
@@ -60,6 +60,10 @@ def prepare_hotswap(model: nn.Module, max_rank: int = 64, targets=None) -> nn.Mo
     state = wrap_state(model)
     if state is None or not state.adapters:
         raise ValueError("prepare_hotswap: the model has no adapters; wrap (or load) one first")
+    other = [n for n in state.adapters if kind_of_adapter(model, n) != "lora"]
+    if other:
+        raise ValueError(f"prepare_hotswap: {other[0]!r} is a {kind_of_adapter(model, other[0])} adapter; "
+                         "hot-swapping takes LoRA adapters only")
     dora = [n for n in state.adapters if is_dora(model, n)]
     if dora:
         raise ValueError(f"prepare_hotswap: {dora[0]!r} is a DoRA adapter; hot-swapping takes LoRA adapters only")
@@ -113,6 +117,9 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
     known(state, name, "hotswap")
     refuse_busy(model, "hotswap")
     _, tensors, config = native.read_adapter(path, model)
+    other = {e.get("adapter_kind", "lora") for e in config["layers"].values()} - {"lora"}
+    if other:
+        raise ValueError(f"hotswap: {path} holds a {other.pop()} adapter; hot-swapping takes LoRA adapters only")
     tensors, config = schema.renamed(tensors, config, name)
     for key, t in tensors.items():  # as load does: a diverged adapter is refused
         if schema.adapter_layer(key, config["layers"]) is not None and native.non_finite(t):

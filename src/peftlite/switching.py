@@ -44,6 +44,11 @@ def known(state: WrapState, name: object, what: str) -> str:
     return name
 
 
+def kind_of_adapter(model: nn.Module, name: str) -> str:
+    """Adapter ``name``'s kind (``AdapterSpec.kind``: "lora", "loha"), read from its pairs."""
+    return next((p.kind for _, m in adapted_layers(model) if name in m.lora for p in m.pairs(name).values()), "lora")
+
+
 def is_dora(model: nn.Module, name: str) -> bool:
     """Is adapter ``name`` a DoRA adapter (on any layer)?"""
     return any(p.variant == "dora" for _, m in adapted_layers(model) if name in m.lora

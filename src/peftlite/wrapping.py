@@ -185,7 +185,7 @@ def check_name(name: object, what: str) -> str:
 
 def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
          heads: Mapping[str, nn.Module] | None = None, trainable=None, train_bn: bool = False,
-         name: str = "default", variant: str = "lora", rank_scaling: str = "linear") -> nn.Module:
+         name: str = "default", variant: str = "lora", rank_scaling: str = "linear", kind: str = "lora") -> nn.Module:
     """Freeze ``model`` and add LoRA adapters to the ``targets``, new ``heads``, and ``trainable`` tensors.
 
     Works in place and returns the same object. Everything is validated before the model is touched.
@@ -212,6 +212,8 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
         variant: ``"lora"``, or ``"dora"`` (weight-decomposed: a learned per-output-row magnitude times the
             direction of ``W + scale·ΔW``; docs/guide.md, "DoRA").
         rank_scaling: ``"linear"`` (scale = alpha / rank) or ``"sqrt"`` (rsLoRA: alpha / sqrt(rank)).
+        kind: ``"lora"`` (ΔW = B @ A), or ``"loha"`` (ΔW = (B1 @ A1) ⊙ (B2 @ A2), ``rank`` per factor pair;
+            docs/guide.md, "LoHa").
     Returns:
         ``model``, wrapped.
     Raises:
@@ -221,7 +223,7 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
-    spec = AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, variant=variant, rank_scaling=rank_scaling)
+    spec = AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, variant=variant, rank_scaling=rank_scaling, kind=kind)
     name = check_name(name, "wrap")
     index = selection.Index.of(model)
     heads = resolve_heads(model, heads, index)

@@ -256,7 +256,8 @@ def _check_adapter_shapes(path, modules: dict[str, nn.Module], config: dict, fou
     and a layer the file holds no values for may not have a rank above the layer's full rank."""
     for name, entry in config["layers"].items():
         module = modules[name]
-        want = schema.adapter_keys(name, module, entry["rank"], adapter, entry.get("variant", "lora"))
+        want = schema.adapter_keys(name, module, entry["rank"], adapter, entry.get("variant", "lora"),
+                                   entry.get("adapter_kind", "lora"))
         for key, shape in want.items():
             if key in found and tuple(found[key].shape) != tuple(shape):
                 raise ValueError(f"{path}: {key} has shape {tuple(found[key].shape)} in the file, but the model "
@@ -318,7 +319,7 @@ def _wrap_as_file(model: nn.Module, config: dict, built: dict[str, nn.Module]) -
         chosen = set(names)
         wrap(model, lambda n, m, chosen=chosen: n in chosen, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
              train_bn=config["train_bn"], name=schema.adapter_name(config), variant=spec.variant,
-             rank_scaling=spec.rank_scaling, **first)
+             rank_scaling=spec.rank_scaling, kind=spec.kind, **first)
         first = {}
     if first:  # a head-only or trainable-only file
         wrap(model, None, train_bn=config["train_bn"], **first)

@@ -391,6 +391,9 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
                               "directory; PEFT needs every tensor of the adapter")
     layers = config["layers"]
     for name, e in layers.items():
+        if e.get("adapter_kind", "lora") != "lora":
+            raise PeftFormatError(f"{where}: {name} holds a {e['adapter_kind']} adapter; peftlite writes PEFT LoRA "
+                                  "directories only, so save it in peftlite format")
         if e.get("kind") == "mha":
             raise PeftFormatError(f"{where}: {name} is an adapted nn.MultiheadAttention, which PEFT's LoRA "
                                   "format does not express; save it in peftlite format")

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, registry
+from ..layers.spec import KINDS as ADAPTER_KINDS
 from ..layers.spec import RANK_SCALINGS, VARIANTS, is_positive
 
 FORMAT = "peftlite-adapter"
-FORMAT_VERSION = 2  # the newest this reader reads; 2 adds DoRA and rsLoRA layers (a plain file is still 1)
+FORMAT_VERSION = 3  # the newest this reader reads; 2 adds DoRA and rsLoRA layers, 3 LoHa (a plain file is still 1)
 KINDS = tuple(k.name for k in registry.KINDS.values())  # the layer kinds a file may name: the registry's rows
 
 
@@ -31,11 +32,16 @@ def file_config(layers: dict[str, dict], heads: dict[str, dict], trainable: list
                 partial: bool, adapter: str = DEFAULT_ADAPTER, **extra: Any) -> dict[str, Any]:
     """The config of one adapter file (``extra``: ``peftlite_version``, ``source``).
 
-    Its ``format_version`` is the lowest that expresses it: 2 when a layer is DoRA or rsLoRA, so that an
-    older peftlite (which reads 1) refuses the file instead of loading it silently wrong; 1 otherwise.
+    Its ``format_version`` is the lowest that expresses it: 3 when a layer is LoHa, 2 when one is DoRA or
+    rsLoRA, so that an older peftlite refuses the file instead of loading it silently wrong; 1 otherwise.
     """
-    version = 2 if any(e.get("variant", "lora") != "lora" or e.get("rank_scaling", "linear") != "linear"
-                       for e in layers.values()) else 1
+    if any(e.get("adapter_kind", "lora") != "lora" for e in layers.values()):
+        version = 3
+    elif any(e.get("variant", "lora") != "lora" or e.get("rank_scaling", "linear") != "linear"
+             for e in layers.values()):
+        version = 2
+    else:
+        version = 1
     return {"format": FORMAT, "format_version": version, **extra, "adapter": adapter, "layers": layers,
             "heads": heads, "trainable": list(trainable), "train_bn": bool(train_bn), "partial": bool(partial)}
 
@@ -88,7 +94,7 @@ def validate(config: object, where: str) -> dict[str, Any]:
         dropout = entry.get("dropout", 0.0)
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise bad(f"layer {name!r} has dropout {dropout!r}, not a probability in [0, 1)")
-        for field, known in (("variant", VARIANTS), ("rank_scaling", RANK_SCALINGS)):
+        for field, known in (("variant", VARIANTS), ("rank_scaling", RANK_SCALINGS), ("adapter_kind", ADAPTER_KINDS)):
             if entry.get(field, known[0]) not in known:
                 raise bad(f"layer {name!r} has {field} {entry.get(field)!r}; this peftlite knows "
                           f"{', '.join(map(repr, known))}")
@@ -116,10 +122,10 @@ def check_shapes(config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], 
     for key, shape in shapes.items():
         layer = adapter_layer(key, config["layers"])
         part = key.rpartition(".")[2]
-        if layer is None or part not in ("A", "B"):
+        if layer is None or part.rstrip("12") not in ("A", "B"):
             continue
         rank = config["layers"][layer]["rank"]
-        if len(shape) != 2 or shape[0 if part == "A" else 1] != rank:
+        if len(shape) != 2 or shape[0 if part.startswith("A") else 1] != rank:
             raise AdapterFileError(f"{where}: {key} has shape {tuple(shape)}, but its layer {layer!r} has rank "
                                    f"{rank} (A is (rank, fan_in), B (out, rank)); the file contradicts itself")
 
@@ -161,13 +167,14 @@ def build_head(entry: dict[str, Any]) -> nn.Module | None:
 
 
 def adapter_keys(name: str, module: nn.Module, rank: int, adapter: str = DEFAULT_ADAPTER,
-                 variant: str = "lora") -> dict[str, tuple[int, ...]]:
+                 variant: str = "lora", kind: str = "lora") -> dict[str, tuple[int, ...]]:
     """The state_dict keys and shapes that adapting ``module`` (at ``name``) with ``rank`` adds."""
     shapes = registry.adapter_shapes(module, rank)
     out = {}
     for slot, (a_shape, b_shape) in shapes.items():
         prefix = f"{name}.lora.{adapter}" + ("" if list(shapes) == ["weight"] else f".{slot}")
-        out[f"{prefix}.A"], out[f"{prefix}.B"] = a_shape, b_shape
+        for suffix in ("1", "2") if kind == "loha" else ("",):  # LoHa: two factor pairs, A1 B1 A2 B2
+            out[f"{prefix}.A{suffix}"], out[f"{prefix}.B{suffix}"] = a_shape, b_shape
         if variant == "dora":
             out[f"{prefix}.magnitude"] = (b_shape[0],)
     return out

@@ -41,6 +41,8 @@ class LowRank(nn.Module):
     hot-swapping (``peftlite.prepare_hotswap``), so that a compiled forward reads no Python number.
     """
 
+    kind = "lora"  # AdapterSpec.kind: what ΔW is made of (loha.LowHadamard: "loha")
+
     def __init__(self, spec: AdapterSpec, fan_in: int, fan_out: int, *, device=None, dtype=None):
         super().__init__()
         rank, variant = spec.rank, spec.variant
@@ -61,7 +63,7 @@ class LowRank(nn.Module):
     def spec(self) -> AdapterSpec:
         """The pair's hyper-parameters as an ``AdapterSpec`` (a hot-swap slot that holds no adapter has none)."""
         return AdapterSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout, variant=self.variant,
-                           rank_scaling=self.rank_scaling)
+                           rank_scaling=self.rank_scaling, kind=self.kind)
 
     @property
     def off(self) -> bool:

@@ -37,6 +37,7 @@ from .attention import PROJECTIONS, LeanMultiheadAttention, LoraMultiheadAttenti
 from .base import DEFAULT_ADAPTER, AdaptedLayer, LayerState, LowRank, effective_weight_property
 from .conv import LoraConv2d
 from .linear import LoraLinear
+from .loha import LowHadamard
 from .spec import AdapterSpec
 
 
@@ -68,6 +69,7 @@ KINDS: dict[type, Kind] = {
                     ("forward", "_conv_forward"), _conv_geometry, True),
 }
 SUPPORTED = tuple(KINDS)
+PAIRS: dict[str, type[LowRank]] = {"lora": LowRank, "loha": LowHadamard}  # AdapterSpec.kind -> its pair class
 SUPPORTED_NAMES = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED)
 _RESERVED = ("lora", "adapter_state", "geometry")  # instance attributes an adapted layer adds
 
@@ -195,7 +197,7 @@ def attach(module: nn.Module, kind: Kind, spec: AdapterSpec, *, adapter: str = D
     for slot, (a_shape, b_shape) in adapter_shapes(module, spec.rank).items():
         w = module._parameters[slot]
         dtype = torch.promote_types(w.dtype, torch.float32)  # adapters keep fp32 master precision
-        pairs[slot] = LowRank(spec, a_shape[1], b_shape[0], device=w.device, dtype=dtype)
+        pairs[slot] = PAIRS[spec.kind](spec, a_shape[1], b_shape[0], device=w.device, dtype=dtype)
         if spec.variant == "dora":
             with torch.no_grad():
                 pairs[slot].magnitude.copy_(functional.dora_norms(w.detach(), pairs[slot].A, pairs[slot].B, 0.0))

@@ -15,7 +15,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("lora",)  # adapter kinds: the math in functional.py, one layer file each
+KINDS = ("lora", "loha")  # adapter kinds: the math in functional.py, the pair class in layers/ (loha.py)
 VARIANTS = ("lora", "dora")
 RANK_SCALINGS = ("linear", "sqrt")
 INITS = ("default",)
@@ -64,6 +64,9 @@ class AdapterSpec:
             if getattr(self, field) not in known:
                 raise ValueError(f"{field} must be one of {', '.join(map(repr, known))}, "
                                  f"got {getattr(self, field)!r}")
+        if self.kind != "lora" and self.variant != "lora":
+            raise ValueError(f"variant={self.variant!r} is defined for kind='lora' only, got kind={self.kind!r}; "
+                             "use variant='lora' with it")
         if self.rank_scaling not in RANK_SCALINGS:
             raise ValueError(f"rank_scaling must be 'linear' (scale = alpha / rank) or 'sqrt' (rsLoRA: alpha / "
                              f"sqrt(rank)), got {self.rank_scaling!r}")
@@ -82,6 +85,8 @@ class AdapterSpec:
         """The fields of a file's layer entry: rank, alpha, dropout, and variant / rank_scaling when not the
         defaults (files without them stay readable by older peftlite)."""
         out: dict[str, Any] = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout}
+        if self.kind != "lora":
+            out["adapter_kind"] = self.kind  # "kind" names the layer type in an entry
         if self.variant != "lora":
             out["variant"] = self.variant
         if self.rank_scaling != "linear":
@@ -95,6 +100,7 @@ class AdapterSpec:
             raise ValueError(f"{where}: no alpha; a file's layer entry gives the alpha its values were trained at")
         try:
             return cls(rank=entry.get("rank"), alpha=entry.get("alpha"), dropout=entry.get("dropout", 0.0),
-                       variant=entry.get("variant", "lora"), rank_scaling=entry.get("rank_scaling", "linear"))
+                       variant=entry.get("variant", "lora"), rank_scaling=entry.get("rank_scaling", "linear"),
+                       kind=entry.get("adapter_kind", "lora"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None

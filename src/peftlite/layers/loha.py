@@ -1,0 +1,55 @@
+"""LoHa: ΔW = (B1 @ A1) ⊙ (B2 @ A2), applied with ``scale = alpha / r`` (rsLoRA's ``alpha / sqrt(r)`` too), as PEFT
+and LyCORIS define it, r per factor pair.
+
+``LowHadamard`` holds the four factors and reads, as ``A`` and ``B``, the rank-r² pair whose product is exactly
+that ΔW (``functional.hadamard_pair``, the column-wise Khatri–Rao products). Every path that takes a LoRA pair
+takes it: the layers' forwards (Linear, every Conv2d geometry, attention projections, without forming ΔW), the
+exact merge kernels (which recompute the same pair in unmerge, so it is bit-exact), ``disabled``, named
+adapters and per-sample routing. A forward costs what a rank-r² LoRA costs, plus forming the pair (r²·(in +
+out) products). Like PEFT: A1, A2 Kaiming-uniform, B1 normal(0, 0.1), B2 zero, so the layer starts as the
+base and every factor gets a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional
+from .base import LowRank
+from .spec import AdapterSpec
+
+
+class LowHadamard(LowRank):
+    """The LoHa pair of one weight: factors ``A1, A2`` (r, fan_in) and ``B1, B2`` (fan_out, r)."""
+
+    kind = "loha"
+
+    def __init__(self, spec: AdapterSpec, fan_in: int, fan_out: int, *, device=None, dtype=None):
+        nn.Module.__init__(self)
+        r = spec.rank
+        self.rank, self.alpha, self.dropout = r, spec.alpha, spec.dropout
+        self.variant, self.rank_scaling = spec.variant, spec.rank_scaling
+        self.A1 = nn.Parameter(torch.empty(r, fan_in, device=device, dtype=dtype))
+        self.B1 = nn.Parameter(torch.empty(fan_out, r, device=device, dtype=dtype))
+        self.A2 = nn.Parameter(torch.empty(r, fan_in, device=device, dtype=dtype))
+        self.B2 = nn.Parameter(torch.zeros(fan_out, r, device=device, dtype=dtype))
+        self.magnitude = None
+        self.register_buffer("scale_buffer", None, persistent=False)
+        nn.init.kaiming_uniform_(self.A1, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.A2, a=math.sqrt(5))
+        nn.init.normal_(self.B1, std=0.1)
+
+    @property
+    def A(self) -> Tensor:  # (r², fan_in)
+        return functional.hadamard_pair(self.A1, self.B1, self.A2, self.B2)[0]
+
+    @property
+    def B(self) -> Tensor:  # (fan_out, r²)
+        return functional.hadamard_pair(self.A1, self.B1, self.A2, self.B2)[1]
+
+    def extra_repr(self) -> str:
+        return (f"loha, rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "
+                f"fan_in={self.A1.shape[1]}, fan_out={self.B1.shape[0]}")
