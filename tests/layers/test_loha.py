@@ -189,3 +189,50 @@ def test_what_loha_refuses_leaves_the_model_as_it_was(tmp_path):
     assert not (tmp_path / "peft_dir").exists()
     assert peftlite.adapters(m) == ["a", "b"]
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in snapshot.items())
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.lin = nn.Linear(4 * 36, 5)
+
+    def forward(self, x):
+        return self.lin(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_a_peft_loha_directory_loads_with_the_outputs_peft_computes(tmp_path):
+    """Checked with the real peft package: its LoHa forward (non-zero init) against peftlite's after load."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _ConvNet().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(
+        r=3, alpha=5, target_modules=["lin", "conv"], rank_pattern={"lin": 2}, alpha_pattern={"lin": 3},
+        init_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "loha")
+    x = torch.randn(2, 3, 6, 6)
+    ours = copy.deepcopy(base)
+    peftlite.load(ours, tmp_path / "loha")
+    with torch.no_grad():
+        want, got = theirs(x), ours(x)
+        assert (want - base(x)).abs().max() > 1e-3  # the adapter changes the outputs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    pairs = {name: layer.lora["default"] for name, layer in peftlite.layers.adapted_layers(ours)}
+    assert {n: (p.kind, p.rank, p.alpha) for n, p in pairs.items()} == {"conv": ("loha", 3, 5.0),
+                                                                         "lin": ("loha", 2, 3.0)}
+
+
+def test_peft_loha_options_peftlite_does_not_implement_are_refused_by_name(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    for options, words in (({"rank_dropout": 0.1}, "rank_dropout = 0.1"),
+                           ({"use_effective_conv2d": True}, "Tucker form")):
+        folder = tmp_path / str(len(words))
+        model = peft.get_peft_model(_ConvNet(), peft.LoHaConfig(r=2, alpha=2, target_modules=["conv"], **options))
+        model.save_pretrained(folder)
+        target = _ConvNet()
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(PeftFormatError, match=words):
+            peftlite.load(target, folder)
+        assert not peftlite.layers.adapted_layers(target)
+        assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())

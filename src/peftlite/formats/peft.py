@@ -1,4 +1,4 @@
-"""Hugging Face PEFT LoRA adapter directories, read and written without PEFT and without pickle.
+"""Hugging Face PEFT LoRA adapter directories, read and written without PEFT and without pickle; LoHa ones read.
 
 A PEFT directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the prefix is absent for adapters made
@@ -16,6 +16,9 @@ Both directions go through peftlite's in-memory file form, ``(tensors, config)``
     DoRA (use_dora):  PEFT lora_magnitude_vector (out,) for a Linear, (1, out, 1, 1) for a Conv2d
                                                             <-> peftlite magnitude (out,), variant "dora"
     modules_to_save   <-> peftlite ``trainable`` modules (peftlite heads are written as modules_to_save)
+    LoHa (peft_type "LOHA", read only): hada_w1_b / hada_w1_a / hada_w2_b / hada_w2_a -> A1 / B1 / A2 / B2, scale
+                      alpha / r; conv factors are stored flat, so reading one needs the model; the Tucker form
+                      (use_effective_conv2d), rank_dropout and module_dropout are refused
 
 What PEFT cannot express, or computes differently from the base layer, is refused with an error naming
 the feature: grouped-conv adapters, dilated or non-zero padding_mode convs (PEFT's LoRA conv drops both),
@@ -48,6 +51,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+# LoHa (peft_type "LOHA"): hada_w1_a (out, r) = B1, hada_w1_b (r, fan_in) = A1, and the same for w2; t1/t2: Tucker
+_HADA_KEY = re.compile(r"^(?P<module>.+)\.hada_(?P<part>w1_a|w1_b|w2_a|w2_b|t1|t2)$")
+_HADA_NAMES = {"w1_b": "A1", "w1_a": "B1", "w2_b": "A2", "w2_a": "B2"}
 
 # Config fields that change what a LoRA layer computes, and that peftlite does not implement.
 _UNSUPPORTED_FLAGS = {
@@ -105,16 +111,21 @@ def read_raw(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _check_config(path: str, config: dict[str, Any]) -> None:
     peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise PeftFormatError(f"{path}: peft_type {peft_type!r} is not supported; peftlite reads LoRA "
-                              "adapters (peft_type 'LORA') only")
+    if peft_type not in ("LORA", "LOHA"):
+        raise PeftFormatError(f"{path}: peft_type {peft_type!r} is not supported; peftlite reads LoRA and LoHa "
+                              "adapters (peft_type 'LORA', 'LOHA')")
+    if peft_type == "LOHA":
+        for key in ("rank_dropout", "module_dropout"):
+            if config.get(key) not in (None, 0, 0.0):
+                raise PeftFormatError(f"{path}: uses {key} = {config[key]!r}, a LoHa training option peftlite does "
+                                      "not implement; only adapters with 0 can be read")
     for key, feature in _UNSUPPORTED_FLAGS.items():
         if config.get(key) not in (None, False, {}, [], "megatron.core"):
             raise PeftFormatError(f"{path}: uses {feature} = {config[key]!r}, which peftlite does not support")
     if config.get("bias", "none") != "none":
         raise PeftFormatError(f"{path}: bias={config['bias']!r} trains the base layers' biases, which peftlite's "
                               "LoRA does not support; only bias='none' adapters can be read")
-    for key in ("r", "lora_alpha"):
+    for key in ("r", "lora_alpha" if peft_type == "LORA" else "alpha"):
         if not is_positive(config.get(key)):
             raise PeftFormatError(f"{path}: {key} must be a positive number, got {config.get(key)!r}")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -274,6 +285,56 @@ def _split_keys(where: str, tensors: dict[str, torch.Tensor]):
     return pairs, rest
 
 
+def _loha_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                 modules: dict[str, nn.Module] | None):
+    """A PEFT LoHa adapter's layers as peftlite entries and tensors (``A1 B1 A2 B2``), and its other tensors.
+
+    PEFT stores a conv's factors flat (r, in·kh·kw), so only the model tells a conv from a Linear: reading one
+    needs the model. The Tucker form (``use_effective_conv2d``: ``hada_t1``/``hada_t2``) is refused.
+    """
+    if modules is None:
+        raise PeftFormatError(f"{where}: a PEFT LoHa adapter stores conv factors flat, so reading it needs the "
+                              "model: peftlite.load(model, dir)")
+    if any(k.startswith(PREFIX) for k in tensors):
+        tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: t for k, t in tensors.items()}
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        m = _HADA_KEY.match(key)
+        if m and m["part"] in ("t1", "t2"):
+            raise PeftFormatError(f"{where}: {key} is LoHa's Tucker form (use_effective_conv2d), which peftlite "
+                                  "does not read yet")
+        if m:
+            factors.setdefault(m["module"], {})[_HADA_NAMES[m["part"]]] = t
+        else:
+            rest[key] = t
+    layers, out = {}, {}
+    for name, f in factors.items():
+        if set(f) != {"A1", "B1", "A2", "B2"}:
+            raise PeftFormatError(f"{where}: {name} has LoHa factors {sorted(f)}, not all four hada_w1/w2 a/b")
+        if name not in modules:
+            raise PeftFormatError(f"{where}: the adapter has a layer {name!r} that the model does not have")
+        module = modules[name]
+        kind = "conv2d" if issubclass(_base_type(module), nn.Conv2d) else "linear"
+        _check_module(where, name, module, kind)
+        r = f["A1"].shape[0]
+        want_a, want_b = schema.adapter_keys(name, module, r).values()
+        shapes = {k: tuple(t.shape) for k, t in f.items()}
+        if any(tuple(f[k].shape) != (want_a if k[0] == "A" else want_b) for k in f):
+            raise PeftFormatError(f"{where}: {name} has LoHa factors {shapes}, which do not fit the model's "
+                                  f"{type(module).__name__} at rank {r} (A {want_a}, B {want_b})")
+        expected_r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        if r != expected_r:
+            raise PeftFormatError(f"{where}: {name} has rank {r}, but the config's r / rank_pattern gives it "
+                                  f"rank {expected_r}")
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["alpha"]))
+        layers[name] = {"kind": kind, "rank": r, "alpha": alpha, "dropout": 0.0, "adapter_kind": "loha",
+                        "slots": ["weight"], "base_class": "Linear" if kind == "linear" else "Conv2d",
+                        **schema.layer_geometry(module)}
+        out.update({f"{name}.lora.{DEFAULT_ADAPTER}.{k}": t for k, t in f.items()})
+    return layers, out, rest
+
+
 def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str = "<peft>",
               model: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Translate a PEFT adapter to peftlite's ``(tensors, config)``; checks it against ``model`` if given.
@@ -283,11 +344,18 @@ def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: s
             does not fit the model.
     """
     _check_config(where, config)
-    pairs, rest = _split_keys(where, tensors)
     modules = dict(model.named_modules()) if model is not None else None
     target_modules = config.get("target_modules")
-    layers: dict[str, dict[str, Any]] = {}
-    out: dict[str, torch.Tensor] = {}
+    if config["peft_type"] == "LOHA":
+        layers, out, rest = _loha_layers(where, tensors, config, modules)
+        pairs = {}
+    else:
+        pairs, rest = _split_keys(where, tensors)
+        layers, out = {}, {}
+    for name in layers:
+        if target_modules is not None and not _targeted(target_modules, name):
+            raise PeftFormatError(f"{where}: {name} has adapter tensors but target_modules "
+                                  f"{target_modules!r} does not select it; the adapter is inconsistent")
     for name, ab in pairs.items():
         if target_modules is not None and not _targeted(target_modules, name):
             raise PeftFormatError(f"{where}: {name} has adapter tensors but target_modules "
