@@ -184,8 +184,10 @@ def test_what_loha_refuses_leaves_the_model_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="prepare_hotswap: 'a' is a loha adapter"):
         peftlite.prepare_hotswap(m, max_rank=4)
     peftlite.use(m, "a")
-    with pytest.raises(PeftFormatError, match="holds a loha adapter; .* save it in peftlite format"):
+    m[0].lora["a"].rank_scaling = "sqrt"
+    with pytest.raises(PeftFormatError, match="LoHa layer with rank_scaling='sqrt'.* save it in peftlite format"):
         peftlite.save(m, tmp_path / "peft_dir", format="peft", name="a")
+    m[0].lora["a"].rank_scaling = "linear"
     assert not (tmp_path / "peft_dir").exists()
     assert peftlite.adapters(m) == ["a", "b"]
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in snapshot.items())
@@ -236,3 +238,21 @@ def test_peft_loha_options_peftlite_does_not_implement_are_refused_by_name(tmp_p
             peftlite.load(target, folder)
         assert not peftlite.layers.adapted_layers(target)
         assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_peftlite_loha_adapter_saved_for_peft_loads_in_peft_with_equal_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _ConvNet().eval()
+    ours = randomize(peftlite.wrap(copy.deepcopy(base), ["conv", "lin"], rank=3, alpha=5, kind="loha"))
+    ours.lin.lora["default"].alpha = 2.0  # another alpha on one layer: written as an alpha_pattern
+    peftlite.save(ours, tmp_path / "for_peft", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "for_peft").eval()
+    assert type(theirs.peft_config["default"]).__name__ == "LoHaConfig"
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours.eval()(x), rtol=1e-5, atol=1e-6)
+    back = copy.deepcopy(base)
+    peftlite.load(back, tmp_path / "for_peft")  # and back again
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours(x), rtol=0, atol=0)

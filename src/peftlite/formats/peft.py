@@ -1,4 +1,4 @@
-"""Hugging Face PEFT LoRA adapter directories, read and written without PEFT and without pickle; LoHa ones read.
+"""Hugging Face PEFT LoRA and LoHa adapter directories, read and written without PEFT and without pickle.
 
 A PEFT directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the prefix is absent for adapters made
@@ -16,9 +16,10 @@ Both directions go through peftlite's in-memory file form, ``(tensors, config)``
     DoRA (use_dora):  PEFT lora_magnitude_vector (out,) for a Linear, (1, out, 1, 1) for a Conv2d
                                                             <-> peftlite magnitude (out,), variant "dora"
     modules_to_save   <-> peftlite ``trainable`` modules (peftlite heads are written as modules_to_save)
-    LoHa (peft_type "LOHA", read only): hada_w1_b / hada_w1_a / hada_w2_b / hada_w2_a -> A1 / B1 / A2 / B2, scale
+    LoHa (peft_type "LOHA"): hada_w1_b / hada_w1_a / hada_w2_b / hada_w2_a <-> A1 / B1 / A2 / B2, scale
                       alpha / r; conv factors are stored flat, so reading one needs the model; the Tucker form
-                      (use_effective_conv2d), rank_dropout and module_dropout are refused
+                      (use_effective_conv2d), rank_dropout and module_dropout are refused, and so are LoHa
+                      layers with rsLoRA or input dropout on writing, and LoRA and LoHa layers in one adapter
 
 What PEFT cannot express, or computes differently from the base layer, is refused with an error naming
 the feature: grouped-conv adapters, dilated or non-zero padding_mode convs (PEFT's LoRA conv drops both),
@@ -458,10 +459,16 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
         raise PeftFormatError(f"{where}: a partial adapter (saved with include=) cannot be written as a PEFT "
                               "directory; PEFT needs every tensor of the adapter")
     layers = config["layers"]
+    kinds = {e.get("adapter_kind", "lora") for e in layers.values()}
+    if len(kinds) > 1:
+        raise PeftFormatError(f"{where}: the adapter has {' and '.join(sorted(kinds))} layers; a PEFT directory holds "
+                              "one method (peft_type), so save it in peftlite format")
+    loha = kinds == {"loha"}
     for name, e in layers.items():
-        if e.get("adapter_kind", "lora") != "lora":
-            raise PeftFormatError(f"{where}: {name} holds a {e['adapter_kind']} adapter; peftlite writes PEFT LoRA "
-                                  "directories only, so save it in peftlite format")
+        if loha and (e.get("rank_scaling", "linear") != "linear" or e.get("dropout", 0.0)):
+            raise PeftFormatError(f"{where}: {name} is a LoHa layer with rank_scaling={e.get('rank_scaling')!r}, "
+                                  f"dropout={e.get('dropout')}; PEFT's LoHa scales by alpha / r and has no input "
+                                  "dropout, so save it in peftlite format")
         if e.get("kind") == "mha":
             raise PeftFormatError(f"{where}: {name} is an adapted nn.MultiheadAttention, which PEFT's LoRA "
                                   "format does not express; save it in peftlite format")
@@ -495,9 +502,14 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
     alphas: dict[str, float] = {}
     adapter = schema.adapter_name(config)
     for name, e in layers.items():
+        r = int(e["rank"])
+        ranks[name], alphas[name] = r, float(e["alpha"])
+        if loha:  # PEFT keeps LoHa's conv factors flat, as peftlite does
+            for part, ours in _HADA_NAMES.items():
+                out[f"{PREFIX}{name}.hada_{part}"] = tensors[f"{name}.lora.{adapter}.{ours}"]
+            continue
         a = tensors[f"{name}.lora.{adapter}.A"]
         b = tensors[f"{name}.lora.{adapter}.B"]
-        r = int(e["rank"])
         if e["kind"] == "conv2d":
             kh, kw = e["kernel_size"]
             a = a.reshape(r, e["in_channels"], kh, kw)
@@ -518,6 +530,16 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
     alpha_default = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r_default)
     dropouts = {float(e.get("dropout", 0.0)) for e in layers.values()}
     targets = "|".join(re.escape(n) for n in layers)
+    if loha:
+        return out, {
+            "peft_type": "LOHA", "task_type": None, "base_model_name_or_path": None,
+            "r": r_default, "alpha": _number(alpha_default),
+            "target_modules": f"^(?:{targets})$" if layers else None,
+            "rank_pattern": {_anchored(n): r for n, r in ranks.items() if r != r_default},
+            "alpha_pattern": {_anchored(n): _number(a) for n, a in alphas.items() if a != alpha_default},
+            "modules_to_save": save or None, "rank_dropout": 0.0, "module_dropout": 0.0,
+            "use_effective_conv2d": False, "init_weights": True, "inference_mode": True,
+        }
     adapter_config = {
         "peft_type": "LORA",
         "task_type": None,
