@@ -1,0 +1,26 @@
+"""A check that every adapter kind's merge tests share: merged outputs match, and unmerge gives W back to the bit."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import peftlite
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}  # merged against unmerged outputs
+
+
+def assert_merge_cycles(model: nn.Module, x: torch.Tensor, cycles: int = 50) -> None:
+    """``cycles`` merge / forward / unmerge rounds: the merged outputs equal the unmerged ones within the dtype's
+    rounding, and afterwards every state_dict tensor is bit-identical to before."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(x)
+        for _ in range(cycles):
+            peftlite.merge(model)
+            merged = model(x)
+            peftlite.unmerge(model)
+    tol = TOLERANCE[x.dtype]
+    torch.testing.assert_close(merged.float(), want.float(), rtol=tol, atol=tol)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.view(torch.uint8), before[k].view(torch.uint8)), k  # to the bit
