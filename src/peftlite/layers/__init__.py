@@ -1,6 +1,8 @@
 """Adapted layers: the adapter protocol (``AdaptedLayer``) and one literal class per supported layer type.
 
+    spec.py         AdapterSpec: an adapter's hyper-parameters, their validation, the scale, file entry fields
     base.py         LowRank, LayerState, AdaptedLayer (the protocol), the effective-weight property
+    loha.py         LowHadamard: a LoHa adapter, read as its exact low-rank pair
     linear.py       LoraLinear and its autograd function
     conv.py         LoraConv2d and the cost model that picks its path; conv_autograd.py its functions
     attention.py    LoraMultiheadAttention, LeanMultiheadAttention (a lean training forward for both)
