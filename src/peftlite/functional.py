@@ -116,9 +116,12 @@ def hadamard_pair(A1: Tensor, B1: Tensor, A2: Tensor, B2: Tensor) -> tuple[Tenso
     path that takes a LoRA pair (the layers' forwards without forming ΔW, the exact merge kernels, per-sample
     routing) takes a LoHa adapter too.  -> A: (r1·r2, fan_in), B: (out, r1·r2).
     """
-    A = (A1[:, None, :] * A2[None, :, :]).reshape(A1.shape[0] * A2.shape[0], A1.shape[1])
-    B = (B1[:, :, None] * B2[:, None, :]).reshape(B1.shape[0], B1.shape[1] * B2.shape[1])
-    return A, B
+    return khatri_rao_rows(A1, A2), khatri_rao_rows(B1.t(), B2.t()).t()
+
+
+def khatri_rao_rows(X: Tensor, Y: Tensor) -> Tensor:
+    """Every product of a row of X and a row of Y, X's index major: (m, n), (p, n) -> (m·p, n)."""
+    return (X[:, None, :] * Y[None, :, :]).reshape(X.shape[0] * Y.shape[0], X.shape[1])
 
 
 def effective_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:

@@ -102,13 +102,13 @@ def refuse_busy(model: nn.Module, what: str, *, merged: bool = True, routed: boo
     merged into the weights), inside ``peftlite.per_sample`` (``routed``) or inside ``peftlite.disabled``
     (``disabled``)."""
     found = adapted_layers(model)
-    merged = merged and [n for n, m in found
-                         if m.adapter_state.merged and (adapter is None or adapter in m.adapter_state.active)]
-    if merged and adapter is not None:
-        raise AdapterStateError(f"{what}: adapter {adapter!r} is merged into the weights ({merged[0]}, ...); call "
+    held = [n for n, m in found if merged and m.adapter_state.merged
+            and (adapter is None or adapter in m.adapter_state.active)]  # layers whose weights hold the adapters
+    if held and adapter is not None:
+        raise AdapterStateError(f"{what}: adapter {adapter!r} is merged into the weights ({held[0]}, ...); call "
                                 "peftlite.unmerge(model) first")
-    if merged:
-        raise AdapterStateError(f"{what}: the model is merged ({merged[0]}, ...), so its weights hold the active "
+    if held:
+        raise AdapterStateError(f"{what}: the model is merged ({held[0]}, ...), so its weights hold the active "
                                 "adapters; call peftlite.unmerge(model) first")
     if routed and routes_any(m for _, m in found):
         raise AdapterStateError(f"{what}: inside peftlite.per_sample every row uses the adapter its route picks; "

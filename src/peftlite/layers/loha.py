@@ -42,13 +42,14 @@ class LowHadamard(LowRank):
         nn.init.kaiming_uniform_(self.A2, a=math.sqrt(5))
         nn.init.normal_(self.B1, std=0.1)
 
+    # functional.hadamard_pair, one half each: a forward reads A and B once each, and forms neither twice
     @property
     def A(self) -> Tensor:  # (r², fan_in)
-        return functional.hadamard_pair(self.A1, self.B1, self.A2, self.B2)[0]
+        return functional.khatri_rao_rows(self.A1, self.A2)
 
     @property
     def B(self) -> Tensor:  # (fan_out, r²)
-        return functional.hadamard_pair(self.A1, self.B1, self.A2, self.B2)[1]
+        return functional.khatri_rao_rows(self.B1.t(), self.B2.t()).t()
 
     def extra_repr(self) -> str:
         return (f"loha, rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "
