@@ -23,4 +23,5 @@ def assert_merge_cycles(model: nn.Module, x: torch.Tensor, cycles: int = 50) -> 
     tol = TOLERANCE[x.dtype]
     torch.testing.assert_close(merged.float(), want.float(), rtol=tol, atol=tol)
     for k, v in model.state_dict().items():
-        assert torch.equal(v.view(torch.uint8), before[k].view(torch.uint8)), k  # to the bit
+        assert v.stride() == before[k].stride(), k  # the layout kept (a merge writes in place)
+        assert torch.equal(v.contiguous().view(torch.uint8), before[k].contiguous().view(torch.uint8)), k  # to the bit

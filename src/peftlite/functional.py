@@ -124,10 +124,105 @@ def khatri_rao_rows(X: Tensor, Y: Tensor) -> Tensor:
     return (X[:, None, :] * Y[None, :, :]).reshape(X.shape[0] * Y.shape[0], X.shape[1])
 
 
+def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
+    """PEFT's LoKr split of ``dim`` into ``(m, n)``, ``m · n = dim``, as its ``decompose_factor`` defines it.
+
+    ``factor > 0`` dividing ``dim``: ``(factor, dim // factor)`` as given (so ``(128, 64)`` gives ``(64, 2)``).
+    Otherwise the divisor pair nearest √dim with ``m ≤ factor`` (``-1``: no bound), smaller first:
+    256 -> (16, 16), 128 -> (8, 16), 127 -> (1, 127), 128 with factor 4 -> (4, 32).
+    """
+    if factor > 0 and dim % factor == 0:
+        return factor, dim // factor
+    bound = dim if factor == -1 else factor
+    m, n = 1, dim
+    while m < n:  # the next divisor up, while it stays within the bound (it passes √dim once, then stops)
+        d = m + 1
+        while dim % d:
+            d += 1
+        if d > bound:
+            break
+        m, n = d, dim // d
+    return (m, n) if m <= n else (n, m)
+
+
+def kron_delta(W1: Tensor, W2: Tensor) -> Tensor:
+    """LoKr's ΔW = W1 ⊗ W2 as a matrix (out_l·out_k, in_m·c2).  W1: (out_l, in_m), W2: (out_k, c2).
+
+    For a Conv2d, W2's columns are (in_n, kh, kw) flattened: the kernel sits on W2, and the result is the
+    (out, in/groups·kh·kw) matrix of the weight. Each element is one product ``W1[l, m] · W2[k, j]``.
+    """
+    return (W1[:, None, :, None] * W2[None, :, None, :]).reshape(W1.shape[0] * W2.shape[0],
+                                                                   W1.shape[1] * W2.shape[1])
+
+
+def kron_linear(x: Tensor, W1: Tensor, W2: Tensor) -> Tensor:
+    """``x @ (W1 ⊗ W2)ᵀ`` without forming the Kronecker product: two small products on x read as
+    (N, in_m, in_n).  x: (..., in_m·in_n) -> (..., out_l·out_k); W1: (out_l, in_m), W2: (out_k, in_n).
+
+    The order with fewer multiply-adds is taken: W2 first (N·in_m·out_k·(in_n + out_l)) or W1 first
+    (N·out_l·in_n·(in_m + out_k)).
+    """
+    (out_l, in_m), (out_k, in_n) = W1.shape, W2.shape
+    X = x.reshape(-1, in_m, in_n)
+    W1, W2 = W1.to(x.dtype), W2.to(x.dtype)
+    if in_m * out_k * (in_n + out_l) <= out_l * in_n * (in_m + out_k):
+        Y = torch.matmul(W1, X @ W2.t())  # (N, in_m, out_k) -> (N, out_l, out_k)
+    else:
+        Y = torch.matmul(W1, X) @ W2.t()  # (N, out_l, in_n) -> (N, out_l, out_k)
+    return Y.reshape(*x.shape[:-1], out_l * out_k)
+
+
+def kron_conv2d(x: Tensor, W1: Tensor, W2: Tensor, geom: ConvGeometry) -> Tensor:
+    """``conv(x, W1 ⊗ W2)`` for an ungrouped conv without forming the product: W2's conv on each of the in_m
+    channel blocks of x as its own image, then W1 mixing the blocks.
+
+    ``x`` is already padded by ``pad_input`` and ``geom`` is the geometry it returned (groups 1).
+    W1: (out_l, in_m). W2: (out_k, in_n·kh·kw). Returns (N, out_l·out_k, H', W'), unscaled.
+    """
+    (out_l, in_m), out_k = W1.shape, W2.shape[0]
+    N, C, H, W = x.shape
+    kernel = W2.to(x.dtype).reshape(out_k, C // in_m, *geom.kernel_size)
+    z = F.conv2d(x.reshape(N * in_m, C // in_m, H, W), kernel, None, geom.stride, geom.padding, geom.dilation)
+    h, w = z.shape[-2:]
+    y = torch.matmul(W1.to(x.dtype), z.reshape(N, in_m, out_k * h * w))  # (N, out_l, out_k·H'·W')
+    return y.reshape(N, out_l * out_k, h, w)
+
+
+def kron_linear_delta(x: Tensor, W1: Tensor, W2: Tensor, scale: float, dropout: float = 0.0,
+                      training: bool = False) -> Tensor:
+    """LoKr's branch of a linear: ``scale · dropout(x) @ (W1 ⊗ W2)ᵀ``.  x: (..., in) -> (..., out)."""
+    if dropout > 0.0 and training:
+        x = F.dropout(x, dropout, True)
+    return scale * kron_linear(x, W1, W2)
+
+
+def kron_conv2d_delta(x: Tensor, W1: Tensor, W2: Tensor, scale: float, geom: ConvGeometry, dropout: float = 0.0,
+                      training: bool = False) -> Tensor:
+    """LoKr's branch of a conv, ``scale · conv(dropout(x), W1 ⊗ W2)``, for an unpadded input (padded here).
+
+    Ungrouped: ``kron_conv2d``, without forming the product. Grouped: the conv with the formed ΔW (a
+    group's channels are not the in_m blocks the split reads).
+    """
+    if dropout > 0.0 and training:
+        x = F.dropout(x, dropout, True)
+    xp, g = pad_input(x, geom)
+    if g.groups == 1:
+        return scale * kron_conv2d(xp, W1, W2, g)
+    kh, kw = g.kernel_size
+    delta = kron_delta(W1, W2).to(x.dtype).reshape(g.out_channels, g.in_channels // g.groups, kh, kw)
+    return scale * F.conv2d(xp, delta, None, g.stride, g.padding, g.dilation, g.groups)
+
+
 def effective_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
     """``W + scale * ΔW`` in W's dtype, summed in fp32 and rounded once (as merge does)."""
     delta = delta_weight(A, B, weight.shape)
     return (weight.to(delta.dtype) + scale * delta).to(weight.dtype)
+
+
+def add_delta(weight: Tensor, delta: Tensor) -> Tensor:
+    """``W + ΔW`` for a scaled ΔW matrix (out, fan_in), in W's dtype and shape, summed in fp32 or wider."""
+    dtype = torch.promote_types(delta.dtype, torch.float32)
+    return (weight.to(dtype) + delta.to(dtype).reshape(weight.shape)).to(weight.dtype)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:

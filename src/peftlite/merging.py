@@ -14,6 +14,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import nn
@@ -70,7 +71,7 @@ def _check_pair(name: str, adapter: str, slot: str, pair, weight: float) -> None
     if not math.isfinite(scale):
         raise ValueError(f"cannot merge {name}: adapter {adapter!r} has scale {scale} for {slot!r}, not finite; "
                          "the model is unchanged")
-    for t, label in ((pair.A, "A"), (pair.B, "B")):
+    for label, t in pair.named_parameters(recurse=False):
         finite = torch.isfinite(t)
         if not bool(finite.all()):
             bad = t.numel() - int(finite.sum())
@@ -79,6 +80,29 @@ def _check_pair(name: str, adapter: str, slot: str, pair, weight: float) -> None
                 f"{t.numel()}, adapter {adapter!r}); the model is unchanged. Reload a good adapter file or lower "
                 "the learning rate"
             )
+
+
+def _has_rows(layer: AdaptedLayer, slot: str) -> bool:
+    """Is an active adapter on ``slot`` of a kind merged by its ΔW's rows (LoKr), not by a pair?"""
+    return any(t.kron is not None for t in layer.terms(slot))
+
+
+def _rows(layer: AdaptedLayer, slot: str, transposed: bool) -> kernels.Rows:
+    """ΔW's rows of the active adapters on ``slot`` (of Wᵀ when ``transposed``), in a fixed order: each
+    adapter's own exact form (LoKr: ``kron_rows``; others: their pair), summed in activation order."""
+    parts = []
+    for adapter, weight in layer.adapter_state.active.items():
+        pair = layer.pairs(adapter).get(slot)
+        if pair is None:
+            continue
+        scale = float(pair.effective_scale) * weight
+        if pair.kind == "lokr":
+            W1, W2 = (kernels.exact_product(f) for f in pair.factor_parts())
+            parts.append(kernels.kron_rows(W1.t(), W2.t(), scale) if transposed else kernels.kron_rows(W1, W2, scale))
+        else:
+            A, B = pair.A.detach(), pair.B.detach()
+            parts.append(kernels.pair_rows(B.t(), A.t(), scale) if transposed else kernels.pair_rows(A, B, scale))
+    return kernels.summed_rows(parts)
 
 
 @torch.no_grad()
@@ -97,8 +121,13 @@ def merge_layer(layer: AdaptedLayer) -> None:
     done = []
     try:
         for slot in _slots(layer):
-            (w2, a2, b2), scale, gain = _matrix(layer, slot)
-            st.records[slot] = kernels.merge_(w2, a2, b2, scale, gain=gain)
+            if _has_rows(layer, slot):
+                with torch.no_grad():
+                    w2, rows = kernels.as_matrix_rows(layer._parameters[slot].data, partial(_rows, layer, slot))
+                    st.records[slot] = kernels.merge_rows_(w2, rows)
+            else:
+                (w2, a2, b2), scale, gain = _matrix(layer, slot)
+                st.records[slot] = kernels.merge_(w2, a2, b2, scale, gain=gain)
             done.append(slot)
     except BaseException:
         for slot in done:  # put the slots merged so far back, bit-exactly
@@ -113,9 +142,13 @@ def _unmerge_slot(layer: AdaptedLayer, slot: str) -> None:
     if record is None and layer.dora_term(slot) is not None:
         raise RuntimeError("unmerge: this DoRA layer's merged weights came from a state_dict, without the record "
                            "of its row gains; reload the unmerged weights and the adapter instead")
-    A, B, scale = layer.folded(slot)
-    w2, a2, b2 = kernels.as_matrix(layer._parameters[slot].data, A.detach(), B.detach())
-    kernels.unmerge_(w2, a2, b2, scale, record)
+    if _has_rows(layer, slot):
+        w2, rows = kernels.as_matrix_rows(layer._parameters[slot].data, partial(_rows, layer, slot))
+        kernels.unmerge_rows_(w2, rows, record)
+    else:
+        A, B, scale = layer.folded(slot)
+        w2, a2, b2 = kernels.as_matrix(layer._parameters[slot].data, A.detach(), B.detach())
+        kernels.unmerge_(w2, a2, b2, scale, record)
     layer.adapter_state.records.pop(slot, None)
 
 

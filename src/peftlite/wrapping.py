@@ -185,7 +185,8 @@ def check_name(name: object, what: str) -> str:
 
 def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
          heads: Mapping[str, nn.Module] | None = None, trainable=None, train_bn: bool = False,
-         name: str = "default", variant: str = "lora", rank_scaling: str = "linear", kind: str = "lora") -> nn.Module:
+         name: str = "default", variant: str = "lora", rank_scaling: str = "linear", kind: str = "lora",
+         decompose_factor: int = -1, decompose_both: bool = False) -> nn.Module:
     """Freeze ``model`` and add LoRA adapters to the ``targets``, new ``heads``, and ``trainable`` tensors.
 
     Works in place and returns the same object. Everything is validated before the model is touched.
@@ -212,8 +213,10 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
         variant: ``"lora"``, or ``"dora"`` (weight-decomposed: a learned per-output-row magnitude times the
             direction of ``W + scale·ΔW``; docs/guide.md, "DoRA").
         rank_scaling: ``"linear"`` (scale = alpha / rank) or ``"sqrt"`` (rsLoRA: alpha / sqrt(rank)).
-        kind: ``"lora"`` (ΔW = B @ A), or ``"loha"`` (ΔW = (B1 @ A1) ⊙ (B2 @ A2), ``rank`` per factor pair;
-            docs/guide.md, "LoHa").
+        kind: ``"lora"`` (ΔW = B @ A), ``"loha"`` (ΔW = (B1 @ A1) ⊙ (B2 @ A2), ``rank`` per factor pair;
+            docs/guide.md, "LoHa") or ``"lokr"`` (ΔW = W1 ⊗ W2; docs/guide.md, "LoKr").
+        decompose_factor, decompose_both: LoKr only, as PEFT's ``LoKrConfig``: the split of each dimension
+            (-1: near its square root; f: f and dim / f when f divides it), and whether W1 is low-rank too.
     Returns:
         ``model``, wrapped.
     Raises:
@@ -223,7 +226,8 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
-    spec = AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, variant=variant, rank_scaling=rank_scaling, kind=kind)
+    spec = AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, variant=variant, rank_scaling=rank_scaling, kind=kind,
+                       decompose_factor=decompose_factor, decompose_both=decompose_both)
     name = check_name(name, "wrap")
     index = selection.Index.of(model)
     heads = resolve_heads(model, heads, index)

@@ -29,11 +29,12 @@ from ..layers import DEFAULT_ADAPTER, AdaptedLayer, adapted_layers, registry
 from ..layers.spec import AdapterSpec
 from ..state import WrapState, activate, add, refuse_busy, remove, wrap_state
 from ..wrapping import check_name, saved_tensors, under, unwrap, wrap
-from . import peft, schema
+from . import lycoris, peft, schema
 from ._safetensors import TensorFile, file_tensors, write_file
 from .schema import AdapterFileError
 
 METADATA_KEY = "peftlite"
+FORMATS = ("peftlite", "peft", "lycoris")
 
 
 def model_config(model: nn.Module, state: WrapState, adapter: str | None, partial: bool) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def _which(state: WrapState, name: str | None, what: str) -> str | None:
 
 
 def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
-         include=None, format: str = "peftlite", name: str | None = None) -> str:
+         include=None, format: str = "peftlite", name: str | None = None, prefix: str | None = None) -> str:
     """Write one adapter of the model, with the heads and trainable tensors, to ONE ``.safetensors`` file.
 
     Args:
@@ -72,17 +73,23 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
             require the keys it leaves out.
         format: ``"peftlite"`` (one file) or ``"peft"``: a Hugging Face PEFT LoRA adapter directory
             (``adapter_config.json`` + ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained``
-            loads; layers PEFT cannot compute exactly are refused (``PeftFormatError``).
+            loads; layers PEFT cannot compute exactly are refused (``PeftFormatError``). Or ``"lycoris"``:
+            one LyCORIS / kohya-style file (``formats/lycoris.py``) that ``lycoris.create_lycoris_from_weights``
+            and diffusion UIs load; what it cannot hold is refused (``LycorisFormatError``).
         name: the adapter to save; may be left out when the model has one. Heads and trainable tensors,
             shared by all adapters, go into every file.
+        prefix: with ``format="lycoris"``, what the keys start with: ``"lycoris"`` (the default, as
+            ``create_lycoris`` names them), ``"lora_unet"`` / ``"lora_te"`` as kohya-style trainers do.
     Returns:
         the path written.
     Raises:
         ValueError: several adapters and no ``name``; nothing to save; bad arguments.
         KeyError: an unknown ``name``.
     """
-    if format not in ("peftlite", "peft"):
-        raise ValueError(f"save: format must be 'peftlite' or 'peft', got {format!r}")
+    if format not in FORMATS:
+        raise ValueError(f"save: format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+    if prefix is not None and format != "lycoris":
+        raise ValueError(f"save: prefix= names a LyCORIS file's keys; pass format='lycoris' with it (got {format!r})")
     state = wrap_state(model)
     if state is None:
         raise ValueError("save: the model is not wrapped; call peftlite.wrap(model, ...) first")
@@ -103,6 +110,10 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
         peft_tensors, adapter_config = peft.to_peft(tensors, config)
         peft.check_direct_reads(model, list(config["layers"]))
         return peft.write(path, peft_tensors, adapter_config, dtype)
+    if format == "lycoris":
+        lyco = lycoris.to_lycoris(tensors, config, prefix or lycoris.DEFAULT_PREFIX)
+        lycoris.check_model(model, list(config["layers"]), prefix or lycoris.DEFAULT_PREFIX)
+        return lycoris.write(path, lyco, dtype)
     return write(path, tensors, config, dtype)
 
 
@@ -256,8 +267,11 @@ def _check_adapter_shapes(path, modules: dict[str, nn.Module], config: dict, fou
     and a layer the file holds no values for may not have a rank above the layer's full rank."""
     for name, entry in config["layers"].items():
         module = modules[name]
-        want = schema.adapter_keys(name, module, entry["rank"], adapter, entry.get("variant", "lora"),
-                                   entry.get("adapter_kind", "lora"))
+        try:
+            want = schema.adapter_keys(name, module, AdapterSpec.from_entry(entry, f"{path}: layer {name!r}"),
+                                       adapter)
+        except ValueError as e:
+            raise AdapterFileError(f"{path}: layer {name!r}: {e}") from None
         for key, shape in want.items():
             if key in found and tuple(found[key].shape) != tuple(shape):
                 raise ValueError(f"{path}: {key} has shape {tuple(found[key].shape)} in the file, but the model "
@@ -351,12 +365,18 @@ def _copy_in(model: nn.Module, tensors: Mapping[str, torch.Tensor], layers: dict
 
 
 def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Module] | None = None,
-         strict: bool = True, name: str | None = None) -> nn.Module:
+         strict: bool = True, name: str | None = None, format: str | None = None,
+         prefix: str | None = None) -> nn.Module:
     """Load an adapter file into ``model`` and return the model.
 
     ``path`` may also be a Hugging Face PEFT LoRA adapter directory (see ``peft``; a directory that holds
     several adapters in subfolders, as PEFT writes them, loads ``name``'s); its ``modules_to_save``
-    become peftlite ``trainable`` modules.
+    become peftlite ``trainable`` modules. Or a LyCORIS / kohya-style ``.safetensors`` file (LoRA / LoCon,
+    LoHa, LoKr; ``formats/lycoris.py``), told apart from a peftlite file by its keys (it has no peftlite
+    metadata), or named with ``format="lycoris"``. Such a file names modules by their paths with the dots
+    as underscores after a prefix; a whole-pipeline file holds entries of several models (``lora_unet_``,
+    ``lora_te_``): pass ``prefix="lora_unet"`` to load this model's, and leave the others out (without
+    it, a file of several prefixes is refused, naming them).
 
     - Into an unwrapped base model, it wraps the model as the file says (re-creating Linear/Conv2d heads;
       other head types are passed again with ``heads=``).
@@ -368,10 +388,13 @@ def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Modul
     The adapter takes ``name`` (default: the name it was saved under). Tensors are cast to the device and
     dtype of the tensors they replace. All or nothing: on any error the model is left exactly as it was.
 
+    ``format``: ``"peftlite"``, ``"peft"`` or ``"lycoris"``; None (the default) tells them apart.
+
     Memory: a peftlite file is streamed. Its header (every key, shape and dtype) is checked against the
     model first, then its tensors are read one at a time as they are copied in; so beyond the adapter
     tensors it creates, a load holds one of the file's tensors, plus a copy of the tensors it overwrites
-    in place (kept to undo a load that fails midway). A PEFT directory is read whole, then translated.
+    in place (kept to undo a load that fails midway). A PEFT directory or a LyCORIS file is read whole,
+    then translated.
 
     Non-finite values: an adapter tensor (A, B, a DoRA magnitude) holding NaN or Inf is refused with an
     AdapterFileError naming the tensor and the count, and the model is left as it was; there is no
@@ -384,12 +407,14 @@ def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Modul
             config, a config that contradicts the tensors, non-finite adapter values (a ValueError; it
             names the file and what is wrong; the model is unchanged).
         PeftFormatError: a PEFT directory that peftlite cannot translate exactly (a ValueError).
+        LycorisFormatError: a LyCORIS file that peftlite cannot translate exactly, or whose names do not
+            map to the model's modules one to one (a ValueError; it names the key).
         ValueError: keys, shapes or dtypes do not fit the model (names the key, expected and found shapes).
     """
     if name is not None:
         check_name(name, "load")
     _refuse_meta(model, "load", "load the base weights into it")
-    source, config = peft.read(path, model, name) if os.path.isdir(path) else open_file(path)
+    source, config = _open(path, model, name, format, prefix)
     try:
         found = source.specs if isinstance(source, TensorFile) else {k: t.to("meta") for k, t in source.items()}
         adapter = name or schema.adapter_name(config)
@@ -420,6 +445,23 @@ def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Modul
     finally:
         if isinstance(source, TensorFile):
             source.close()
+
+
+def _open(path, model: nn.Module, name: str | None, format: str | None, prefix: str | None):
+    """``(source, config)`` of a peftlite file (a TensorFile, read later), or of a PEFT directory or LyCORIS file
+    (tensors, translated); ``format`` None tells them apart (a folder; a file's metadata and keys)."""
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"load: format must be one of {', '.join(map(repr, FORMATS))} or None, got {format!r}")
+    if format is None and os.path.isfile(path):
+        with TensorFile(path) as f:
+            format = "lycoris" if METADATA_KEY not in f.metadata and lycoris.looks_like(f.specs) else "peftlite"
+    if prefix is not None and format != "lycoris":
+        raise ValueError(f"load: prefix= selects a LyCORIS file's entries, but {path} is not one (format {format!r})")
+    if format == "lycoris":
+        return lycoris.read(path, model, prefix)
+    if os.path.isdir(path) and format in (None, "peft"):
+        return peft.read(path, model, name)
+    return open_file(path)
 
 
 def _check_layers(model: nn.Module, path, config: dict, adapter: str, strict: bool, new: bool) -> None:

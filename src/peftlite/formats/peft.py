@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer
-from ..layers.spec import is_positive
+from ..layers.spec import AdapterSpec, is_positive
 from . import _direct_reads, schema
 from ._safetensors import file_tensors, read_file, write_folder
 from .schema import AdapterFileError
@@ -240,7 +240,7 @@ def _layer(where: str, name: str, a: torch.Tensor, b: torch.Tensor, config: dict
                               f"gives it rank {expected_r}")
     if module is not None:
         _check_module(where, name, module, kind)
-        want_a, want_b = schema.adapter_keys(name, module, r).values()
+        want_a, want_b = schema.adapter_keys(name, module, AdapterSpec(rank=r)).values()
         if a[0].numel() != want_a[1] or b.shape[0] != want_b[0]:
             raise PeftFormatError(f"{where}: {name} has {shapes}, which do not fit the model's "
                                   f"{type(module).__name__} (A {want_a}, B {want_b} as peftlite stores them)")
@@ -319,7 +319,7 @@ def _loha_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[str,
         kind = "conv2d" if issubclass(_base_type(module), nn.Conv2d) else "linear"
         _check_module(where, name, module, kind)
         r = f["A1"].shape[0]
-        want_a, want_b = schema.adapter_keys(name, module, r).values()
+        want_a, want_b = schema.adapter_keys(name, module, AdapterSpec(rank=r)).values()
         shapes = {k: tuple(t.shape) for k, t in f.items()}
         if any(tuple(f[k].shape) != (want_a if k[0] == "A" else want_b) for k in f):
             raise PeftFormatError(f"{where}: {name} has LoHa factors {shapes}, which do not fit the model's "

@@ -17,10 +17,10 @@ from torch import nn
 
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, registry
 from ..layers.spec import KINDS as ADAPTER_KINDS
-from ..layers.spec import RANK_SCALINGS, VARIANTS, is_positive
+from ..layers.spec import RANK_SCALINGS, VARIANTS, AdapterSpec, is_positive
 
 FORMAT = "peftlite-adapter"
-FORMAT_VERSION = 3  # the newest this reader reads; 2 adds DoRA and rsLoRA layers, 3 LoHa (a plain file is still 1)
+FORMAT_VERSION = 4  # the newest this reader reads; 2 adds DoRA and rsLoRA layers, 3 LoHa, 4 LoKr (a plain file: 1)
 KINDS = tuple(k.name for k in registry.KINDS.values())  # the layer kinds a file may name: the registry's rows
 
 
@@ -32,10 +32,14 @@ def file_config(layers: dict[str, dict], heads: dict[str, dict], trainable: list
                 partial: bool, adapter: str = DEFAULT_ADAPTER, **extra: Any) -> dict[str, Any]:
     """The config of one adapter file (``extra``: ``peftlite_version``, ``source``).
 
-    Its ``format_version`` is the lowest that expresses it: 3 when a layer is LoHa, 2 when one is DoRA or
-    rsLoRA, so that an older peftlite refuses the file instead of loading it silently wrong; 1 otherwise.
+    Its ``format_version`` is the lowest that expresses it: 4 when a layer is LoKr, 3 when one is LoHa, 2 when
+    one is DoRA or rsLoRA, so that an older peftlite refuses the file instead of loading it silently wrong; 1
+    otherwise.
     """
-    if any(e.get("adapter_kind", "lora") != "lora" for e in layers.values()):
+    kinds = {e.get("adapter_kind", "lora") for e in layers.values()}
+    if "lokr" in kinds:
+        version = 4
+    elif "loha" in kinds:
         version = 3
     elif any(e.get("variant", "lora") != "lora" or e.get("rank_scaling", "linear") != "linear"
              for e in layers.values()):
@@ -166,17 +170,19 @@ def build_head(entry: dict[str, Any]) -> nn.Module | None:
     return None
 
 
-def adapter_keys(name: str, module: nn.Module, rank: int, adapter: str = DEFAULT_ADAPTER,
-                 variant: str = "lora", kind: str = "lora") -> dict[str, tuple[int, ...]]:
-    """The state_dict keys and shapes that adapting ``module`` (at ``name``) with ``rank`` adds."""
-    shapes = registry.adapter_shapes(module, rank)
+def adapter_keys(name: str, module: nn.Module, spec: AdapterSpec,
+                 adapter: str = DEFAULT_ADAPTER) -> dict[str, tuple[int, ...]]:
+    """The state_dict keys and shapes that adapting ``module`` (at ``name``) with ``spec`` adds, as the pair
+    classes allocate them (``registry.pair_shapes``).
+
+    Raises:
+        ValueError: a spec that does not fit the module (a LoKr split that does not divide its dimensions).
+    """
+    shapes = registry.pair_shapes(module, spec)
     out = {}
-    for slot, (a_shape, b_shape) in shapes.items():
+    for slot, params in shapes.items():
         prefix = f"{name}.lora.{adapter}" + ("" if list(shapes) == ["weight"] else f".{slot}")
-        for suffix in ("1", "2") if kind == "loha" else ("",):  # LoHa: two factor pairs, A1 B1 A2 B2
-            out[f"{prefix}.A{suffix}"], out[f"{prefix}.B{suffix}"] = a_shape, b_shape
-        if variant == "dora":
-            out[f"{prefix}.magnitude"] = (b_shape[0],)
+        out.update({f"{prefix}.{param}": shape for param, shape in params.items()})
     return out
 
 

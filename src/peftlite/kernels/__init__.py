@@ -12,14 +12,17 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from torch import Tensor
 
 from . import _torch
 from ._backend import backend_for, triton_module
-from ._matrix import as_matrix
+from ._matrix import as_matrix, as_matrix_rows
 from ._record import MergeRecord, NonFiniteMergeError
+from ._torch import Rows, kron_rows, pair_rows, summed_rows
 
-__all__ = ["MergeRecord", "NonFiniteMergeError", "as_matrix", "backend_for", "merge_", "unmerge_"]
+__all__ = ["MergeRecord", "NonFiniteMergeError", "Rows", "as_matrix", "as_matrix_rows", "backend_for", "exact_product",
+           "kron_rows", "merge_", "merge_rows_", "pair_rows", "summed_rows", "unmerge_", "unmerge_rows_"]
 log = logging.getLogger("peftlite.kernels")
 
 
@@ -68,3 +71,27 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
             raise RuntimeError(f"unmerge: merged by the triton kernels on {record.device}, but the weight is "
                                f"now on {weight.device}; move the model back to unmerge exactly")
     module.unmerge_(weight, A, B, scale, record)
+
+
+def exact_product(factor: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """A factor given whole, or as ``(B, A)`` formed as ``B @ A`` in ``_torch.delta``'s fixed order (a matmul
+    library's order may change with the thread count); in fp32 (fp64 for fp64 factors), detached."""
+    if isinstance(factor, Tensor):
+        return factor.detach().to(torch.promote_types(factor.dtype, torch.float32))
+    B, A = factor
+    A, B = _torch._in_delta_dtype(A.detach(), B.detach())
+    return _torch.delta(A, B, 1.0)
+
+
+def merge_rows_(weight: Tensor, rows: Rows) -> MergeRecord:
+    """``merge_`` with ΔW's rows from a deterministic function (``kron_rows``, ``pair_rows``, ``summed_rows``)
+    instead of a pair: for kinds whose ΔW is no narrow pair (LoKr). Runs on the torch backend on every
+    device (its fused C pass on CPU); ``unmerge_rows_`` takes it back out bit-exactly with the same rows."""
+    return _torch.merge_(weight, None, None, 0.0, rows=rows)
+
+
+def unmerge_rows_(weight: Tensor, rows: Rows, record: MergeRecord | None) -> None:
+    """Take ``merge_rows_``'s ΔW back out of ``weight``: bit-exact with its record."""
+    if record is not None:
+        record.check_matches(weight, "unmerge")
+    _torch.unmerge_(weight, None, None, 0.0, record, rows=rows)

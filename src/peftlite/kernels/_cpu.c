@@ -324,7 +324,7 @@ INLINE void unmerge_impl(const int kind, const int gained, void *w, i64 cols, co
     for (i64 row = 0; row * cols < n; row++) {
         i32 eg, neg;
         float gain = row_gain(gains, row, gained, &eg, &neg);
-        if (row % work_rows == 0) deltas(A, lda, B, r, scale, row, row + work_rows <= rows ? work_rows : rows - row,
+        if (r > 0 && row % work_rows == 0) deltas(A, lda, B, r, scale, row, row + work_rows <= rows ? work_rows : rows - row,
                                          cols, work);
         if (gained && gain == 0.0f) continue;
         for (i64 j0 = 0; j0 < cols && row * cols + j0 < n; j0 += CHUNK) {
@@ -356,7 +356,7 @@ INLINE i64 merge_impl(const int kind, const int gained, void *w, i64 rows, i64 c
         i32 eg, neg;
         float gain = row_gain(gains, row, gained, &eg, &neg);
         int coded = !(gained && gain == 0.0f); /* a row with gain 0 keeps nothing of W: the caller keeps it */
-        if (row % work_rows == 0) deltas(A, lda, B, r, scale, row, row + work_rows <= rows ? work_rows : rows - row,
+        if (r > 0 && row % work_rows == 0) deltas(A, lda, B, r, scale, row, row + work_rows <= rows ? work_rows : rows - row,
                                          cols, work);
         for (i64 j0 = 0; j0 < cols; j0 += CHUNK) {
             i64 base = row * cols + j0, len = cols - j0 < CHUNK ? cols - j0 : CHUNK;
@@ -419,7 +419,8 @@ MERGE_FN(0, 0) MERGE_FN(1, 0) MERGE_FN(2, 0) MERGE_FN(0, 1) MERGE_FN(1, 1) MERGE
 /* Merge a (rows, cols) block in place: W' = round(w + d) with d = ΔW of the block (see delta(); A is
  * (r, cols) with rows lda floats apart, B the block's (rows, r) rows, both fp32), or W' = round(g·(w + d)) with the
  * block's (rows,) fp32 gains (NULL: none; rows with g == 0 are merged, not coded: the caller keeps them).
- * work: room for the ΔW of work_rows rows (work_rows·cols floats), computed work_rows rows at a time.
+ * work: room for the ΔW of work_rows rows (work_rows·cols floats), computed work_rows rows at a time; with r == 0,
+ * the block's ΔW itself (rows·cols floats, work_rows >= rows), given by the caller (A and B unused).
  * Codes go into words (n + 2 words at least), escapes into esc_index / esc_bits (n entries at least),
  * n = rows·cols. Returns -1, or the index of the first element whose merged value would be non-finite
  * (W finite): the block is then restored bit-exactly (but for rows with g == 0) before returning.

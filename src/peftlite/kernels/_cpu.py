@@ -142,10 +142,23 @@ def _work(rows: int, cols: int) -> tuple[Tensor, int]:
     return buf, n
 
 
-def merge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float, gain: Tensor | None = None) -> Block:
+def _factors(rows: int, cols: int, A: Tensor | None, B_rows: Tensor | None, d: Tensor | None) -> tuple:
+    """``(A, lda, B, r, work, work_rows)`` for C: the pair and a per-thread scratch, or (r = 0) the given ΔW."""
+    if d is not None:
+        if d.dtype != torch.float32 or not d.is_contiguous() or tuple(d.shape) != (rows, cols):
+            raise ValueError(f"the fused CPU pass needs the block's ΔW as contiguous fp32 ({rows}, {cols}), got "
+                             f"{d.dtype} {tuple(d.shape)}")
+        return None, 0, None, 0, d.data_ptr(), rows
+    work, work_rows = _work(rows, cols)
+    return A.data_ptr(), A.stride(0), B_rows.data_ptr(), A.shape[0], work.data_ptr(), work_rows
+
+
+def merge_block(blk: Tensor, A: Tensor | None, B_rows: Tensor | None, scale: float, gain: Tensor | None = None,
+                d: Tensor | None = None) -> Block:
     """Merge ``scale·B_rows@A`` (see ``_torch.delta``) into the contiguous (rows, cols) block in place.
 
-    A: (r, cols) fp32 with unit column stride (any row stride), B_rows: (rows, r) contiguous fp32.
+    A: (r, cols) fp32 with unit column stride (any row stride), B_rows: (rows, r) contiguous fp32. Or ``d``,
+    the block's ΔW itself, already scaled (rows, cols) contiguous fp32 (A, B_rows and scale unused).
     gain: the block's (rows,) contiguous fp32 per-row gains (DoRA, see ``_gain``), or None.
     Rows with gain 0 get no codes: the caller keeps them.
     """
@@ -155,26 +168,25 @@ def merge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float, gain: Tens
     esc_index = torch.empty(n, dtype=torch.int64)
     esc_values = torch.empty(n, dtype=blk.dtype)
     out = torch.zeros(3, dtype=torch.int64)
-    work, work_rows = _work(rows, cols)
-    bad = library().pl_merge(KINDS[blk.dtype], blk.data_ptr(), rows, cols, A.data_ptr(), A.stride(0),
-                             B_rows.data_ptr(), A.shape[0], scale, _address(gain), work.data_ptr(), work_rows,
-                             words.data_ptr(), esc_index.data_ptr(), esc_values.data_ptr(), out.data_ptr())
+    a, lda, b, r, work, work_rows = _factors(rows, cols, A, B_rows, d)
+    bad = library().pl_merge(KINDS[blk.dtype], blk.data_ptr(), rows, cols, a, lda, b, r, scale, _address(gain),
+                             work, work_rows, words.data_ptr(), esc_index.data_ptr(), esc_values.data_ptr(),
+                             out.data_ptr())
     if bad >= 0:
         return Block(bad, words[:0], esc_index[:0], esc_values[:0], 0)
     n_words, n_esc, n_flag = out.tolist()
     return Block(-1, words[:n_words].clone(), esc_index[:n_esc].clone(), esc_values[:n_esc].clone(), n_flag)
 
 
-def unmerge_block(blk: Tensor, A: Tensor, B_rows: Tensor, scale: float, words: Tensor,
-                  gain: Tensor | None = None) -> None:
+def unmerge_block(blk: Tensor, A: Tensor | None, B_rows: Tensor | None, scale: float, words: Tensor,
+                  gain: Tensor | None = None, d: Tensor | None = None) -> None:
     """Unmerge one contiguous block in place from its code words (the caller writes the escapes, and the rows
-    with gain 0). A and B_rows as for ``merge_block``."""
+    with gain 0). A and B_rows, or d, as for ``merge_block``."""
     rows, cols = blk.shape
     words = words.contiguous()
-    work, work_rows = _work(rows, cols)
-    library().pl_unmerge(KINDS[blk.dtype], blk.data_ptr(), rows, cols, A.data_ptr(), A.stride(0), B_rows.data_ptr(),
-                         A.shape[0], scale, _address(gain), work.data_ptr(), work_rows, words.data_ptr(),
-                         words.numel())
+    a, lda, b, r, work, work_rows = _factors(rows, cols, A, B_rows, d)
+    library().pl_unmerge(KINDS[blk.dtype], blk.data_ptr(), rows, cols, a, lda, b, r, scale, _address(gain), work,
+                         work_rows, words.data_ptr(), words.numel())
 
 
 def run_blocks(fn: Callable[[T], R], items: list[T]) -> list[R]:

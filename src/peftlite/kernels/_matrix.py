@@ -8,6 +8,8 @@ conv weight copies, and the update would be silently lost. So the weight is only
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from einops import rearrange
 from torch import Tensor
 
@@ -39,6 +41,29 @@ def as_matrix(weight: Tensor, A: Tensor, B: Tensor, gain: Tensor | None = None) 
                 "it contiguous (weight.data = weight.data.contiguous()) before merging"
             )
         return weight.t(), B.t(), A.t()
+    raise ValueError(
+        f"weight of shape {tuple(weight.shape)} with strides {weight.stride()} has no in-place matrix view; "
+        "make it contiguous (weight.data = weight.data.contiguous()) before merging"
+    )
+
+
+def as_matrix_rows(weight: Tensor, rows: Callable[[bool], Callable]) -> tuple[Tensor, Callable]:
+    """``(W2, rows2)``: the in-place matrix view of ``weight`` (as ``as_matrix``) and ΔW's rows in its order.
+
+    ``rows(transposed)`` builds the ΔW row function (``_torch.Rows``) of the logical (out, fan_in) matrix, or
+    of its transpose: a transposed 2-D weight's matrix view is Wᵀ. A channels_last conv's columns are
+    permuted per block to NHWC memory order.
+    """
+    out = weight.shape[0]
+    if weight.is_contiguous():
+        return weight.view(out, -1), rows(False)
+    if weight.dim() == 4 and weight.permute(0, 2, 3, 1).is_contiguous():
+        _, c, kh, kw = weight.shape
+        logical = rows(False)
+        return weight.permute(0, 2, 3, 1).view(out, -1), \
+            lambda start, stop: rearrange(logical(start, stop), "r (c kh kw) -> r (kh kw c)", c=c, kh=kh, kw=kw)
+    if weight.dim() == 2 and weight.t().is_contiguous():
+        return weight.t(), rows(True)
     raise ValueError(
         f"weight of shape {tuple(weight.shape)} with strides {weight.stride()} has no in-place matrix view; "
         "make it contiguous (weight.data = weight.data.contiguous()) before merging"

@@ -21,6 +21,8 @@ records to the bit, so ``fused`` only changes the speed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,7 @@ from ._record import MergeRecord, NonFiniteMergeError
 
 BACKEND = "torch"
 BLOCK_ELEMENTS = 1 << 18  # elements per block: 1 MiB of fp32 temporaries
+Rows = Callable[[int, int], Tensor]  # (start, stop) -> ΔW's rows [start, stop), scaled; see ``kron_rows``
 
 
 def _blocks(rows: int, cols: int, block_elements: int):
@@ -56,6 +59,36 @@ def delta(A: Tensor, B_rows: Tensor, scale: float) -> Tensor:
     for k in range(1, A.shape[0]):
         d += B_rows[:, k:k + 1] * A[k:k + 1]
     return d.mul_(torch.tensor(scale, dtype=d.dtype))
+
+
+def kron_rows(W1: Tensor, W2: Tensor, scale: float) -> Rows:
+    """The rows of ``scale·(W1 ⊗ W2)`` (LoKr), each element ``(W1[l, m]·W2[k, j])·scale``: two roundings in a
+    fixed order on any device.  W1: (out_l, in_m), W2: (out_k, c2), in the delta dtype."""
+    out_k, s = W2.shape[0], torch.tensor(scale, dtype=W1.dtype)
+
+    def rows(start: int, stop: int) -> Tensor:
+        i = torch.arange(start, stop, device=W1.device)
+        block = W1[i // out_k][:, :, None] * W2[i % out_k][:, None, :]  # (rows, in_m, c2)
+        return block.reshape(stop - start, -1).mul_(s)
+
+    return rows
+
+
+def summed_rows(parts: list[Rows]) -> Rows:
+    """The rows of a sum of ΔWs, added in the order given."""
+    def rows(start: int, stop: int) -> Tensor:
+        d = parts[0](start, stop)
+        for part in parts[1:]:
+            d += part(start, stop)
+        return d
+
+    return rows
+
+
+def pair_rows(A: Tensor, B: Tensor, scale: float) -> Rows:
+    """The rows of ``scale·B@A`` as ``delta`` forms them, for a sum with other kinds' rows."""
+    A, B = _in_delta_dtype(A, B)
+    return lambda start, stop: delta(A, B[start:stop], scale)
 
 
 class _Builder:
@@ -115,22 +148,29 @@ def _fused(weight: Tensor, factors: torch.dtype, fused: bool | None) -> bool:
     return fused
 
 
-def _merge_fused(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: int,
-                 out: _Builder) -> MergeRecord:
+def _c_factors(A: Tensor | None, B: Tensor | None, scale: float, rows: Rows | None, start: int, stop: int) -> tuple:
+    """The C pass's ΔW arguments for one block: ``(A, B_rows, scale)`` of a pair, or the block's ``d`` itself."""
+    if rows is None:
+        return A, B[start:stop], scale, None
+    return None, None, 0.0, rows(start, stop).contiguous()
+
+
+def _merge_fused(weight: Tensor, A: Tensor | None, B: Tensor | None, scale: float, rows: Rows | None,
+                 block_elements: int, out: _Builder) -> MergeRecord:
     """``merge_`` by the fused C pass, blocks on all of torch's threads."""
-    rows, cols = weight.shape
+    n_rows, cols = weight.shape
     gain = out.gain
-    spans = list(_blocks(rows, cols, block_elements))
+    spans = list(_blocks(n_rows, cols, block_elements))
 
     def merge_block(span: tuple[int, int]) -> _cpu.Block:
         start, stop = span
-        return _cpu.merge_block(weight[start:stop], A, B[start:stop], scale,
-                                None if gain is None else gain[start:stop])
+        a, b, s, d = _c_factors(A, B, scale, rows, start, stop)
+        return _cpu.merge_block(weight[start:stop], a, b, s, None if gain is None else gain[start:stop], d=d)
 
     done = _cpu.run_blocks(merge_block, spans)
     failed = [(start, blk) for (start, _), blk in zip(spans, done) if blk.overflow >= 0]
     if failed:  # an overflowing block restored itself; take the others back out, then report the first
-        _cpu.run_blocks(lambda i: _unmerge_block(weight, A, B, scale, spans[i], done[i], gain),
+        _cpu.run_blocks(lambda i: _unmerge_block(weight, A, B, scale, rows, spans[i], done[i], gain),
                         [i for i, blk in enumerate(done) if blk.overflow < 0])
         out.restore_raw()  # rows with gain 0 have no codes: the C pass leaves them to the caller
         start, blk = failed[0]
@@ -138,14 +178,14 @@ def _merge_fused(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_eleme
         raise _overflow_error(weight, row, col, weight[row, col].item(), gain)
     for (start, _), blk in zip(spans, done):
         out.block(start * cols, blk.codes, blk.esc_index, blk.esc_values, blk.flagged)
-    return out.record((rows, cols))
+    return out.record((n_rows, cols))
 
 
-def _unmerge_block(weight: Tensor, A: Tensor, B: Tensor, scale: float, span: tuple[int, int],
-                   blk: _cpu.Block, gain: Tensor | None) -> None:
+def _unmerge_block(weight: Tensor, A: Tensor | None, B: Tensor | None, scale: float, rows: Rows | None,
+                   span: tuple[int, int], blk: _cpu.Block, gain: Tensor | None) -> None:
     start, stop = span
-    _cpu.unmerge_block(weight[start:stop], A, B[start:stop], scale, blk.codes,
-                       None if gain is None else gain[start:stop])
+    a, b, s, d = _c_factors(A, B, scale, rows, start, stop)
+    _cpu.unmerge_block(weight[start:stop], a, b, s, blk.codes, None if gain is None else gain[start:stop], d=d)
     weight[start:stop].view(-1)[blk.esc_index] = blk.esc_values
 
 
@@ -173,11 +213,13 @@ def _row_gain(gain: Tensor | None, start: int, stop: int, cols: int) -> tuple[Te
 
 
 @torch.no_grad()
-def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: int = BLOCK_ELEMENTS,
-           fused: bool | None = None, gain: Tensor | None = None) -> MergeRecord:
+def merge_(weight: Tensor, A: Tensor | None, B: Tensor | None, scale: float, block_elements: int = BLOCK_ELEMENTS,
+           fused: bool | None = None, gain: Tensor | None = None, rows: Rows | None = None) -> MergeRecord:
     """Fold ``scale·B@A`` into the (rows, cols) row-major matrix ``weight`` in place.
 
     Args:
+        rows: instead of a pair, ΔW's rows from a deterministic function (``kron_rows``, ``summed_rows``),
+            scaled, in fp32 (fp64 for an fp64 weight); A, B and scale are then unused.
         gain: (rows,) float32 per-row gains (DoRA): ``W' = round(g_i·(W_ij + ΔW_ij))``; rows with gain 0
             are kept verbatim in the record. None: ``W' = round(W + ΔW)``.
     Returns:
@@ -187,18 +229,20 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: i
             where W was finite; W is restored bit-exactly before raising.
         ValueError: a gain of the wrong shape, dtype or device.
     """
-    rows, cols = weight.shape
+    n_rows, cols = weight.shape
     fmt = FORMATS.get(weight.dtype)
-    A, B = _in_delta_dtype(A, B)
+    if rows is None:
+        A, B = _in_delta_dtype(A, B)
     if gain is not None:
         check_gain(weight, gain)
         gain = gain.detach().clone()  # the record's own: the caller's magnitudes may train on
     out = _Builder(weight, gain)
-    if _fused(weight, A.dtype, fused):
-        return _merge_fused(weight, A.contiguous(), B.contiguous(), scale, block_elements, out)
-    for start, stop in _blocks(rows, cols, block_elements):
+    if _fused(weight, _delta_dtype(weight, A, rows), fused):
+        A, B = (None, None) if rows is not None else (A.contiguous(), B.contiguous())
+        return _merge_fused(weight, A, B, scale, rows, block_elements, out)
+    for start, stop in _blocks(n_rows, cols, block_elements):
         blk = weight[start:stop]
-        d = delta(A, B[start:stop], scale)
+        d = delta(A, B[start:stop], scale) if rows is None else rows(start, stop)
         g, g_flat = _row_gain(gain, start, stop, cols)
         orig = blk.clone()
         if g is None:
@@ -209,7 +253,8 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: i
             bad = torch.isfinite(orig) & ~torch.isfinite(blk)
             if bad.any():
                 blk.copy_(orig)
-                unmerge_(weight[:start], A, B[:start], scale, out.record((start, cols)), block_elements, False)
+                unmerge_(weight[:start], A, None if B is None else B[:start], scale, out.record((start, cols)),
+                         block_elements, False, rows)
                 pos = int(bad.view(-1).nonzero()[0])
                 row, col = start + pos // cols, pos % cols
                 raise _overflow_error(weight, row, col, orig.view(-1)[pos].item(), gain)
@@ -225,12 +270,19 @@ def merge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, block_elements: i
         codes, escape = _codec.encode(o, guess, width, begin, fmt)
         lost = (escape if live is None else escape & live).nonzero().view(-1)
         out.block(start * cols, _codec.pack(codes, width, cols), lost, o[lost], int((width > 0).sum()))
-    return out.record((rows, cols))
+    return out.record((n_rows, cols))
+
+
+def _delta_dtype(weight: Tensor, A: Tensor | None, rows: Rows | None) -> torch.dtype:
+    """The dtype ΔW is computed in: the pair's (fp32, or fp64), or for ``rows`` fp32 but for an fp64 weight."""
+    if rows is None:
+        return A.dtype
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 @torch.no_grad()
-def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRecord | None,
-             block_elements: int = BLOCK_ELEMENTS, fused: bool | None = None) -> None:
+def unmerge_(weight: Tensor, A: Tensor | None, B: Tensor | None, scale: float, record: MergeRecord | None,
+             block_elements: int = BLOCK_ELEMENTS, fused: bool | None = None, rows: Rows | None = None) -> None:
     """Take ``scale·B@A`` back out of ``weight`` in place; bit-exact given the merge's record.
 
     A gain merge's record holds its gains (and the rows of gain 0), so unmerge takes no gain. With
@@ -238,37 +290,39 @@ def unmerge_(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRe
     differ from the original W in the last bit where merging crossed into a coarser binade (and a gain
     merge cannot be undone at all without its record).
     """
-    rows, cols = weight.shape
-    if rows == 0:
+    n_rows, cols = weight.shape
+    if n_rows == 0:
         return
     fmt = FORMATS.get(weight.dtype)
-    A, B = _in_delta_dtype(A, B)
+    if rows is None:
+        A, B = _in_delta_dtype(A, B)
     gain = None if record is None else record.gain
-    if record is not None and _fused(weight, A.dtype, fused):
-        A, B = A.contiguous(), B.contiguous()
+    if record is not None and _fused(weight, _delta_dtype(weight, A, rows), fused):
+        A, B = (None, None) if rows is not None else (A.contiguous(), B.contiguous())
         chunks = record.chunks.tolist()
 
         def block(i_span):
             i, (start, stop) = i_span
-            _cpu.unmerge_block(weight[start:stop], A, B[start:stop], scale, record.codes[chunks[i]:chunks[i + 1]],
-                               None if gain is None else gain[start:stop])
+            a, b, s, d = _c_factors(A, B, scale, rows, start, stop)
+            _cpu.unmerge_block(weight[start:stop], a, b, s, record.codes[chunks[i]:chunks[i + 1]],
+                               None if gain is None else gain[start:stop], d=d)
 
-        _cpu.run_blocks(block, list(enumerate(_blocks(rows, cols, block_elements))))
+        _cpu.run_blocks(block, list(enumerate(_blocks(n_rows, cols, block_elements))))
     else:
-        _unmerge_ops(weight, A, B, scale, record, fmt, block_elements)
+        _unmerge_ops(weight, A, B, scale, record, fmt, block_elements, rows)
     if record is not None and record.escape_index.numel():
         weight.view(-1)[record.escape_index] = record.escape_values
     if record is not None and record.raw_rows:
         weight[record.raw_index] = record.raw_values
 
 
-def _unmerge_ops(weight: Tensor, A: Tensor, B: Tensor, scale: float, record: MergeRecord | None, fmt,
-                 block_elements: int) -> None:
-    rows, cols = weight.shape
+def _unmerge_ops(weight: Tensor, A: Tensor | None, B: Tensor | None, scale: float, record: MergeRecord | None, fmt,
+                 block_elements: int, rows: Rows | None) -> None:
+    n_rows, cols = weight.shape
     gain = None if record is None else record.gain
-    for i, (start, stop) in enumerate(_blocks(rows, cols, block_elements)):
+    for i, (start, stop) in enumerate(_blocks(n_rows, cols, block_elements)):
         blk = weight[start:stop]
-        d = delta(A, B[start:stop], scale)
+        d = delta(A, B[start:stop], scale) if rows is None else rows(start, stop)
         g, g_flat = _row_gain(gain, start, stop, cols)
         guess = unmerged_guess(blk, d, g)
         if record is None or fmt is None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import functional
 from .base import AdaptedLayer, effective_weight_property
 from .linear import adapted_linear, frozen_linear
 from .routing import lookup
@@ -166,8 +167,10 @@ class LoraMultiheadAttention(AdaptedLayer, LeanAttention, nn.MultiheadAttention)
         return not (state.computes_adapter and any(self.dora_term(s) is not None for s in projection_slots(self)))
 
     def _project(self, x: Tensor, slot: str, rows: slice, bias: Tensor | None) -> Tensor:
-        folded = self.folded(slot) if self.adapter_state.computes_adapter else None
         w = self._parameters[slot]
+        if self.adapter_state.computes_adapter and any(t.kron is not None for t in self.terms(slot)):
+            return F.linear(x, functional.add_delta(w, self.delta(slot))[rows], bias)  # LoKr: the dense ΔW
+        folded = self.folded(slot) if self.adapter_state.computes_adapter else None
         if folded is None:
             return frozen_linear(x, w[rows], bias)
         A, B, scale = folded

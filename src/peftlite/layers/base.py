@@ -41,9 +41,10 @@ class LowRank(nn.Module):
     hot-swapping (``peftlite.prepare_hotswap``), so that a compiled forward reads no Python number.
     """
 
-    kind = "lora"  # AdapterSpec.kind: what ΔW is made of (loha.LowHadamard: "loha")
+    kind = "lora"  # AdapterSpec.kind: what ΔW is made of (loha.LowHadamard: "loha", lokr.LowKronecker: "lokr")
 
-    def __init__(self, spec: AdapterSpec, fan_in: int, fan_out: int, *, device=None, dtype=None):
+    def __init__(self, spec: AdapterSpec, fan_in: int, fan_out: int, *, kernel: int = 1, device=None, dtype=None):
+        """``kernel``: the weight's elements per input channel (kh·kw of a Conv2d); LoKr splits the channels."""
         super().__init__()
         rank, variant = spec.rank, spec.variant
         # plain attributes, read on every forward; hot-swapping and loading a file reassign alpha and rank_scaling
@@ -58,6 +59,10 @@ class LowRank(nn.Module):
     @property
     def scale(self) -> float:
         return scale_of(self.alpha, self.rank, self.rank_scaling)
+
+    def delta(self) -> Tensor:
+        """ΔW as a matrix (fan_out, fan_in), unscaled, with autograd to the factors: the dense reference."""
+        return self.B @ self.A
 
     @property
     def spec(self) -> AdapterSpec:
@@ -85,13 +90,19 @@ class LowRank(nn.Module):
 
 class Term(NamedTuple):
     """One active adapter's contribution to one weight: ``scale · B @ A``, its input dropped out by ``dropout``;
-    for DoRA, the pair itself (``dora``), whose magnitude rescales the adapted weight's rows."""
+    for DoRA, the pair itself (``dora``), whose magnitude rescales the adapted weight's rows. A LoKr term
+    has no (A, B) (its exact pair can be as wide as the weight): ``kron`` holds its factors ``(W1, W2)``."""
 
-    A: Tensor
-    B: Tensor
+    A: Tensor | None
+    B: Tensor | None
     scale: float | Tensor  # a 0-d tensor once prepared for hot-swapping
     dropout: float
     dora: LowRank | None = None
+    kron: tuple[Tensor, Tensor] | None = None
+
+    def delta(self) -> Tensor:
+        """``scale·ΔW`` as a matrix (fan_out, fan_in), with autograd: the dense form every kind has."""
+        return self.scale * (functional.kron_delta(*self.kron) if self.kron is not None else self.B @ self.A)
 
 
 class AdapterStateError(ValueError, RuntimeError):
@@ -160,10 +171,14 @@ class AdaptedLayer:
         out, weights = [], []
         for name, weight in self.adapter_state.active.items():
             pair = self.pairs(name).get(slot)
-            if pair is not None:
+            if pair is None:
+                continue
+            if pair.kind == "lokr":
+                out.append(Term(None, None, pair.effective_scale * weight, pair.dropout, kron=pair.factors()))
+            else:
                 out.append(Term(pair.A, pair.B, pair.effective_scale * weight, pair.dropout,
                                 pair if pair.variant == "dora" else None))
-                weights.append(weight)
+            weights.append(weight)
         if any(t.dora is not None for t in out) and (len(out) > 1 or weights[0] != 1.0):
             raise RuntimeError(f"a DoRA adapter is active with others or weighted ({self.adapter_state.active}); "
                                "magnitudes do not add: use it alone")
@@ -178,7 +193,16 @@ class AdaptedLayer:
         terms = self.terms(slot)
         if not terms:
             return None
+        if any(t.kron is not None for t in terms):
+            raise RuntimeError("folded: a LoKr adapter is active, which has no low-rank pair to fold; take "
+                               "AdaptedLayer.delta(slot) instead")
         return functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
+
+    def delta(self, slot: str) -> Tensor | None:
+        """``Σ scale·ΔW`` of the active adapters on ``slot`` as a dense (fan_out, fan_in) matrix (autograd to
+        the factors), or None: what a layer adds to a weight it hands to code that reads it."""
+        terms = self.terms(slot)
+        return sum(t.delta() for t in terms) if terms else None
 
     def dora_term(self, slot: str) -> Term | None:
         """The active DoRA term on ``slot`` (then the only active one), or None."""
@@ -241,6 +265,9 @@ def effective_weight_property(slot: str) -> property:
         if terms[0].dora is not None:  # then the only term (``terms`` says so)
             t = terms[0]
             return effective(functional.dora_weight, w, t.A, t.B, t.scale, t.dora.magnitude)
+        if any(t.kron is not None for t in terms):  # LoKr: the dense ΔW (a pair could be as wide as W)
+            factors = [f for t in terms for f in (t.kron or (t.A, t.B))]
+            return effective(lambda w, *_: functional.add_delta(w, sum(t.delta() for t in terms)), w, *factors)
         folded = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
         return effective(functional.effective_weight, w, *folded)
 

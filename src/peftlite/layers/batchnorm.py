@@ -1,9 +1,18 @@
 """Frozen BatchNorm statistics: normalise with the running statistics, in train() and eval() alike, never update them.
 
-A frozen BatchNorm's class is swapped to a subclass whose ``training`` attribute always reads False, so
-every BatchNorm forward (timm's ``BatchNormAct2d`` included) takes its inference path. ``train()`` still
-works and is remembered: unfreezing gives the module back the mode it was last asked for. Every
-state_dict key (``num_batches_tracked`` included) stays as it is.
+``freeze_stats`` swaps a BatchNorm's class to ``Frozen<Class>`` (made by ``registry.derived_class``, where
+every run-time class is made); ``unfreeze_stats`` gives the class back. Only the forward differs:
+
+- ``training`` stays the plain attribute that ``model.train()`` / ``model.eval()`` set, so code that reads
+  it (a parent's forward, torch.compile's guards, a training loop's checks) sees the model's mode;
+- the stock forward (``nn.BatchNorm1d/2d/3d``) is replaced by the inference one, ``F.batch_norm`` with the
+  running statistics, whatever the mode; with frozen affine parameters it keeps only a (C,) factor for
+  backward (``_FrozenAffine``);
+- a class with its own forward (timm's ``BatchNormAct2d``: batch norm, then drop and act) decides from
+  ``self.training`` inside it, so that forward runs with ``training`` False for the length of the call
+  and the model's mode put back after it (its child modules keep theirs).
+
+Every state_dict key (``num_batches_tracked`` included) stays as it is.
 """
 
 from __future__ import annotations
@@ -38,26 +47,24 @@ class _FrozenAffine(torch.autograd.Function):
 
 
 class FrozenStats:
-    """Mixin placed before a BatchNorm class."""
+    """Mixin placed before a BatchNorm class: its forward is the inference one in either mode."""
 
     _frozen_base: type
 
-    @property
-    def training(self) -> bool:
-        return False
-
-    @training.setter
-    def training(self, mode: bool) -> None:
-        self.__dict__["_requested_training"] = bool(mode)
-
     def forward(self, x: Tensor) -> Tensor:
         base = self._frozen_base
-        if (base.forward is not _BatchNorm.forward or not torch.is_grad_enabled() or not x.requires_grad
-                or any(p is not None and p.requires_grad for p in (self.weight, self.bias))
-                or torch.compiler.is_compiling()):
-            return base.forward(self, x)
+        if base.forward is not _BatchNorm.forward:
+            mode = self.training
+            self.training = False
+            try:
+                return base.forward(self, x)
+            finally:
+                self.training = mode
         self._check_input_dim(x)
-        return _FrozenAffine.apply(x, self)
+        if (torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
+                and not any(p is not None and p.requires_grad for p in (self.weight, self.bias))):
+            return _FrozenAffine.apply(x, self)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 def freezable(module: nn.Module) -> bool:
@@ -66,12 +73,8 @@ def freezable(module: nn.Module) -> bool:
 
 
 def freeze_stats(module: _BatchNorm) -> None:
-    mode = module.training
     module.__class__ = derived_class(FrozenStats, type(module), "Frozen", _frozen_base=type(module))
-    module.training = mode  # remembered, not used
 
 
 def unfreeze_stats(module: FrozenStats) -> None:
-    mode = module.__dict__.pop("_requested_training", True)
     module.__class__ = module._frozen_base
-    module.training = mode

@@ -93,6 +93,15 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
         if not self.adapter_state.computes_adapter:
             return self._conv_forward(x, w, self.bias)
         terms = self.terms("weight")
+        if any(t.kron is not None for t in terms):  # LoKr: each term by its own form (no pair to fold)
+            y = self._conv_forward(x, w, self.bias)
+            for t in terms:
+                if t.kron is not None:
+                    y = y + functional.kron_conv2d_delta(x, *t.kron, t.scale, self.geometry, t.dropout, self.training)
+                else:
+                    y = y + functional.conv2d_dropout_delta(x, t.A, t.B, t.scale, self.geometry, t.dropout,
+                                                            self.training)
+            return y
         dora_pair = terms[0].dora if len(terms) == 1 else None
         y = self._adapted(x, w, None if dora_pair is not None else self.bias, terms)
         if dora_pair is None:

@@ -174,6 +174,12 @@ class LoraLinear(AdaptedLayer, nn.Linear):
         if not self.adapter_state.computes_adapter:
             return nn.functional.linear(x, w, self.bias)
         terms = self.terms("weight")
+        if any(t.kron is not None for t in terms):  # LoKr: each term by its own form (no pair to fold)
+            y = nn.functional.linear(x, w, self.bias)
+            for t in terms:
+                delta = functional.kron_linear_delta if t.kron is not None else functional.linear_delta
+                y = y + delta(x, *(t.kron or (t.A, t.B)), t.scale, t.dropout, self.training)
+            return y
         dora_pair = terms[0].dora if len(terms) == 1 else None
         bias = None if dora_pair is not None else self.bias  # DoRA scales the rows first, then adds the bias
         if self.training and any(t.dropout > 0.0 for t in terms):

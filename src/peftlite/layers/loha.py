@@ -27,7 +27,7 @@ class LowHadamard(LowRank):
 
     kind = "loha"
 
-    def __init__(self, spec: AdapterSpec, fan_in: int, fan_out: int, *, device=None, dtype=None):
+    def __init__(self, spec: AdapterSpec, fan_in: int, fan_out: int, *, kernel: int = 1, device=None, dtype=None):
         nn.Module.__init__(self)
         r = spec.rank
         self.rank, self.alpha, self.dropout = r, spec.alpha, spec.dropout
@@ -41,6 +41,9 @@ class LowHadamard(LowRank):
         nn.init.kaiming_uniform_(self.A1, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.A2, a=math.sqrt(5))
         nn.init.normal_(self.B1, std=0.1)
+
+    def delta(self) -> Tensor:
+        return functional.hadamard_delta(self.A1, self.B1, self.A2, self.B2)
 
     # functional.hadamard_pair, one half each: a forward reads A and B once each, and forms neither twice
     @property

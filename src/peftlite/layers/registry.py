@@ -7,7 +7,7 @@
     nn.MultiheadAttention  -> LoraMultiheadAttention   (attention.py)
 
 A subclass of one of these (timm's ``Conv2dSame``, torch's ``NonDynamicallyQuantizableLinear``) gets a
-class derived at run time here, and only here (``adapted_class``):
+class derived at run time (``adapted_class``, by ``derived_class``, which makes every run-time class):
 
 - if it keeps the base forward, ``Lora<Class>(LoraConv2d, Class)``: peftlite's forward;
 - if it has its own forward that reads the weight (``Conv2dSame`` pads, then calls ``F.conv2d`` with
@@ -38,6 +38,7 @@ from .base import DEFAULT_ADAPTER, AdaptedLayer, LayerState, LowRank, effective_
 from .conv import LoraConv2d
 from .linear import LoraLinear
 from .loha import LowHadamard
+from .lokr import LowKronecker
 from .spec import AdapterSpec
 
 
@@ -69,7 +70,8 @@ KINDS: dict[type, Kind] = {
                     ("forward", "_conv_forward"), _conv_geometry, True),
 }
 SUPPORTED = tuple(KINDS)
-PAIRS: dict[str, type[LowRank]] = {"lora": LowRank, "loha": LowHadamard}  # AdapterSpec.kind -> its pair class
+# AdapterSpec.kind -> its pair class
+PAIRS: dict[str, type[LowRank]] = {"lora": LowRank, "loha": LowHadamard, "lokr": LowKronecker}
 SUPPORTED_NAMES = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED)
 _RESERVED = ("lora", "adapter_state", "geometry")  # instance attributes an adapted layer adds
 
@@ -100,19 +102,18 @@ _MIXED: dict[tuple[type, type], type] = {}
 def derived_class(mixin: type, cls: type, prefix: str, **namespace: object) -> type:
     """The class ``<prefix><Class>(mixin, cls)``, derived at run time once per ``(mixin, cls)`` and cached.
 
-    For behaviour added to a class peftlite does not own (a user's block, a BatchNorm subclass) by
-    swapping one instance's ``__class__``: the state_dict keys stay, and setting ``__class__`` back to
-    ``cls`` undoes it. ``namespace`` holds extra class attributes (the base class, for undoing); it must
-    depend on ``(mixin, cls)`` only, since the class is made once.
+    The one place peftlite makes classes at run time: adapted classes for subclasses of the table's types
+    (``adapted_class``), frozen BatchNorms (``batchnorm.py``) and checkpointed blocks
+    (``tuning/recomputation.py``). Each adds behaviour to a class peftlite does not own by swapping one
+    instance's ``__class__``: the state_dict keys stay, and setting ``__class__`` back to ``cls`` undoes
+    it. ``namespace`` holds extra class attributes (the base class, for undoing); it must depend on
+    ``(mixin, cls)`` only, since the class is made once.
     """
     key = (mixin, cls)
     if key not in _MIXED:
         name = f"{prefix}{cls.__name__}"
         _MIXED[key] = type(name, (mixin, cls), {"__module__": mixin.__module__, "__qualname__": name, **namespace})
     return _MIXED[key]
-
-
-_DERIVED: dict[type, type] = {}
 
 
 def adapted_class(cls: type, kind: Kind) -> type:
@@ -124,23 +125,16 @@ def adapted_class(cls: type, kind: Kind) -> type:
     """
     if cls is kind.base or cls is LeanMultiheadAttention:  # wrap's lean class is the stock module
         return kind.adapted
-    if cls in _DERIVED:
-        return _DERIVED[cls]
-    name = f"Lora{cls.__name__}"
-    ns = {"base_class": cls, "__module__": __name__, "__qualname__": name}
     if all(getattr(cls, m) is getattr(kind.base, m) for m in kind.stock):
-        derived = type(name, (kind.adapted, cls), ns)
-    elif _reads(cls, kind):
-        ns.update({p: effective_weight_property(p) for p in kind.properties}, adapter_kind=kind.name)
-        derived = type(name, (AdaptedLayer, cls), ns)
-    else:
-        raise TypeError(
-            f"{cls.__module__}.{cls.__name__} overrides forward and never reads {'/'.join(kind.properties)}, "
-            "so peftlite cannot adapt it without changing what it computes; target its inner layers instead, "
-            "or exclude it from targets"
-        )
-    _DERIVED[cls] = derived
-    return derived
+        return derived_class(kind.adapted, cls, "Lora", base_class=cls)
+    if _reads(cls, kind):
+        properties = {p: effective_weight_property(p) for p in kind.properties}
+        return derived_class(AdaptedLayer, cls, "Lora", base_class=cls, adapter_kind=kind.name, **properties)
+    raise TypeError(
+        f"{cls.__module__}.{cls.__name__} overrides forward and never reads {'/'.join(kind.properties)}, "
+        "so peftlite cannot adapt it without changing what it computes; target its inner layers instead, "
+        "or exclude it from targets"
+    )
 
 
 def check_adaptable(name: str, module: nn.Module, adapter: str = DEFAULT_ADAPTER) -> Kind:
@@ -187,6 +181,29 @@ def adapter_shapes(module: nn.Module, rank: int) -> dict[str, tuple[tuple[int, i
     return out
 
 
+def _new_pair(module: nn.Module, slot: str, spec: AdapterSpec, device=None) -> LowRank:
+    """A fresh pair of ``spec``'s kind for ``module``'s parameter ``slot`` (fp32 or wider), on ``device``
+    (default: the weight's)."""
+    w = module._parameters[slot]
+    fan_in, fan_out = w[0].numel(), w.shape[0]
+    kernel = w[0, 0].numel() if w.dim() > 2 else 1  # kh·kw of a conv: LoKr splits the channels, not the kernel
+    dtype = torch.promote_types(w.dtype, torch.float32)  # adapters keep fp32 master precision
+    return PAIRS[spec.kind](spec, fan_in, fan_out, kernel=kernel, device=device or w.device, dtype=dtype)
+
+
+def pair_shapes(module: nn.Module, spec: AdapterSpec) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{slot: {parameter: shape}}`` of the pairs ``attach`` would create, built on the meta device.
+
+    Raises:
+        ValueError: a spec that does not fit the module (a LoKr split that does not divide its dimensions).
+    """
+    out = {}
+    for slot in kind_of(module).slots(module):
+        pair = _new_pair(module, slot, spec, device="meta")
+        out[slot] = {name: tuple(p.shape) for name, p in pair.named_parameters()}
+    return out
+
+
 def attach(module: nn.Module, kind: Kind, spec: AdapterSpec, *, adapter: str = DEFAULT_ADAPTER) -> None:
     """Add adapter ``adapter`` to ``module`` with fresh pairs (B = 0, so outputs are unchanged; a DoRA
     magnitude starts at the rows' norms ‖W_i‖ for the same reason).
@@ -194,10 +211,9 @@ def attach(module: nn.Module, kind: Kind, spec: AdapterSpec, *, adapter: str = D
     An unadapted module first becomes its adapted class, with nothing active; the caller activates.
     """
     pairs = {}
-    for slot, (a_shape, b_shape) in adapter_shapes(module, spec.rank).items():
+    for slot in kind.slots(module):
         w = module._parameters[slot]
-        dtype = torch.promote_types(w.dtype, torch.float32)  # adapters keep fp32 master precision
-        pairs[slot] = PAIRS[spec.kind](spec, a_shape[1], b_shape[0], device=w.device, dtype=dtype)
+        pairs[slot] = _new_pair(module, slot, spec)
         if spec.variant == "dora":
             with torch.no_grad():
                 pairs[slot].magnitude.copy_(functional.dora_norms(w.detach(), pairs[slot].A, pairs[slot].B, 0.0))

@@ -15,7 +15,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("lora", "loha")  # adapter kinds: the math in functional.py, the pair class in layers/ (loha.py)
+KINDS = ("lora", "loha", "lokr")  # adapter kinds: the math in functional.py, the pair classes in layers/
 VARIANTS = ("lora", "dora")
 RANK_SCALINGS = ("linear", "sqrt")
 INITS = ("default",)
@@ -40,7 +40,12 @@ def scale_of(alpha: float, rank: int, rank_scaling: str) -> float:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Validated on construction (``ValueError`` naming the value and the fix); ``alpha=None`` means the rank."""
+    """Validated on construction (``ValueError`` naming the value and the fix); ``alpha=None`` means the rank.
+
+    LoKr's own fields (``kind="lokr"``, layers/lokr.py): ``decompose_factor`` and ``decompose_both`` choose the split as
+    PEFT's LoKrConfig fields of those names do when wrapping; ``kron`` = (out_l, in_m) and ``full``
+    = (W1 full, W2 full) fix one layer's split, as a file's layer entry records it.
+    """
 
     rank: int = 8
     alpha: float | None = None
@@ -49,6 +54,10 @@ class AdapterSpec:
     rank_scaling: str = "linear"
     kind: str = "lora"
     init: str = "default"
+    decompose_factor: int = -1
+    decompose_both: bool = False
+    kron: tuple[int, int] | None = None
+    full: tuple[bool, bool] | None = None
 
     def __post_init__(self) -> None:
         if not is_positive(self.rank, integral=True):
@@ -70,9 +79,34 @@ class AdapterSpec:
         if self.rank_scaling not in RANK_SCALINGS:
             raise ValueError(f"rank_scaling must be 'linear' (scale = alpha / rank) or 'sqrt' (rsLoRA: alpha / "
                              f"sqrt(rank)), got {self.rank_scaling!r}")
+        self._check_lokr()
         object.__setattr__(self, "rank", int(self.rank))
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
+
+    def _check_lokr(self) -> None:
+        lokr = {"decompose_factor": -1, "decompose_both": False, "kron": None, "full": None}
+        if self.kind != "lokr":
+            given = [f for f, default in lokr.items() if getattr(self, f) != default]
+            if given:
+                raise ValueError(f"{given[0]}={getattr(self, given[0])!r} is a LoKr field; it needs kind='lokr', "
+                                 f"got kind={self.kind!r}")
+            return
+        if self.decompose_factor != -1 and not is_positive(self.decompose_factor, integral=True):
+            raise ValueError(f"decompose_factor must be -1 (split near the square root) or a positive integer, got "
+                             f"{self.decompose_factor!r}")
+        if not isinstance(self.decompose_both, bool):
+            raise ValueError(f"decompose_both must be True or False, got {self.decompose_both!r}")
+        if self.kron is not None:
+            kron = tuple(self.kron) if isinstance(self.kron, (list, tuple)) else ()
+            if len(kron) != 2 or not all(is_positive(k, integral=True) for k in kron):
+                raise ValueError(f"kron must be two positive integers (out_l, in_m), got {self.kron!r}")
+            object.__setattr__(self, "kron", tuple(int(k) for k in kron))
+        if self.full is not None:
+            full = tuple(self.full) if isinstance(self.full, (list, tuple)) else ()
+            if len(full) != 2 or not all(isinstance(f, bool) for f in full):
+                raise ValueError(f"full must be two booleans (W1 full, W2 full), got {self.full!r}")
+            object.__setattr__(self, "full", full)
 
     @property
     def scale(self) -> float:
@@ -91,6 +125,10 @@ class AdapterSpec:
             out["variant"] = self.variant
         if self.rank_scaling != "linear":
             out["rank_scaling"] = self.rank_scaling
+        if self.kron is not None:
+            out["kron"] = list(self.kron)
+        if self.full is not None:
+            out["full"] = list(self.full)
         return out
 
     @classmethod
@@ -101,6 +139,6 @@ class AdapterSpec:
         try:
             return cls(rank=entry.get("rank"), alpha=entry.get("alpha"), dropout=entry.get("dropout", 0.0),
                        variant=entry.get("variant", "lora"), rank_scaling=entry.get("rank_scaling", "linear"),
-                       kind=entry.get("adapter_kind", "lora"))
+                       kind=entry.get("adapter_kind", "lora"), kron=entry.get("kron"), full=entry.get("full"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
