@@ -224,10 +224,17 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
             name, nothing to train, a layer that already has an adapter of this name, a merged model.
         TypeError: a target that cannot be adapted (names the module, its type and the supported types).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
     spec = AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, variant=variant, rank_scaling=rank_scaling, kind=kind,
                        decompose_factor=decompose_factor, decompose_both=decompose_both)
+    return wrap_spec(model, targets, spec, heads=heads, trainable=trainable, train_bn=train_bn, name=name)
+
+
+def wrap_spec(model: nn.Module, targets, spec: AdapterSpec, *, heads: Mapping[str, nn.Module] | None = None,
+              trainable=None, train_bn: bool = False, name: str = "default") -> nn.Module:
+    """``wrap`` with the adapter's hyper-parameters as one ``AdapterSpec`` (a file's layer entry gives one with
+    fields ``wrap`` has no argument for: a LoKr layer's split)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
     name = check_name(name, "wrap")
     index = selection.Index.of(model)
     heads = resolve_heads(model, heads, index)

@@ -18,6 +18,7 @@ from torch import nn
 
 import peftlite
 from peftlite import functional
+from peftlite.formats.peft import PeftFormatError
 from peftlite.functional import ConvGeometry
 from peftlite.layers import adapted_layers
 
@@ -255,3 +256,49 @@ def test_what_lokr_refuses_leaves_the_model_as_it_was():
         peftlite.prepare_hotswap(m, max_rank=4)
     assert peftlite.adapters(m) == ["a", "b"]
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in snapshot.items())
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.point = nn.Conv2d(8, 6, 1)
+        self.lin = nn.Linear(6 * 36, 12)
+
+    def forward(self, x):
+        return self.lin(torch.relu(self.point(torch.relu(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("options", [{"r": 1}, {"r": 2, "decompose_both": True}, {"r": 1, "decompose_factor": 2},
+                                     {"r": 8}], ids=str)
+def test_a_peft_lokr_directory_loads_with_the_outputs_peft_computes_and_goes_back(tmp_path, options):
+    """Checked with the real peft package both ways: its LoKr forward (non-zero init) against peftlite's after
+    load, and peftlite's file written for PEFT loaded by PEFT."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _ConvNet().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoKrConfig(
+        alpha=3, target_modules=["lin", "conv", "point"], init_weights=False, **options)).eval()
+    theirs.save_pretrained(tmp_path / "lokr")
+    x = torch.randn(2, 4, 6, 6)
+    ours = copy.deepcopy(base)
+    peftlite.load(ours, tmp_path / "lokr")
+    with torch.no_grad():
+        want, got = theirs(x), ours(x)
+        assert (want - base(x)).abs().max() > 1e-3  # the adapter changes the outputs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert {p.kind for _, layer in adapted_layers(ours) for p in layer.weight_pairs()} == {"lokr"}
+    peftlite.save(ours, tmp_path / "back", format="peft")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
+    assert type(again.peft_config["default"]).__name__ == "LoKrConfig"
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lokr_adapter_whose_splits_peft_cannot_make_is_refused_for_peft(tmp_path):
+    torch.manual_seed(0)
+    m = peftlite.wrap(_ConvNet(), ["conv"], rank=1, kind="lokr", decompose_factor=2)
+    peftlite.wrap(m, ["lin"], rank=1, kind="lokr", decompose_factor=4)  # another rule on another layer
+    with pytest.raises(PeftFormatError, match="no one decompose_factor / decompose_both gives every layer"):
+        peftlite.save(m, tmp_path / "d", format="peft")
+    assert not (tmp_path / "d").exists()

@@ -28,7 +28,7 @@ from .._version import __version__
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, adapted_layers, registry
 from ..layers.spec import AdapterSpec
 from ..state import WrapState, activate, add, refuse_busy, remove, wrap_state
-from ..wrapping import check_name, saved_tensors, under, unwrap, wrap
+from ..wrapping import check_name, saved_tensors, under, unwrap, wrap, wrap_spec
 from . import lycoris, peft, schema
 from ._safetensors import TensorFile, file_tensors, write_file
 from .schema import AdapterFileError
@@ -331,9 +331,8 @@ def _wrap_as_file(model: nn.Module, config: dict, built: dict[str, nn.Module]) -
     first = {"heads": built or None, "trainable": trainable}
     for spec, names in groups.items():
         chosen = set(names)
-        wrap(model, lambda n, m, chosen=chosen: n in chosen, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
-             train_bn=config["train_bn"], name=schema.adapter_name(config), variant=spec.variant,
-             rank_scaling=spec.rank_scaling, kind=spec.kind, **first)
+        wrap_spec(model, lambda n, m, chosen=chosen: n in chosen, spec, train_bn=config["train_bn"],
+                  name=schema.adapter_name(config), **first)
         first = {}
     if first:  # a head-only or trainable-only file
         wrap(model, None, train_bn=config["train_bn"], **first)

@@ -1,4 +1,4 @@
-"""Hugging Face PEFT LoRA and LoHa adapter directories, read and written without PEFT and without pickle.
+"""Hugging Face PEFT LoRA, LoHa and LoKr adapter directories, read and written without PEFT and without pickle.
 
 A PEFT directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the prefix is absent for adapters made
@@ -20,6 +20,11 @@ Both directions go through peftlite's in-memory file form, ``(tensors, config)``
                       alpha / r; conv factors are stored flat, so reading one needs the model; the Tucker form
                       (use_effective_conv2d), rank_dropout and module_dropout are refused, and so are LoHa
                       layers with rsLoRA or input dropout on writing, and LoRA and LoHa layers in one adapter
+    LoKr (peft_type "LOKR"): lokr_w1 / lokr_w1_a / lokr_w1_b <-> W1 / B1 / A1, lokr_w2 / lokr_w2_a / lokr_w2_b
+                      <-> W2 / B2 / A2 (a conv's lokr_w2 is (out_k, in_n, kh, kw), W2 is flat); scale alpha / r.
+                      The split is read from the tensors' shapes; PEFT makes it again on loading from
+                      decompose_factor and decompose_both, so writing needs one pair of them that gives
+                      every layer's split. The same refusals as LoHa (lokr_t2 is the Tucker form)
 
 What PEFT cannot express, or computes differently from the base layer, is refused with an error naming
 the feature: grouped-conv adapters, dilated or non-zero padding_mode convs (PEFT's LoRA conv drops both),
@@ -41,7 +46,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..layers import DEFAULT_ADAPTER, AdaptedLayer
+from ..layers import DEFAULT_ADAPTER, AdaptedLayer, lokr
 from ..layers.spec import AdapterSpec, is_positive
 from . import _direct_reads, schema
 from ._safetensors import file_tensors, read_file, write_folder
@@ -55,6 +60,12 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 # LoHa (peft_type "LOHA"): hada_w1_a (out, r) = B1, hada_w1_b (r, fan_in) = A1, and the same for w2; t1/t2: Tucker
 _HADA_KEY = re.compile(r"^(?P<module>.+)\.hada_(?P<part>w1_a|w1_b|w2_a|w2_b|t1|t2)$")
 _HADA_NAMES = {"w1_b": "A1", "w1_a": "B1", "w2_b": "A2", "w2_a": "B2"}
+# LoKr (peft_type "LOKR"): lokr_w1 (out_l, in_m) = W1 or lokr_w1_a (out_l, r) = B1 @ lokr_w1_b (r, in_m) = A1; the
+# same for w2 (a conv's lokr_w2 is 4-D, W2 flat); t2: Tucker
+_LOKR_KEY = re.compile(r"^(?P<module>.+)\.lokr_(?P<part>w1|w1_a|w1_b|w2|w2_a|w2_b|t2)$")
+_LOKR_NAMES = {"w1": "W1", "w1_a": "B1", "w1_b": "A1", "w2": "W2", "w2_a": "B2", "w2_b": "A2"}
+# per peft_type: (key pattern, key part -> peftlite parameter, the Tucker parts, the kind)
+_FACTORED = {"LOHA": (_HADA_KEY, _HADA_NAMES, ("t1", "t2"), "loha"), "LOKR": (_LOKR_KEY, _LOKR_NAMES, ("t2",), "lokr")}
 
 # Config fields that change what a LoRA layer computes, and that peftlite does not implement.
 _UNSUPPORTED_FLAGS = {
@@ -112,14 +123,14 @@ def read_raw(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _check_config(path: str, config: dict[str, Any]) -> None:
     peft_type = config.get("peft_type")
-    if peft_type not in ("LORA", "LOHA"):
-        raise PeftFormatError(f"{path}: peft_type {peft_type!r} is not supported; peftlite reads LoRA and LoHa "
-                              "adapters (peft_type 'LORA', 'LOHA')")
-    if peft_type == "LOHA":
+    if peft_type not in ("LORA", "LOHA", "LOKR"):
+        raise PeftFormatError(f"{path}: peft_type {peft_type!r} is not supported; peftlite reads LoRA, LoHa and "
+                              "LoKr adapters (peft_type 'LORA', 'LOHA', 'LOKR')")
+    if peft_type in _FACTORED:
         for key in ("rank_dropout", "module_dropout"):
             if config.get(key) not in (None, 0, 0.0):
-                raise PeftFormatError(f"{path}: uses {key} = {config[key]!r}, a LoHa training option peftlite does "
-                                      "not implement; only adapters with 0 can be read")
+                raise PeftFormatError(f"{path}: uses {key} = {config[key]!r}, a {peft_type} training option "
+                                      "peftlite does not implement; only adapters with 0 can be read")
     for key, feature in _UNSUPPORTED_FLAGS.items():
         if config.get(key) not in (None, False, {}, [], "megatron.core"):
             raise PeftFormatError(f"{path}: uses {feature} = {config[key]!r}, which peftlite does not support")
@@ -286,54 +297,76 @@ def _split_keys(where: str, tensors: dict[str, torch.Tensor]):
     return pairs, rest
 
 
-def _loha_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[str, Any],
-                 modules: dict[str, nn.Module] | None):
-    """A PEFT LoHa adapter's layers as peftlite entries and tensors (``A1 B1 A2 B2``), and its other tensors.
+def _factored_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                     modules: dict[str, nn.Module] | None):
+    """A PEFT LoHa or LoKr adapter's layers as peftlite entries and tensors, and its other tensors.
 
     PEFT stores a conv's factors flat (r, in·kh·kw), so only the model tells a conv from a Linear: reading one
-    needs the model. The Tucker form (``use_effective_conv2d``: ``hada_t1``/``hada_t2``) is refused.
+    needs the model. The Tucker forms (``use_effective_conv2d``: ``hada_t1``/``hada_t2``, ``lokr_t2``) are
+    refused. A LoKr layer's split (and which factors are full) is read from its tensors' shapes.
     """
+    peft_type = config["peft_type"]
+    pattern, names, tucker, kind = _FACTORED[peft_type]
     if modules is None:
-        raise PeftFormatError(f"{where}: a PEFT LoHa adapter stores conv factors flat, so reading it needs the "
-                              "model: peftlite.load(model, dir)")
+        raise PeftFormatError(f"{where}: a PEFT {peft_type} adapter stores conv factors flat, so reading it needs "
+                              "the model: peftlite.load(model, dir)")
     if any(k.startswith(PREFIX) for k in tensors):
         tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: t for k, t in tensors.items()}
     factors: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        m = _HADA_KEY.match(key)
-        if m and m["part"] in ("t1", "t2"):
-            raise PeftFormatError(f"{where}: {key} is LoHa's Tucker form (use_effective_conv2d), which peftlite "
-                                  "does not read yet")
+        m = pattern.match(key)
+        if m and m["part"] in tucker:
+            raise PeftFormatError(f"{where}: {key} is {peft_type}'s Tucker form (use_effective_conv2d), which "
+                                  "peftlite does not read from PEFT directories")
         if m:
-            factors.setdefault(m["module"], {})[_HADA_NAMES[m["part"]]] = t
+            factors.setdefault(m["module"], {})[names[m["part"]]] = t
         else:
             rest[key] = t
     layers, out = {}, {}
     for name, f in factors.items():
-        if set(f) != {"A1", "B1", "A2", "B2"}:
-            raise PeftFormatError(f"{where}: {name} has LoHa factors {sorted(f)}, not all four hada_w1/w2 a/b")
         if name not in modules:
             raise PeftFormatError(f"{where}: the adapter has a layer {name!r} that the model does not have")
         module = modules[name]
-        kind = "conv2d" if issubclass(_base_type(module), nn.Conv2d) else "linear"
-        _check_module(where, name, module, kind)
-        r = f["A1"].shape[0]
-        want_a, want_b = schema.adapter_keys(name, module, AdapterSpec(rank=r)).values()
-        shapes = {k: tuple(t.shape) for k, t in f.items()}
-        if any(tuple(f[k].shape) != (want_a if k[0] == "A" else want_b) for k in f):
-            raise PeftFormatError(f"{where}: {name} has LoHa factors {shapes}, which do not fit the model's "
-                                  f"{type(module).__name__} at rank {r} (A {want_a}, B {want_b})")
-        expected_r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-        if r != expected_r:
-            raise PeftFormatError(f"{where}: {name} has rank {r}, but the config's r / rank_pattern gives it "
-                                  f"rank {expected_r}")
+        layer_kind = "conv2d" if issubclass(_base_type(module), nn.Conv2d) else "linear"
+        _check_module(where, name, module, layer_kind)
+        r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["alpha"]))
-        layers[name] = {"kind": kind, "rank": r, "alpha": alpha, "dropout": 0.0, "adapter_kind": "loha",
-                        "slots": ["weight"], "base_class": "Linear" if kind == "linear" else "Conv2d",
-                        **schema.layer_geometry(module)}
+        f = {k: t.reshape(t.shape[0], -1) for k, t in f.items()}  # a conv's lokr_w2 (out_k, in_n, kh, kw): flat
+        spec = _factored_spec(where, name, kind, f, r)
+        want = {k.rsplit(".", 1)[1]: shape for k, shape in schema.adapter_keys(name, module, spec).items()}
+        shapes = {k: tuple(t.shape) for k, t in f.items()}
+        if shapes != want:
+            raise PeftFormatError(f"{where}: {name} has {peft_type} factors {shapes}, which do not fit the model's "
+                                  f"{type(module).__name__} at rank {r} ({want} as peftlite stores them)")
+        layers[name] = {"kind": layer_kind, **spec.replace(alpha=alpha).entry(), "slots": ["weight"],
+                        "base_class": "Linear" if layer_kind == "linear" else "Conv2d", **schema.layer_geometry(module)}
         out.update({f"{name}.lora.{DEFAULT_ADAPTER}.{k}": t for k, t in f.items()})
     return layers, out, rest
+
+
+def _factored_spec(where: str, name: str, kind: str, f: dict[str, torch.Tensor], r: int) -> AdapterSpec:
+    """The spec of one LoHa / LoKr layer read from its (flat) factors; the rank each low-rank factor has must be
+    the config's ``r``."""
+    if kind == "loha":
+        if set(f) != {"A1", "B1", "A2", "B2"}:
+            raise PeftFormatError(f"{where}: {name} has LoHa factors {sorted(f)}, not all four hada_w1/w2 a/b")
+        ranks = {f["A1"].shape[0], f["A2"].shape[0]}
+        full = None
+    else:
+        full = ("W1" in f, "W2" in f)
+        parts = [{"W1"} if full[0] else {"A1", "B1"}, {"W2"} if full[1] else {"A2", "B2"}]
+        if set(f) != parts[0] | parts[1]:
+            raise PeftFormatError(f"{where}: {name} has LoKr factors {sorted(f)}, not lokr_w1 or lokr_w1_a/b and "
+                                  "lokr_w2 or lokr_w2_a/b")
+        ranks = {f[k].shape[0] for k in ("A1", "A2") if k in f}
+    if ranks - {r}:
+        raise PeftFormatError(f"{where}: {name} has rank {sorted(ranks)}, but the config's r / rank_pattern gives "
+                              f"it rank {r}")
+    kron = None
+    if kind == "lokr":
+        kron = ((f["W1"] if full[0] else f["B1"]).shape[0], (f["W1"] if full[0] else f["A1"]).shape[1])
+    return AdapterSpec(rank=r, kind=kind, kron=kron, full=full)
 
 
 def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str = "<peft>",
@@ -347,8 +380,8 @@ def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: s
     _check_config(where, config)
     modules = dict(model.named_modules()) if model is not None else None
     target_modules = config.get("target_modules")
-    if config["peft_type"] == "LOHA":
-        layers, out, rest = _loha_layers(where, tensors, config, modules)
+    if config["peft_type"] in _FACTORED:
+        layers, out, rest = _factored_layers(where, tensors, config, modules)
         pairs = {}
     else:
         pairs, rest = _split_keys(where, tensors)
@@ -463,11 +496,12 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
     if len(kinds) > 1:
         raise PeftFormatError(f"{where}: the adapter has {' and '.join(sorted(kinds))} layers; a PEFT directory holds "
                               "one method (peft_type), so save it in peftlite format")
-    loha = kinds == {"loha"}
+    factored = next(iter(kinds)) if kinds & {"loha", "lokr"} else None  # LoHa or LoKr: PEFT's LyCORIS types
+    label = {"loha": "LoHa", "lokr": "LoKr"}.get(factored)
     for name, e in layers.items():
-        if loha and (e.get("rank_scaling", "linear") != "linear" or e.get("dropout", 0.0)):
-            raise PeftFormatError(f"{where}: {name} is a LoHa layer with rank_scaling={e.get('rank_scaling')!r}, "
-                                  f"dropout={e.get('dropout')}; PEFT's LoHa scales by alpha / r and has no input "
+        if factored and (e.get("rank_scaling", "linear") != "linear" or e.get("dropout", 0.0)):
+            raise PeftFormatError(f"{where}: {name} is a {label} layer with rank_scaling={e.get('rank_scaling')!r}, "
+                                  f"dropout={e.get('dropout')}; PEFT's {label} scales by alpha / r and has no input "
                                   "dropout, so save it in peftlite format")
         if e.get("kind") == "mha":
             raise PeftFormatError(f"{where}: {name} is an adapted nn.MultiheadAttention, which PEFT's LoRA "
@@ -504,9 +538,14 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
     for name, e in layers.items():
         r = int(e["rank"])
         ranks[name], alphas[name] = r, float(e["alpha"])
-        if loha:  # PEFT keeps LoHa's conv factors flat, as peftlite does
-            for part, ours in _HADA_NAMES.items():
-                out[f"{PREFIX}{name}.hada_{part}"] = tensors[f"{name}.lora.{adapter}.{ours}"]
+        if factored:  # PEFT keeps the conv factors flat, as peftlite does, but for LoKr's full W2
+            prefix, parts = ("hada_", _HADA_NAMES) if factored == "loha" else ("lokr_", _LOKR_NAMES)
+            for part, ours in parts.items():
+                t = tensors.get(f"{name}.lora.{adapter}.{ours}")
+                if t is not None and ours == "W2" and e["kind"] == "conv2d":
+                    t = t.reshape(t.shape[0], -1, *e["kernel_size"])  # (out_k, in_n, kh, kw)
+                if t is not None:
+                    out[f"{PREFIX}{name}.{prefix}{part}"] = t
             continue
         a = tensors[f"{name}.lora.{adapter}.A"]
         b = tensors[f"{name}.lora.{adapter}.B"]
@@ -530,15 +569,16 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
     alpha_default = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r_default)
     dropouts = {float(e.get("dropout", 0.0)) for e in layers.values()}
     targets = "|".join(re.escape(n) for n in layers)
-    if loha:
+    if factored:
         return out, {
-            "peft_type": "LOHA", "task_type": None, "base_model_name_or_path": None,
+            "peft_type": factored.upper(), "task_type": None, "base_model_name_or_path": None,
             "r": r_default, "alpha": _number(alpha_default),
             "target_modules": f"^(?:{targets})$" if layers else None,
             "rank_pattern": {_anchored(n): r for n, r in ranks.items() if r != r_default},
             "alpha_pattern": {_anchored(n): _number(a) for n, a in alphas.items() if a != alpha_default},
             "modules_to_save": save or None, "rank_dropout": 0.0, "module_dropout": 0.0,
             "use_effective_conv2d": False, "init_weights": True, "inference_mode": True,
+            **(_lokr_split(where, layers) if factored == "lokr" else {}),
         }
     adapter_config = {
         "peft_type": "LORA",
@@ -559,6 +599,34 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
         "inference_mode": True,
     }
     return out, adapter_config
+
+
+def _lokr_split(where: str, layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """PEFT's ``decompose_factor`` and ``decompose_both`` that make every layer's LoKr split again on loading.
+
+    PEFT has one pair of them for the whole adapter and splits each layer by them, so the files' splits must
+    all be that one rule's; the candidates are -1 and every split size the layers have.
+
+    Raises:
+        PeftFormatError: no one pair gives every layer's split (layers wrapped with different factors, or
+            read from a LyCORIS file, whose rule differs).
+    """
+    fits = {}
+    for name, e in layers.items():
+        spec = AdapterSpec.from_entry(e, name)
+        fan_out = e.get("out_features", e.get("out_channels"))
+        fan_in = e.get("in_features", e.get("in_channels", 0) // e.get("groups", 1))
+        fits[name] = (spec, fan_out, fan_in)
+    candidates = [-1] + sorted({k for spec, *_ in fits.values() for k in spec.kron})
+    for factor in candidates:
+        for both in (False, True):
+            rule = {"kron": None, "full": None, "decompose_factor": factor, "decompose_both": both}
+            if all(lokr.layout(spec.replace(**rule), fan_in, fan_out, 1) == (spec.kron, spec.full)
+                   for spec, fan_out, fan_in in fits.values()):
+                return {"decompose_factor": factor, "decompose_both": both}
+    raise PeftFormatError(f"{where}: no one decompose_factor / decompose_both gives every layer's LoKr split "
+                          f"({ {n: [list(s.kron), list(s.full)] for n, (s, *_) in fits.items()} }), and PEFT splits "
+                          "every layer by one such pair on loading; save it in peftlite format")
 
 
 def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], adapter_config: dict[str, Any],

@@ -3,6 +3,7 @@
     spec.py         AdapterSpec: an adapter's hyper-parameters, their validation, the scale, file entry fields
     base.py         LowRank, LayerState, AdaptedLayer (the protocol), the effective-weight property
     loha.py         LowHadamard: a LoHa adapter, read as its exact low-rank pair
+    lokr.py         LowKronecker: a LoKr adapter (W1 ⊗ W2), its split, its exact pair
     linear.py       LoraLinear and its autograd function
     conv.py         LoraConv2d and the cost model that picks its path; conv_autograd.py its functions
     attention.py    LoraMultiheadAttention, LeanMultiheadAttention (a lean training forward for both)
