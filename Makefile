@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.peftlite-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,demo,peft]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,demo,peft,lycoris]"
 	touch $(STAMP)
 
 demo: $(STAMP)

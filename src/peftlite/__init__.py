@@ -11,6 +11,7 @@ The package reads bottom-up (docs/design.md): ``functional`` and ``kernels``, th
 
 from ._version import __version__
 from .combining import combine
+from .formats.lycoris import LycorisFormatError
 from .formats.native import load, save
 from .formats.peft import PeftFormatError
 from .formats.schema import AdapterFileError
@@ -32,6 +33,7 @@ __all__ = [
     "AdapterSpec",
     "AdapterStateError",
     "Block",
+    "LycorisFormatError",
     "PeftFormatError",
     "Unfreezer",
     "__version__",

@@ -112,3 +112,21 @@ def reads_values(cls: type, relative: str) -> bool:
     if reads is None:
         return _bytecode_reads(cls, path)
     return path in reads
+
+
+def reader_of(model, name: str) -> tuple[str, str] | None:
+    """The module enclosing ``name`` whose forward computes with ``name``'s weight values, as ``(its class name,
+    the attribute path it reads)``; None when no enclosing forward does.
+
+    A format whose runtime acts only when the layer is called (PEFT, LyCORIS) is bypassed by such a read,
+    so a file of that format would not reproduce peftlite's outputs for the layer.
+    """
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        relative = parts[i:]
+        if any(p.isdigit() for p in relative):
+            break  # an index (Sequential, ModuleList) cannot be reached as an attribute from here up
+        holder = model.get_submodule(".".join(parts[:i]))
+        if reads_values(type(holder), ".".join(relative)):
+            return type(holder).__name__, ".".join(relative)
+    return None

@@ -111,8 +111,9 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
         peft.check_direct_reads(model, list(config["layers"]))
         return peft.write(path, peft_tensors, adapter_config, dtype)
     if format == "lycoris":
-        lyco = lycoris.to_lycoris(tensors, config, prefix or lycoris.DEFAULT_PREFIX)
-        lycoris.check_model(model, list(config["layers"]), prefix or lycoris.DEFAULT_PREFIX)
+        prefix = lycoris.DEFAULT_PREFIX if prefix is None else prefix
+        lyco = lycoris.to_lycoris(tensors, config, prefix)
+        lycoris.check_model(model, list(config["layers"]), prefix)
         return lycoris.write(path, lyco, dtype)
     return write(path, tensors, config, dtype)
 
