@@ -155,16 +155,51 @@ def test_a_peftlite_file_loads_in_lycoris_with_equal_outputs(base, tmp_path, kw)
 
 
 @needs_lokr
-def test_a_lokr_file_goes_round_through_peftlite_and_back_into_lycoris(base, tmp_path):
-    kws = [dict(factor=4), dict(full_matrix=True), dict(decompose_both=True, linear_dim=2, conv_dim=2)]
-    for i, kw in enumerate(kws):
-        path = tmp_path / f"l{i}.safetensors"
-        expected = lycoris_file(base, path, "lokr", **kw)
-        model = peftlite.load(copy.deepcopy(base), path)
-        again = peftlite.save(model, tmp_path / f"p{i}.safetensors", format="lycoris")
-        theirs = copy.deepcopy(base)
-        create_lycoris_from_weights(1.0, str(again), theirs)[0].apply_to()
-        close(run(theirs), expected)
+@pytest.mark.parametrize("kw", [dict(factor=4), dict(full_matrix=True)], ids=["factor4", "full"])
+def test_a_lokr_file_goes_through_peftlite_and_back_into_lycoris(base, tmp_path, kw):
+    """Layouts LyCORIS's own loader rebuilds (it cannot reload its decompose_both or Tucker LoKr files)."""
+    expected = lycoris_file(base, tmp_path / "l.safetensors", "lokr", **kw)
+    model = peftlite.load(copy.deepcopy(base), tmp_path / "l.safetensors")
+    path = peftlite.save(model, tmp_path / "p.safetensors", format="lycoris")
+    theirs = copy.deepcopy(base)
+    create_lycoris_from_weights(1.0, str(path), theirs)[0].apply_to()
+    close(run(theirs), expected)
+
+
+@needs_lokr
+def test_a_full_lokr_is_written_with_its_scale_in_w1(base, tmp_path):
+    """LyCORIS computes a full/full LoKr at scale 1, so peftlite's alpha / rank goes into lokr_w1."""
+    model = peftlite.wrap(copy.deepcopy(base), ["*.to_q", "*.ff.net.2"], kind="lokr", rank=8, alpha=3.0)
+    randomise([p for n, p in model.named_parameters() if ".lora." in n], std=0.5)
+    path = peftlite.save(model, tmp_path / "p.safetensors", format="lycoris")
+    assert not any(k.endswith(("lokr_w1_a", "lokr_w2_a")) for k in load_file(path))
+    theirs = copy.deepcopy(base)
+    create_lycoris_from_weights(1.0, str(path), theirs)[0].apply_to()
+    close(run(theirs), run(model))
+
+
+@needs_lokr
+@pytest.mark.parametrize("kw", [dict(rank=2), dict(rank=2, decompose_both=True)], ids=["w2-low-rank", "both"])
+def test_a_peftlite_lokr_file_holds_the_kronecker_product_lycoris_computes(base, tmp_path, kw):
+    """PEFT's split (peftlite's when wrapping) is one LyCORIS's loader does not rebuild from the shapes (ComfyUI's
+    and A1111's take any), so each entry is checked with LyCORIS's own kron_weight against peftlite's merged ΔW."""
+    from lycoris.functional.lokr import kron_weight
+
+    model = peftlite.wrap(copy.deepcopy(base), (nn.Linear, nn.Conv2d), kind="lokr", alpha=3.0, **kw)
+    randomise([p for n, p in model.named_parameters() if ".lora." in n], std=0.5)
+    f = load_file(peftlite.save(model, tmp_path / "p.safetensors", format="lycoris"))
+    peftlite.merge(model)
+    for name, module in base.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        key = f"lycoris_{name.replace('.', '_')}"
+        parts = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
+        w1, w1_a, w1_b, w2, w2_a, w2_b = (f.get(f"{key}.lokr_{s}") for s in parts)
+        rank = next((t.shape[1] for t in (w1_a, w2_a) if t is not None), None)
+        scale = 1.0 if rank is None else f[f"{key}.alpha"].item() / rank  # LyCORIS's rule: 1 when both are full
+        delta = kron_weight(w1, w1_a, w1_b, w2, w2_a, w2_b, scale=scale)
+        theirs = module.weight + delta.reshape(module.weight.shape)
+        torch.testing.assert_close(model.get_submodule(name).weight, theirs, rtol=1e-5, atol=1e-5)
 
 
 class Grouped(nn.Module):
