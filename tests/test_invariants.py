@@ -44,6 +44,7 @@ MODELS = {
 
 # relative tolerance of merged vs unmerged outputs, per dtype
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+KINDS = ("lora", "loha", "lokr")  # AdapterSpec.kind: every invariant holds for each
 
 
 def build(name, dtype=torch.float32):
@@ -58,20 +59,22 @@ def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", MODELS)
-def test_init_output_equals_base(name):
+def test_init_output_equals_base(name, kind):
     model, x, targets = build(name)
     with torch.no_grad():
         base = model(x)
-        peftlite.wrap(model, targets, rank=4)
+        peftlite.wrap(model, targets, rank=4, kind=kind)
         assert torch.equal(model(x), base)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", MODELS)
-def test_merge_unmerge_unwrap(name, dtype):
+def test_merge_unmerge_unwrap(name, dtype, kind):
     model, x, targets = build(name, dtype)
-    peftlite.wrap(model, targets, rank=4)
+    peftlite.wrap(model, targets, rank=4, kind=kind)
     randomize_adapters(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -103,11 +106,12 @@ def test_unwrap_keys_and_classes(name):
     assert [type(m) for m in model.modules()] == classes
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", MODELS)
-def test_save_load_into_fresh_base(name, tmp_path):
+def test_save_load_into_fresh_base(name, kind, tmp_path):
     model, x, targets = build(name)
     fresh = copy.deepcopy(model)
-    peftlite.wrap(model, targets, rank=4)
+    peftlite.wrap(model, targets, rank=4, kind=kind)
     randomize_adapters(model)
     with torch.no_grad():
         expected = model(x)
@@ -117,10 +121,11 @@ def test_save_load_into_fresh_base(name, tmp_path):
         assert torch.equal(fresh(x), expected)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", MODELS)
-def test_training_step_changes_only_adapters_and_heads(name):
+def test_training_step_changes_only_adapters_and_heads(name, kind):
     model, x, targets = build(name)
-    peftlite.wrap(model, targets, rank=4)
+    peftlite.wrap(model, targets, rank=4, kind=kind)
     randomize_adapters(model)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -230,9 +230,11 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
 
 
 def wrap_spec(model: nn.Module, targets, spec: AdapterSpec, *, heads: Mapping[str, nn.Module] | None = None,
-              trainable=None, train_bn: bool = False, name: str = "default") -> nn.Module:
-    """``wrap`` with the adapter's hyper-parameters as one ``AdapterSpec`` (a file's layer entry gives one with
-    fields ``wrap`` has no argument for: a LoKr layer's split)."""
+              trainable=None, train_bn: bool = False, name: str = "default",
+              layer_specs: Mapping[str, AdapterSpec] | None = None) -> nn.Module:
+    """``wrap`` with the adapter's hyper-parameters as an ``AdapterSpec``: ``spec``, or per layer name
+    ``layer_specs`` (a file's layer entries, with fields ``wrap`` has no argument for: a LoKr layer's split)."""
+    layer_specs = layer_specs or {}
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
     name = check_name(name, "wrap")
@@ -259,8 +261,8 @@ def wrap_spec(model: nn.Module, targets, spec: AdapterSpec, *, heads: Mapping[st
     for head_name, head in heads.items():
         _replace(model, head_name, head)
         state.heads.append(head_name)
-    for (_, module), kind in zip(plan, kinds, strict=True):
-        registry.attach(module, kind, spec, adapter=name)
+    for (layer, module), kind in zip(plan, kinds, strict=True):
+        registry.attach(module, kind, layer_specs.get(layer, spec), adapter=name)
     on_meta = [n for n, module in plan if any(p.is_meta for p in module.lora[name].parameters())]
     if plan:
         add(state, name, make_active=True)

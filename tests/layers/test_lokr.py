@@ -302,3 +302,19 @@ def test_a_lokr_adapter_whose_splits_peft_cannot_make_is_refused_for_peft(tmp_pa
     with pytest.raises(PeftFormatError, match="no one decompose_factor / decompose_both gives every layer"):
         peftlite.save(m, tmp_path / "d", format="peft")
     assert not (tmp_path / "d").exists()
+
+
+def test_attention_of_several_widths_and_a_vit_save_and_load_into_fresh_bases(tmp_path):
+    """q/k/v of other widths split differently (the entry keeps the rule), and a file whose attention and its
+    out_proj have other splits loads in one wrap."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.MultiheadAttention(8, 2, kdim=6, vdim=12, batch_first=True))
+    fresh = copy.deepcopy(base)
+    m = randomize(peftlite.wrap(base, nn.MultiheadAttention, rank=1, kind="lokr", decompose_factor=3))
+    kron = {slot: p.kron for slot, p in m[0].pairs("default").items()}
+    assert kron == {"q_proj_weight": (2, 2), "k_proj_weight": (2, 3), "v_proj_weight": (2, 3)}
+    peftlite.save(m, tmp_path / "mha.safetensors")
+    peftlite.load(fresh, tmp_path / "mha.safetensors")
+    q, k, v = torch.randn(2, 3, 8), torch.randn(2, 4, 6), torch.randn(2, 4, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh[0](q, k, v)[0], m[0](q, k, v)[0], rtol=0, atol=0)

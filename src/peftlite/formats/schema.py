@@ -144,7 +144,10 @@ def layer_geometry(module: nn.Module) -> dict[str, Any]:
 def layer_entry(module: AdaptedLayer, adapter: str) -> dict[str, Any]:
     """The config entry of one adapter of an adapted layer."""
     pairs = module.pairs(adapter)
+    specs = {p.spec for p in pairs.values()}
     spec = next(iter(pairs.values())).spec
+    if len(specs) > 1:  # LoKr on attention's q/k/v of other widths: each slot split by the rule, kept instead
+        spec = spec.replace(kron=None, full=None)
     return {"kind": module.adapter_kind, **spec.entry(), "slots": list(pairs), "base_class": module.base_class.__name__,
             **layer_geometry(module)}
 

@@ -71,6 +71,7 @@ class LowKronecker(LowRank):
         r = spec.rank
         self.rank, self.alpha, self.dropout = r, spec.alpha, spec.dropout
         self.variant, self.rank_scaling = spec.variant, spec.rank_scaling
+        self.decompose_factor, self.decompose_both = spec.decompose_factor, spec.decompose_both
         (out_l, in_m), self.full = layout(spec, fan_in, fan_out, kernel)
         self.kron = (out_l, in_m)
         out_k, c2 = fan_out // out_l, fan_in // in_m
@@ -115,7 +116,8 @@ class LowKronecker(LowRank):
 
     @property
     def spec(self) -> AdapterSpec:
-        return super().spec.replace(kron=self.kron, full=self.full)
+        return super().spec.replace(kron=self.kron, full=self.full, decompose_factor=self.decompose_factor,
+                                    decompose_both=self.decompose_both)
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.named_parameters(recurse=False))

@@ -125,6 +125,10 @@ class AdapterSpec:
             out["variant"] = self.variant
         if self.rank_scaling != "linear":
             out["rank_scaling"] = self.rank_scaling
+        if self.decompose_factor != -1:
+            out["decompose_factor"] = self.decompose_factor
+        if self.decompose_both:
+            out["decompose_both"] = True
         if self.kron is not None:
             out["kron"] = list(self.kron)
         if self.full is not None:
@@ -139,6 +143,8 @@ class AdapterSpec:
         try:
             return cls(rank=entry.get("rank"), alpha=entry.get("alpha"), dropout=entry.get("dropout", 0.0),
                        variant=entry.get("variant", "lora"), rank_scaling=entry.get("rank_scaling", "linear"),
-                       kind=entry.get("adapter_kind", "lora"), kron=entry.get("kron"), full=entry.get("full"))
+                       kind=entry.get("adapter_kind", "lora"), decompose_factor=entry.get("decompose_factor", -1),
+                       decompose_both=entry.get("decompose_both", False), kron=entry.get("kron"),
+                       full=entry.get("full"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
