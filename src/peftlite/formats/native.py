@@ -28,7 +28,7 @@ from .._version import __version__
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, adapted_layers, registry
 from ..layers.spec import AdapterSpec
 from ..state import WrapState, activate, add, refuse_busy, remove, wrap_state
-from ..wrapping import check_name, saved_tensors, under, unwrap, wrap, wrap_spec
+from ..wrapping import check_name, saved_tensors, under, unwrap, wrap_spec
 from . import lycoris, peft, schema
 from ._safetensors import TensorFile, file_tensors, write_file
 from .schema import AdapterFileError
@@ -324,19 +324,12 @@ class _Values(Mapping):
 
 
 def _wrap_as_file(model: nn.Module, config: dict, built: dict[str, nn.Module]) -> None:
-    """Wrap an unwrapped model as the file says: one wrap call per (rank, alpha, dropout)."""
-    groups: dict[tuple, list[str]] = {}
-    for name, entry in config["layers"].items():
-        groups.setdefault(AdapterSpec.from_entry(entry, f"layer {name!r}"), []).append(name)
+    """Wrap an unwrapped model as the file says: its layers, each with its entry's spec, in one wrap."""
+    specs = {name: AdapterSpec.from_entry(entry, f"layer {name!r}") for name, entry in config["layers"].items()}
     trainable = list(config["trainable"]) or None
-    first = {"heads": built or None, "trainable": trainable}
-    for spec, names in groups.items():
-        chosen = set(names)
-        wrap_spec(model, lambda n, m, chosen=chosen: n in chosen, spec, train_bn=config["train_bn"],
-                  name=schema.adapter_name(config), **first)
-        first = {}
-    if first:  # a head-only or trainable-only file
-        wrap(model, None, train_bn=config["train_bn"], **first)
+    targets = (lambda n, m: n in specs) if specs else None
+    wrap_spec(model, targets, next(iter(specs.values()), AdapterSpec()), heads=built or None, trainable=trainable,
+              train_bn=config["train_bn"], name=schema.adapter_name(config), layer_specs=specs)
 
 
 def _copy_in(model: nn.Module, tensors: Mapping[str, torch.Tensor], layers: dict, adapter: str) -> None:
