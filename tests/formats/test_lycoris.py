@@ -341,6 +341,13 @@ BAD = {
     "mixed": ({**lora_entry(Q), f"{Q}.hada_w1_a": torch.randn(32, 2)}, "keys of lora and loha at once"),
     "mid on linear": ({**lora_entry(Q), f"{Q}.lora_mid.weight": torch.randn(2, 2, 1, 1)},
                       "lora_mid.weight .*the model's layer is a Linear"),
+    "lokr half": pytest.param({f"{Q}.lokr_w1": torch.randn(4, 4), f"{Q}.lokr_w2_a": torch.randn(8, 2)},
+                              "has lokr_w2_a for LoKr's W2: it needs lokr_w2, or both", marks=needs_lokr),
+    "lokr split": pytest.param({f"{Q}.lokr_w1": torch.randn(5, 4), f"{Q}.lokr_w2": torch.randn(8, 8)},
+                               r"W1 of shape \(5, 4\) does not split", marks=needs_lokr),
+    "lokr w2": pytest.param({f"{Q}.lokr_w1": torch.randn(4, 4), f"{Q}.lokr_w2": torch.randn(8, 4)},
+                            rf"{Q}.lokr_w2 has shape \(8, 4\).* needs \(8, 8\)", marks=needs_lokr),
+    "lokr t1": ({f"{Q}.lokr_w1": torch.randn(4, 4), f"{Q}.lokr_t1": torch.randn(2, 2)}, "lokr_t1 belongs to LoKr"),
 }
 
 

@@ -1,0 +1,21 @@
+"""The examples that run offline in seconds, run as scripts (in this process, so imports are shared)."""
+
+from __future__ import annotations
+
+import runpy
+import tempfile
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_unet_loha_loads_a_lycoris_file_merges_and_unmerges_bit_exactly(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("lycoris")
+    pytest.importorskip("diffusers")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the example's LyCORIS file goes here
+    runpy.run_path(str(EXAMPLES / "unet_loha.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert list(tmp_path.glob("*/unet_loha.safetensors"))
+    assert "all 208 base tensors bit-exact (torch.equal): True" in out and out.rstrip().endswith("ok")
