@@ -63,13 +63,13 @@ def describe_file(path: str) -> dict[str, Any]:
     owner = {k: schema.adapter_layer(k, config["layers"]) for k in tensors}
     for name, entry in config["layers"].items():
         own = {k: t for k, t in tensors.items() if owner[k] == name}
-        geometry = {k: v for k, v in entry.items()
-                    if k not in ("kind", "rank", "alpha", "dropout", "slots", "variant", "rank_scaling",
-                                 "adapter_kind")}
         spec = AdapterSpec.from_entry(entry, f"layer {name!r}")
+        own_fields = {k: v for k, v in spec.entry().items()  # the kind's own fields (a LoKr split)
+                      if k not in ("rank", "alpha", "dropout", "variant", "rank_scaling", "adapter_kind")}
+        geometry = {k: v for k, v in entry.items() if k not in ("kind", "slots", *spec.entry())}
         layers.append({"name": name, "kind": entry["kind"], "rank": spec.rank, "alpha": spec.alpha,
                        "scale": spec.scale, "rank_scaling": spec.rank_scaling, "variant": spec.variant,
-                       "adapter_kind": spec.kind,
+                       "adapter_kind": spec.kind, **({"adapter_fields": own_fields} if own_fields else {}),
                        "dropout": spec.dropout,
                        "tensors": {k[len(name) + 1:]: list(t.shape) for k, t in own.items()},
                        "params": sum(t.numel() for t in own.values()), "geometry": geometry})
@@ -98,15 +98,24 @@ def _shape(shape: list[int]) -> str:
     return "x".join(map(str, shape))
 
 
+def _adapter(layer: dict[str, Any]) -> str:
+    """A layer's adapter in a few characters: its kind, DoRA / rsLoRA, a LoKr split (``lokr 4x3``)."""
+    words = [layer.get("adapter_kind", "lora")]
+    words += ["dora"] if layer.get("variant") == "dora" else []
+    words += ["rs"] if layer.get("rank_scaling") == "sqrt" else []
+    kron = layer.get("adapter_fields", {}).get("kron")
+    return "+".join(words) + (f" {kron[0]}x{kron[1]}" if kron else "")
+
+
 def format_description(d: dict[str, Any]) -> str:
     out = [f"{d['path']}: {d['format']} adapter"]
     if d["layers"]:
-        rows = [("layer", "kind", "rank", "scale", "tensors", "params")]
+        rows = [("layer", "kind", "adapter", "rank", "scale", "tensors", "params")]
         for layer in d["layers"]:
             shapes = " ".join(f"{k.split('.')[-1] if k.count('.') < 3 else k}:{_shape(s)}"
                               for k, s in layer["tensors"].items())
-            rows.append((layer["name"], layer["kind"], str(layer["rank"]), f"{layer['scale']:g}", shapes,
-                         f"{layer['params']:,}"))
+            rows.append((layer["name"], layer["kind"], _adapter(layer), str(layer["rank"]), f"{layer['scale']:g}",
+                         shapes, f"{layer['params']:,}"))
         out += _table(rows)
     for name, m in d["modules"].items():
         shapes = ", ".join(f"{k} {_shape(s)}" for k, s in m["tensors"].items())

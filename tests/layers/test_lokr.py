@@ -318,3 +318,19 @@ def test_attention_of_several_widths_and_a_vit_save_and_load_into_fresh_bases(tm
     q, k, v = torch.randn(2, 3, 8), torch.randn(2, 4, 6), torch.randn(2, 4, 12)
     with torch.no_grad():
         torch.testing.assert_close(fresh[0](q, k, v)[0], m[0](q, k, v)[0], rtol=0, atol=0)
+
+
+def test_inspect_shows_each_layer_s_kind_and_split(tmp_path):
+    from peftlite import cli
+    m = peftlite.wrap(nn.Sequential(nn.Linear(16, 12), nn.Conv2d(4, 6, 3)), ["0"], rank=1, kind="lokr")
+    peftlite.wrap(m, ["1"], rank=2, kind="loha")
+    peftlite.save(m, tmp_path / "k.safetensors")
+    d = cli.describe_file(str(tmp_path / "k.safetensors"))
+    layers = {layer["name"]: layer for layer in d["layers"]}
+    assert layers["0"]["adapter_kind"] == "lokr" and layers["0"]["adapter_fields"] == {"kron": [3, 4],
+                                                                                       "full": [True, False]}
+    assert "kron" not in layers["0"]["geometry"] and layers["0"]["geometry"]["in_features"] == 16
+    assert layers["1"]["adapter_kind"] == "loha" and "adapter_fields" not in layers["1"]
+    text = cli.format_description(d)
+    assert [line.split()[:3] for line in text.splitlines()[2:4]] == [["0", "linear", "lokr"], ["1", "conv2d", "loha"]]
+    assert "lokr 3x4" in text
