@@ -333,7 +333,7 @@ BAD = {
     "loha ranks": ({f"{Q}.hada_w1_a": torch.randn(32, 2), f"{Q}.hada_w1_b": torch.randn(2, 32),
                     f"{Q}.hada_w2_a": torch.randn(32, 3), f"{Q}.hada_w2_b": torch.randn(3, 32)},
                    rf"{Q}.hada_w2_a has shape \(32, 3\).* at rank 2"),
-    "half a pair": ({f"{Q}.lora_down.weight": torch.randn(2, 32)}, f"{Q} is a lora entry without lora_up.weight"),
+    "half a pair": ({f"{Q}.lora_down.weight": torch.randn(2, 32)}, f"{Q}: is a lora entry without lora_up.weight"),
     "no module": (lora_entry("lycoris_down_blocks_9_attn_to_q"), "lycoris_down_blocks_9_attn_to_q maps to no module"),
     "not adaptable": (lora_entry("lycoris_conv_norm_out"), "names 'conv_norm_out', a GroupNorm"),
     "alpha": ({**lora_entry(Q), f"{Q}.alpha": torch.tensor(-1.0)}, f"{Q}: alpha is -1.0"),
