@@ -193,14 +193,16 @@ class _ConvNet(nn.Module):
         return self.lin(torch.relu(self.conv(x)).flatten(1))
 
 
-def test_a_peft_loha_directory_loads_with_the_outputs_peft_computes(tmp_path):
-    """Checked with the real peft package: its LoHa forward (non-zero init) against peftlite's after load."""
+@pytest.mark.parametrize("tucker", [False, True], ids=["flat", "tucker"])
+def test_a_peft_loha_directory_loads_with_the_outputs_peft_computes(tmp_path, tucker):
+    """Checked with the real peft package: its LoHa forward (non-zero init) against peftlite's after load; the
+    Tucker form (use_effective_conv2d) read as the flat form of the same ΔW."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = _ConvNet().eval()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(
         r=3, alpha=5, target_modules=["lin", "conv"], rank_pattern={"lin": 2}, alpha_pattern={"lin": 3},
-        init_weights=False)).eval()
+        init_weights=False, use_effective_conv2d=tucker)).eval()
     theirs.save_pretrained(tmp_path / "loha")
     x = torch.randn(2, 3, 6, 6)
     ours = copy.deepcopy(base)
@@ -218,7 +220,7 @@ def test_peft_loha_options_peftlite_does_not_implement_are_refused_by_name(tmp_p
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     for options, words in (({"rank_dropout": 0.1}, "rank_dropout = 0.1"),
-                           ({"use_effective_conv2d": True}, "Tucker form")):
+                           ({"module_dropout": 0.2}, "module_dropout = 0.2")):
         folder = tmp_path / str(len(words))
         model = peft.get_peft_model(_ConvNet(), peft.LoHaConfig(r=2, alpha=2, target_modules=["conv"], **options))
         model.save_pretrained(folder)

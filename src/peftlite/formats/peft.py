@@ -18,13 +18,14 @@ Both directions go through peftlite's in-memory file form, ``(tensors, config)``
     modules_to_save   <-> peftlite ``trainable`` modules (peftlite heads are written as modules_to_save)
     LoHa (peft_type "LOHA"): hada_w1_b / hada_w1_a / hada_w2_b / hada_w2_a <-> A1 / B1 / A2 / B2, scale
                       alpha / r; conv factors are stored flat, so reading one needs the model; the Tucker form
-                      (use_effective_conv2d), rank_dropout and module_dropout are refused, and so are LoHa
+                      (use_effective_conv2d) is read as the flat form of the same ΔW (the core contracted into
+                      hada_w_b); rank_dropout and module_dropout are refused, and so are LoHa
                       layers with rsLoRA or input dropout on writing, and LoRA and LoHa layers in one adapter
     LoKr (peft_type "LOKR"): lokr_w1 / lokr_w1_a / lokr_w1_b <-> W1 / B1 / A1, lokr_w2 / lokr_w2_a / lokr_w2_b
                       <-> W2 / B2 / A2 (a conv's lokr_w2 is (out_k, in_n, kh, kw), W2 is flat); scale alpha / r.
                       The split is read from the tensors' shapes; PEFT makes it again on loading from
                       decompose_factor and decompose_both, so writing needs one pair of them that gives
-                      every layer's split. The same refusals as LoHa (lokr_t2 is the Tucker form)
+                      every layer's split. lokr_t2 (Tucker) is read as LoHa's is; the same refusals
 
 What PEFT cannot express, or computes differently from the base layer, is refused with an error naming
 the feature: grouped-conv adapters, dilated or non-zero padding_mode convs (PEFT's LoRA conv drops both),
@@ -50,6 +51,7 @@ from ..layers import DEFAULT_ADAPTER, AdaptedLayer, lokr
 from ..layers.spec import AdapterSpec, is_positive
 from . import _direct_reads, schema
 from ._safetensors import file_tensors, read_file, write_folder
+from .lycoris import tucker_in
 from .schema import AdapterFileError
 
 CONFIG_NAME = "adapter_config.json"
@@ -302,8 +304,10 @@ def _factored_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[
     """A PEFT LoHa or LoKr adapter's layers as peftlite entries and tensors, and its other tensors.
 
     PEFT stores a conv's factors flat (r, in·kh·kw), so only the model tells a conv from a Linear: reading one
-    needs the model. The Tucker forms (``use_effective_conv2d``: ``hada_t1``/``hada_t2``, ``lokr_t2``) are
-    refused. A LoKr layer's split (and which factors are full) is read from its tensors' shapes.
+    needs the model. The Tucker forms (``use_effective_conv2d``: ``hada_t1``/``hada_t2``, ``lokr_t2``, each a
+    core (r, r, kh, kw) between ``w_a`` (r, out) and ``w_b`` (r, in)) are read as the flat form of the same ΔW,
+    the core contracted into the input factor (``lycoris.tucker_in``; exact up to fp32 rounding). A LoKr
+    layer's split (and which factors are full) is read from its tensors' shapes.
     """
     peft_type = config["peft_type"]
     pattern, names, tucker, kind = _FACTORED[peft_type]
@@ -316,13 +320,11 @@ def _factored_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[
     rest: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         m = pattern.match(key)
-        if m and m["part"] in tucker:
-            raise PeftFormatError(f"{where}: {key} is {peft_type}'s Tucker form (use_effective_conv2d), which "
-                                  "peftlite does not read from PEFT directories")
         if m:
-            factors.setdefault(m["module"], {})[names[m["part"]]] = t
+            factors.setdefault(m["module"], {})[m["part"]] = t
         else:
             rest[key] = t
+    factors = {name: _untucked(where, name, f, tucker, names) for name, f in factors.items()}
     layers, out = {}, {}
     for name, f in factors.items():
         if name not in modules:
@@ -343,6 +345,27 @@ def _factored_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[
                         "base_class": "Linear" if layer_kind == "linear" else "Conv2d", **schema.layer_geometry(module)}
         out.update({f"{name}.lora.{DEFAULT_ADAPTER}.{k}": t for k, t in f.items()})
     return layers, out, rest
+
+
+def _untucked(where: str, name: str, parts: dict[str, torch.Tensor], tucker: tuple[str, ...],
+              names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """One layer's PEFT factors under peftlite's names, a Tucker pair (core ``t<i>`` with ``w<i>_a`` (r, out)
+    and ``w<i>_b`` (r, in)) turned into the flat ``B<i> = w<i>_aᵀ``, ``A<i> = core ×₂ w<i>_b``."""
+    out = {}
+    for part, t in parts.items():
+        if part in tucker:
+            i = part[1]
+            a, b = parts.get(f"w{i}_a"), parts.get(f"w{i}_b")
+            if a is None or b is None or t.dim() != 4 or a.dim() != 2 or b.dim() != 2 or t.shape[1] != b.shape[0] \
+                    or t.shape[0] != a.shape[0]:
+                raise PeftFormatError(f"{where}: {name} has a Tucker core {part} {tuple(t.shape)} without the "
+                                      f"w{i}_a (r, out) and w{i}_b (r, in) it sits between")
+            out[f"B{i}"], out[f"A{i}"] = a.t(), tucker_in(t, b)
+    for part, t in parts.items():
+        ours = names.get(part)
+        if ours is not None and ours not in out:
+            out[ours] = t
+    return out
 
 
 def _factored_spec(where: str, name: str, kind: str, f: dict[str, torch.Tensor], r: int) -> AdapterSpec:
