@@ -115,6 +115,10 @@ def test_the_file_is_told_apart_by_its_keys_or_named(base, tmp_path):
     close(run(peftlite.load(copy.deepcopy(base), path, format="lycoris", name="style")), expected)
     with pytest.raises(ValueError, match="prefix= selects a LyCORIS file"):
         peftlite.load(copy.deepcopy(base), path, format="peftlite", prefix="lycoris")
+    with pytest.raises(ValueError, match="format must be one of 'peftlite', 'peft', 'lycoris' or None"):
+        peftlite.load(copy.deepcopy(base), path, format="kohya")
+    with pytest.raises(peftlite.AdapterFileError, match="without peftlite metadata"):
+        peftlite.load(copy.deepcopy(base), path, format="peftlite")
 
 
 def test_a_lycoris_file_adds_a_named_adapter_to_a_wrapped_model(base, tmp_path):
@@ -268,6 +272,9 @@ def test_save_writes_a_kohya_prefix(base, tmp_path):
     assert {k.partition(".")[0] for k in load_file(path)} >= {"lora_unet_down_blocks_0_resnets_0_conv1"}
     assert all(k.startswith("lora_unet_") for k in load_file(path))
     close(run(peftlite.load(copy.deepcopy(base), path)), run(model))
+    half = load_file(peftlite.save(model, tmp_path / "h.safetensors", format="lycoris", dtype=torch.bfloat16))
+    assert {t.dtype for k, t in half.items() if not k.endswith("alpha")} == {torch.bfloat16}
+    assert {t.dtype for k, t in half.items() if k.endswith("alpha")} == {torch.float32}
     for bad in ("", "a.b", "lora_", 3):
         with pytest.raises(ValueError, match="prefix must be"):
             peftlite.save(model, tmp_path / "x.safetensors", format="lycoris", prefix=bad)
@@ -398,6 +405,23 @@ def test_save_refuses_what_a_lycoris_file_cannot_hold(tmp_path, wrap, message):
     with pytest.raises(LycorisFormatError, match=message):
         peftlite.save(model, tmp_path / "x.safetensors", format="lycoris")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+class Reads(nn.Module):
+    """A parent whose forward computes with its child's weight: LyCORIS, acting when fc is called, is bypassed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.fc.weight)
+
+
+def test_a_layer_whose_weight_a_parent_reads_is_refused(tmp_path):
+    model = peftlite.wrap(Reads(), "fc", rank=2)
+    with pytest.raises(LycorisFormatError, match="Reads.forward reads fc.weight directly"):
+        peftlite.save(model, tmp_path / "x.safetensors", format="lycoris")
 
 
 def test_a_partial_save_is_refused(tmp_path):
