@@ -7,11 +7,21 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_unet_loha_loads_a_lycoris_file_merges_and_unmerges_bit_exactly(capsys, tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Tiny tensors, where intra-op threads only add synchronisation (much slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_unet_loha_loads_a_lycoris_file_merges_and_unmerges_bit_exactly(capsys, tmp_path, monkeypatch, one_thread):
     pytest.importorskip("lycoris")
     pytest.importorskip("diffusers")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the example's LyCORIS file goes here
