@@ -283,11 +283,11 @@ def test_save_writes_a_kohya_prefix(base, tmp_path):
         peftlite.save(model, tmp_path / "x.safetensors", prefix="lora_unet")
 
 
-def test_sdxl_sgm_block_names_are_refused_by_name(base, tmp_path):
+@pytest.mark.parametrize("name", ["lora_unet_input_blocks_4_1_proj_in", "lora_unet_time_embed_0"])
+def test_sdxl_sgm_block_names_are_refused_by_name(base, tmp_path, name):
     path = tmp_path / "sgm.safetensors"
-    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.randn(4, 32),
-               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.randn(32, 4)}, path)
-    with pytest.raises(LycorisFormatError, match=r"lora_unet_input_blocks_4_1_proj_in uses SDXL's original \(SGM\)"):
+    save_file({f"{name}.lora_down.weight": torch.randn(4, 32), f"{name}.lora_up.weight": torch.randn(32, 4)}, path)
+    with pytest.raises(LycorisFormatError, match=rf"{name} uses SDXL's original \(SGM\) block names"):
         peftlite.load(copy.deepcopy(base), path)
 
 

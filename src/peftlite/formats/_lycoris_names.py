@@ -20,7 +20,8 @@ from torch import nn
 DEFAULT_PREFIX = "lycoris"
 # Longest first, so that "lora_te1_x" is not read as "lora_te" + "1_x".
 KNOWN_PREFIXES = ("lora_transformer", "lora_unet", "lora_te1", "lora_te2", "lora_te3", "lora_te", "lycoris")
-SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_")  # SDXL's original (SGM) UNet layout
+# SDXL's original (SGM) UNet layout, whose names diffusers' UNet does not have
+SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_")
 
 
 class LycorisFormatError(ValueError):
@@ -104,8 +105,8 @@ def resolve(lora_name: str, prefix: str, model: nn.Module, index: dict[str, list
     if prefix == "lora_unet" and path.startswith(SGM_BLOCKS):
         raise LycorisFormatError(
             f"{where}: {lora_name} uses SDXL's original (SGM) block names ({', '.join(b[:-1] for b in SGM_BLOCKS)}), "
-            "which peftlite does not map to diffusers' down_blocks / mid_block / up_blocks; convert the file to "
-            "diffusers names first")
+            "which peftlite does not map to diffusers' (down_blocks, mid_block, up_blocks, time_embedding, "
+            "add_embedding); convert the file to diffusers names first")
     others = index.get(path, [])
     if others:
         kind = type(model.get_submodule(others[0])).__name__
