@@ -102,12 +102,13 @@ def test_frozen_batchnorm_keeps_running_stats_in_train_mode(tmp_path):
     model.train()
     x = torch.randn(4, 3, 32, 32)
     y_train = model(x)
+    assert type(model.bn1).__name__ == "FrozenBatchNorm2d" and model.bn1.training is True  # what train() set
     for k, v in stats.items():
         assert torch.equal(model.state_dict()[k], v), k
     model.eval()
+    assert model.bn1.training is False
     with torch.no_grad():
         torch.testing.assert_close(model(x), y_train.detach())
-    assert type(model.bn1).__name__ == "FrozenBatchNorm2d" and model.bn1.training is False
     peftlite.unwrap(model)
     assert type(model.bn1) is nn.BatchNorm2d and list(model.state_dict()) == keys
 

@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
 from ..layers.base import AdaptedLayer
+from ..layers.batchnorm import FrozenStats
 from ..layers.registry import derived_class, kind_of
 from ..selection import Pattern, as_list, owners, select_modules
 from .partition import blocks as partition
@@ -57,7 +58,8 @@ class Checkpointed:
 
 def _contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """checkpoint's ``context_fn``: nothing around the forward; copies of the statistics around the recomputation."""
-    norms = [m for m in block.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats]
+    norms = [m for m in block.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats
+             and not isinstance(m, FrozenStats)]  # frozen ones read the model's mode but never update
     return contextlib.nullcontext(), _statistics_copies(norms)
 
 
