@@ -163,8 +163,8 @@ def test_per_sample_routes_loha_and_lora_rows_as_each_alone():
 def test_what_loha_refuses_leaves_the_model_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="variant='dora' is defined for kind='lora' only"):
         peftlite.wrap(nn.Sequential(nn.Linear(4, 4)), ["0"], kind="loha", variant="dora")
-    with pytest.raises(ValueError, match="kind must be one of 'lora', 'loha', got 'lokr'"):
-        peftlite.wrap(nn.Sequential(nn.Linear(4, 4)), ["0"], kind="lokr")
+    with pytest.raises(ValueError, match="kind must be one of 'lora', 'loha', 'lokr', got 'boft'"):
+        peftlite.wrap(nn.Sequential(nn.Linear(4, 4)), ["0"], kind="boft")
     torch.manual_seed(0)
     m = randomize(peftlite.wrap(nn.Sequential(nn.Linear(4, 4)), ["0"], rank=2, kind="loha", name="a"))
     peftlite.wrap(m, ["0"], rank=2, name="b")

@@ -36,7 +36,7 @@ def test_every_pair_wrap_builds_computes_with_the_specs_scale():
     ({"alpha": -1}, "alpha must be a positive finite number"),
     ({"dropout": 1.0}, r"dropout must be a probability in \[0, 1\), got 1.0"),
     ({"variant": "vera"}, "variant must be one of 'lora', 'dora', got 'vera'"),
-    ({"kind": "oft"}, "kind must be one of 'lora', 'loha', got 'oft'"),
+    ({"kind": "oft"}, "kind must be one of 'lora', 'loha', 'lokr', got 'oft'"),
     ({"init": "pissa"}, "init must be one of 'default', got 'pissa'"),
     ({"rank_scaling": "log"}, r"rank_scaling must be 'linear' .* or 'sqrt' .*got 'log'"),
 ])
