@@ -1,6 +1,6 @@
 """Every torchvision classification architecture, random init, every Conv2d and Linear adapted.
 
-For each model (num_classes=10, rank 4, non-zero adapters), as plain LoRA and as DoRA, this checks that:
+For each model (num_classes=10, rank 4, non-zero adapters), as plain LoRA, DoRA, LoHa and LoKr, this checks that:
 1. every adapter tensor receives a non-zero gradient (no adapter is silently bypassed);
 2. merged == unmerged within a relative error of 1e-4 of the output's scale;
 3. unmerge restores every state_dict tensor bit-exactly;
@@ -92,9 +92,13 @@ def test_zoo_list_is_complete():
     assert len([n for n in ALL if n not in HUGE]) >= 63
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora"])
+ADAPTERS = {"lora": {}, "dora": {"variant": "dora"}, "loha": {"kind": "loha"}, "lokr": {"kind": "lokr"}}
+UP = (".B", ".B1", ".B2", ".W1")  # the factors that start at zero (or small): randomised so ΔW is not zero
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
 @pytest.mark.parametrize("name", _params())
-def test_zoo_architecture(name, variant):
+def test_zoo_architecture(name, adapter):
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, num_classes=10, **BUILD.get(name, {}))
@@ -103,13 +107,13 @@ def test_zoo_architecture(name, variant):
     size = _size(name)
     x = torch.randn(1, 3, size, size)  # frozen BatchNorm: batch 1 works in train mode too
 
-    peftlite.wrap(model, (nn.Conv2d, nn.Linear), rank=4, variant=variant)
+    peftlite.wrap(model, (nn.Conv2d, nn.Linear), rank=4, **ADAPTERS[adapter])
     adapters = {n: p for n, p in model.named_parameters() if ".lora." in f".{n}"}
     assert adapters, name
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for n, p in adapters.items():
-            if n.endswith(".B"):
+            if n.endswith(UP):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
             if n.endswith(".magnitude"):  # DoRA: away from ‖W‖, so the magnitude matters too
                 p.mul_(1 + 0.1 * torch.rand(p.shape, generator=g))

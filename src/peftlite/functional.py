@@ -145,6 +145,19 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
+def tucker_in(core: Tensor, factor: Tensor) -> Tensor:
+    """A Tucker core with its input factor contracted in, as one flat factor (computed in fp64).
+
+    Args:
+        core: (r, r', kh, kw).
+        factor: (r', c).
+    Returns:
+        (r, c·kh·kw): ``out[a, (c, h, w)] = Σ_b core[a, b, h, w] · factor[b, c]``, in at least fp32.
+    """
+    out = torch.einsum("abhw,bc->achw", core.double(), factor.double())  # (r, c, kh, kw)
+    return out.reshape(core.shape[0], -1).to(torch.promote_types(core.dtype, torch.float32))
+
+
 def kron_delta(W1: Tensor, W2: Tensor) -> Tensor:
     """LoKr's ΔW = W1 ⊗ W2 as a matrix (out_l·out_k, in_m·c2).  W1: (out_l, in_m), W2: (out_k, c2).
 

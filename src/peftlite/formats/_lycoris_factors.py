@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..functional import tucker_in
 from ..layers import spec as _spec
 from ..layers.spec import AdapterSpec
 from ._lycoris_names import LycorisFormatError
@@ -33,19 +34,6 @@ REFUSED = {
     **dict.fromkeys(("lambda_layer", "q_layer.weight", "p_layer.weight"), "T-LoRA (tlora)"),
     "lokr_t1": "LoKr with a Tucker W1 (lokr_t1), which LyCORIS never writes",
 }
-
-
-def tucker_in(core: Tensor, factor: Tensor) -> Tensor:
-    """A Tucker core with its input factor contracted in, as one flat factor (computed in fp64).
-
-    Args:
-        core: (r, r', kh, kw).
-        factor: (r', c).
-    Returns:
-        (r, c·kh·kw): ``out[a, (c, h, w)] = Σ_b core[a, b, h, w] · factor[b, c]``, in at least fp32.
-    """
-    out = torch.einsum("abhw,bc->achw", core.double(), factor.double())  # (r, c, kh, kw)
-    return out.reshape(core.shape[0], -1).to(torch.promote_types(core.dtype, torch.float32))
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..functional import tucker_in
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, lokr
 from ..layers.spec import AdapterSpec, is_positive
 from . import _direct_reads, schema
 from ._safetensors import file_tensors, read_file, write_folder
-from .lycoris import tucker_in
 from .schema import AdapterFileError
 
 CONFIG_NAME = "adapter_config.json"
@@ -306,7 +306,7 @@ def _factored_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[
     PEFT stores a conv's factors flat (r, in·kh·kw), so only the model tells a conv from a Linear: reading one
     needs the model. The Tucker forms (``use_effective_conv2d``: ``hada_t1``/``hada_t2``, ``lokr_t2``, each a
     core (r, r, kh, kw) between ``w_a`` (r, out) and ``w_b`` (r, in)) are read as the flat form of the same ΔW,
-    the core contracted into the input factor (``lycoris.tucker_in``; exact up to fp32 rounding). A LoKr
+    the core contracted into the input factor (``functional.tucker_in``; exact up to fp32 rounding). A LoKr
     layer's split (and which factors are full) is read from its tensors' shapes.
     """
     peft_type = config["peft_type"]
@@ -479,17 +479,12 @@ def check_direct_reads(model: nn.Module, names: list[str], where: str = "save") 
     Reads of the weight's metadata only (T5's ``self.wo.weight.dtype``) are fine.
     """
     for name in names:
-        parts = name.split(".")
-        for i in range(len(parts) - 1, -1, -1):
-            relative = parts[i:]
-            if any(p.isdigit() for p in relative):
-                break  # an index (Sequential, ModuleList) cannot be reached as an attribute from here up
-            holder = model.get_submodule(".".join(parts[:i]))
-            if _direct_reads.reads_values(type(holder), ".".join(relative)):
-                raise PeftFormatError(
-                    f"{where}: {type(holder).__name__}.forward reads {'.'.join(relative)}.weight directly and "
-                    f"computes with its values, so PEFT would bypass the adapter on {name}; save this model in "
-                    "peftlite format")
+        reader = _direct_reads.reader_of(model, name)
+        if reader is not None:
+            holder, attribute = reader
+            raise PeftFormatError(
+                f"{where}: {holder}.forward reads {attribute}.weight directly and computes with its values, so "
+                f"PEFT would bypass the adapter on {name}; save this model in peftlite format")
 
 
 def _anchored(name: str) -> str:
