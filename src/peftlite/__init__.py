@@ -26,7 +26,7 @@ from .tuning.partition import Block, blocks
 from .tuning.recomputation import checkpointing
 from .tuning.report import summary
 from .tuning.unfreezing import Unfreezer
-from .wrapping import unwrap, wrap
+from .wrapping import restore_base, unwrap, wrap
 
 __all__ = [
     "AdapterFileError",
@@ -50,6 +50,7 @@ __all__ = [
     "param_groups",
     "per_sample",
     "prepare_hotswap",
+    "restore_base",
     "save",
     "summary",
     "unfreeze",

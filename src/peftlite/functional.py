@@ -397,3 +397,41 @@ def dora_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float, magnitude: T
     norms = torch.linalg.vector_norm(V.reshape(V.shape[0], -1), dim=1)
     g = dora_gain(magnitude.to(V.dtype), norms.detach())
     return (V * g.view(-1, *([1] * (V.dim() - 1)))).to(weight.dtype)
+
+
+# ---- principal-component initialisations (PiSSA, OLoRA) ----------------------------------------------
+
+def pissa_pair(weight: Tensor, rank: int, scale: float, niter: int | None = None) -> tuple[Tensor, Tensor]:
+    """PiSSA's starting pair: ``scale · B0 @ A0 = U_r S_r V_rᵀ``, the rank-r principal part of ``weight``.
+
+    ``S_r / scale`` is split as its square root between the factors (``B0 = U_r √(S_r/scale)``,
+    ``A0 = √(S_r/scale) V_rᵀ``), as PEFT's ``init_lora_weights="pissa"``. ``niter``: PEFT's
+    ``"pissa_niter_N"``, a randomized SVD (``torch.svd_lowrank``, N subspace iterations) instead of the exact one.
+
+    Args:
+        weight: (out, fan_in), fp32 or fp64 (a conv kernel as one matrix, as A reads it).
+        rank: r <= min(out, fan_in).
+    Returns:
+        ``(A0, B0)``: (r, fan_in) and (out, r), in ``weight``'s dtype.
+    """
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
+    else:
+        U, S, V = torch.svd_lowrank(weight, q=rank, niter=niter)
+        Vh = V.t()
+    root = (S / scale).sqrt()  # (r,)
+    return (root[:, None] * Vh).contiguous(), (U * root).contiguous()
+
+
+def olora_pair(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """OLoRA's starting pair: ``B0 = Q[:, :r]``, ``A0 = R[:r]`` from ``weight = Q R`` (not divided by the
+    scale, as PEFT's ``init_lora_weights="olora"``).  weight: (out, fan_in) -> ``(A0, B0)``: (r, fan_in), (out, r)."""
+    Q, R = torch.linalg.qr(weight)
+    return R[:rank].contiguous(), Q[:, :rank].contiguous()
+
+
+def shared_pair(A: Tensor, B: Tensor, A0: Tensor, B0: Tensor) -> tuple[Tensor, Tensor]:
+    """A principal-init adapter as a plain pair on the ORIGINAL weight: ``[A; A0]`` (2r, fan_in) and
+    ``[B, -B0]`` (out, 2r), so that ``scale·B' A' = scale·(B A - B0 A0)`` (PEFT's conversion for sharing)."""
+    return torch.cat([A, A0.to(A.dtype)]), torch.cat([B, -B0.to(B.dtype)], dim=1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import AdapterStateError, adapted_layers, registry
+from .layers import AdapterStateError, adapted_layers, principal, registry
 from .layers.routing import routes_any
 
 
@@ -86,10 +86,15 @@ def add(state: WrapState, name: str, make_active: bool = False) -> None:
 
 def remove(model: nn.Module, state: WrapState, name: str) -> None:
     """Detach adapter ``name`` from every layer (a layer left without adapters gets its own class back), drop it
-    from the model's adapters and the active set, and apply the rest."""
-    for _, layer in adapted_layers(model):
-        if name in layer.lora:
-            registry.remove(layer, name)
+    from the model's adapters and the active set, and apply the rest. Where ``name`` started from a principal
+    init (PiSSA, OLoRA), the base weights get their original values back first, bit-exactly."""
+    owned = [(n, m) for n, m in adapted_layers(model) if name in m.lora]
+    residuals = [(n, m) for n, m in owned if m.adapter_state.residual and m.adapter_state.residual.owner == name]
+    principal.check_restorable(residuals, f"delete({name!r})")
+    for lname, layer in owned:
+        if (lname, layer) in residuals:  # the base gets its original weights back, bit-exactly
+            principal.restore(layer, lname)
+        registry.remove(layer, name)
     if name in state.adapters:
         state.adapters.remove(name)
     state.active.pop(name, None)

@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import merging, selection
-from .layers import adapted_layers, attention, batchnorm, registry
-from .layers.spec import AdapterSpec
+from .layers import adapted_layers, attention, batchnorm, principal, registry
+from .layers.spec import AdapterSpec, is_principal
 from .state import WrapState, adapter_tensors, add, apply_active, refuse_busy, wrap_state
 
 
@@ -186,7 +186,7 @@ def check_name(name: object, what: str) -> str:
 def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
          heads: Mapping[str, nn.Module] | None = None, trainable=None, train_bn: bool = False,
          name: str = "default", variant: str = "lora", rank_scaling: str = "linear", kind: str = "lora",
-         decompose_factor: int = -1, decompose_both: bool = False) -> nn.Module:
+         decompose_factor: int = -1, decompose_both: bool = False, init: str = "default") -> nn.Module:
     """Freeze ``model`` and add LoRA adapters to the ``targets``, new ``heads``, and ``trainable`` tensors.
 
     Works in place and returns the same object. Everything is validated before the model is touched.
@@ -217,15 +217,24 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
             docs/guide.md, "LoHa") or ``"lokr"`` (ΔW = W1 ⊗ W2; docs/guide.md, "LoKr").
         decompose_factor, decompose_both: LoKr only, as PEFT's ``LoKrConfig``: the split of each dimension
             (-1: near its square root; f: f and dim / f when f divides it), and whether W1 is low-rank too.
+        init: ``"default"`` (B = 0: the layer starts as the base), or a principal-component init of plain LoRA
+            (PEFT's ``init_lora_weights`` names): ``"pissa"`` (the adapter starts at the weight's top-r singular
+            part, ``"pissa_niter_N"`` by a randomized SVD) or ``"olora"`` (the first r columns of its QR). The
+            base weight then holds the rest, written in place through the exact merge kernels; the model
+            computes what it did, to rounding. ``peftlite.restore_base``, ``delete`` and ``unwrap(merge=False)``
+            give the original weights back bit for bit; files hold a plain LoRA on the original weights
+            (docs/guide.md, "PiSSA and OLoRA").
     Returns:
         ``model``, wrapped.
     Raises:
         ValueError: bad rank/alpha/dropout/name, a pattern list that selects nothing, a typo in an exact
-            name, nothing to train, a layer that already has an adapter of this name, a merged model.
+            name, nothing to train, a layer that already has an adapter of this name, a merged model; with a
+            principal init: a rank above a layer's min(out, fan_in), weights on the meta device or not finite,
+            a tied weight, a layer that already holds a principal init's residual (the model is unchanged).
         TypeError: a target that cannot be adapted (names the module, its type and the supported types).
     """
     spec = AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, variant=variant, rank_scaling=rank_scaling, kind=kind,
-                       decompose_factor=decompose_factor, decompose_both=decompose_both)
+                       decompose_factor=decompose_factor, decompose_both=decompose_both, init=init)
     return wrap_spec(model, targets, spec, heads=heads, trainable=trainable, train_bn=train_bn, name=name)
 
 
@@ -252,8 +261,10 @@ def wrap_spec(model: nn.Module, targets, spec: AdapterSpec, *, heads: Mapping[st
                          "hotswap a file into an existing name")
     plan = resolve_targets(model, targets, skip=list(heads), index=index) if targets is not None else []
     kinds = [registry.check_adaptable(n, module, name) for n, module in plan]
+    starts = principal.plan(model, plan, kinds, spec, name) if is_principal(spec.init) else []
 
     # Validated: from here on, change the model.
+    records = principal.write(starts)  # all or nothing: every residual written, or none
     if state is None:
         state = WrapState(train_bn=bool(train_bn),
                           requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
@@ -263,6 +274,7 @@ def wrap_spec(model: nn.Module, targets, spec: AdapterSpec, *, heads: Mapping[st
         state.heads.append(head_name)
     for (layer, module), kind in zip(plan, kinds, strict=True):
         registry.attach(module, kind, layer_specs.get(layer, spec), adapter=name)
+    principal.install(starts, records, name, spec.init)
     on_meta = [n for n, module in plan if any(p.is_meta for p in module.lora[name].parameters())]
     if plan:
         add(state, name, make_active=True)
@@ -295,7 +307,9 @@ def unwrap(model: nn.Module, merge: bool = True, untie: bool = False) -> nn.Modu
     ``peftlite.merge`` refuses it; with ``untie=True`` the layer keeps a merged copy of its own, so the
     model comes back untied (the embedding keeps W). A transformers config that says
     ``tie_word_embeddings=True`` would tie them again on reload: set it to False before ``save_pretrained``.
-    With ``merge=False`` every weight is the base one again, ties included.
+    With ``merge=False`` every weight is the base one again, ties included, and a principal init's (PiSSA,
+    OLoRA) residual base gives back the original weights bit for bit. With ``merge=True`` the weights hold
+    what the model computes: the residual plus the merged adapters.
     """
     state = wrap_state(model)
     if state is None:
@@ -314,10 +328,14 @@ def unwrap(model: nn.Module, merge: bool = True, untie: bool = False) -> nn.Modu
             raise
     if not merge:
         merging.check_unmergeable([(n, m) for n, m in found if m.adapter_state.merged], "unwrap(merge=False)")
+    if not merge:
+        principal.check_restorable(found, "unwrap(merge=False)")
     for name, layer in found:
         if not merge and layer.adapter_state.merged:
             merging.unmerge_layer(layer, name)
             registry.retie(layer)
+        if not merge:
+            principal.restore(layer, name)  # a principal init's residual: the original weights, bit-exactly
         registry.detach(layer)
     for _, m in model.named_modules():
         if isinstance(m, batchnorm.FrozenStats):
@@ -327,4 +345,25 @@ def unwrap(model: nn.Module, merge: bool = True, untie: bool = False) -> nn.Modu
         if name in state.requires_grad and not under(name, state.heads):
             p.requires_grad_(state.requires_grad[name])
     del model.__dict__["_peftlite"]
+    return model
+
+
+def restore_base(model: nn.Module) -> nn.Module:
+    """Give every layer whose base holds a principal init's residual (``wrap(init="pissa" | "olora")``) its
+    original weights back, bit for bit, keeping what the model computes: each such adapter becomes the plain
+    LoRA of rank 2r on the original weights (``[A; A0]``, ``[B, -B0]``, alpha × 2: the scale kept), as files
+    hold it. Its A and B are new parameters: rebuild the optimizer. A model without a residual: a no-op.
+
+    Raises:
+        AdapterStateError: the model is merged (unmerge first) or inside ``per_sample`` / ``disabled``.
+        RuntimeError: a weight moved device or dtype since its residual was written (the model is unchanged).
+    """
+    state = wrap_state(model)
+    if state is None:
+        raise ValueError("restore_base: the model is not wrapped by peftlite (no peftlite.wrap call on it)")
+    refuse_busy(model, "restore_base", disabled=True)
+    held = [(n, m) for n, m in adapted_layers(model) if m.adapter_state.residual is not None]
+    principal.check_restorable(held, "restore_base")
+    for name, layer in held:
+        principal.restore(layer, name, plain=True)
     return model

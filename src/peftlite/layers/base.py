@@ -113,6 +113,21 @@ class AdapterStateError(ValueError, RuntimeError):
 
 
 @dataclass
+class Residual:
+    """What a principal-component init (PiSSA, OLoRA; layers/principal.py) took out of the layer's base weights.
+
+    Each adapted slot's weight holds ``W - scale·B0 @ A0`` (written by the exact merge kernels), and the
+    owner adapter's pairs hold ``A0``, ``B0`` as persistent buffers. ``records`` make the way back to W
+    bit-exact; a state_dict load empties them (the loaded weights are not the ones they describe).
+    """
+
+    owner: str  # the adapter started from the principal part
+    scales: dict[str, float]  # slot -> the scale the residual was written with
+    records: dict = field(default_factory=dict)  # slot -> MergeRecord of that write
+    init: str = "pissa"  # AdapterSpec.init that wrote it: "pissa", "pissa_niter_N" or "olora"
+
+
+@dataclass
 class LayerState:
     """Explicit per-layer adapter state. Only ``merged`` travels in the state_dict (``_extra_state``)."""
 
@@ -124,11 +139,23 @@ class LayerState:
     records: dict = field(default_factory=dict)
     # slot -> the shared (tied) parameter that ``merge(untie=True)`` replaced by the layer's own copy
     untied: dict = field(default_factory=dict)
+    residual: Residual | None = None  # the base weights hold a PiSSA/OLoRA residual
 
     @property
     def computes_adapter(self) -> bool:
-        """Does the forward add the adapters itself (enabled, not folded into the weight, something active)?"""
-        return self.enabled and not self.merged and bool(self.active)
+        """Does the forward add terms itself (not folded into the weight; adapters enabled and active, or a
+        residual base whose principal part must be added back)?"""
+        if self.merged:
+            return False
+        return (self.enabled and bool(self.active)) or self.residual_weight != 0.0
+
+    @property
+    def residual_weight(self) -> float:
+        """The weight of the frozen ``scale·B0 A0`` term that gives back the original weights: 1 minus the owner's
+        active weight (1 while disabled or when the owner is not active; 0 without a residual)."""
+        if self.residual is None:
+            return 0.0
+        return 1.0 - (self.active.get(self.residual.owner, 0.0) if self.enabled else 0.0)
 
 
 class AdaptedLayer:
@@ -168,8 +195,9 @@ class AdaptedLayer:
             RuntimeError: a DoRA adapter active with others, or weighted: magnitudes do not add
                 (``peftlite.use`` refuses such combinations before they get here).
         """
+        state = self.adapter_state
         out, weights = [], []
-        for name, weight in self.adapter_state.active.items():
+        for name, weight in (state.active if state.enabled else {}).items():
             pair = self.pairs(name).get(slot)
             if pair is None:
                 continue
@@ -182,7 +210,24 @@ class AdaptedLayer:
         if any(t.dora is not None for t in out) and (len(out) > 1 or weights[0] != 1.0):
             raise RuntimeError(f"a DoRA adapter is active with others or weighted ({self.adapter_state.active}); "
                                "magnitudes do not add: use it alone")
+        rest = self.residual_term(slot)
+        if rest is not None:
+            if out and out[0].dora is not None:
+                raise RuntimeError(f"a DoRA adapter is active ({state.active}) on a layer whose base holds the residual "
+                                   f"of {state.residual.owner!r}'s principal init, which DoRA cannot rescale; call "
+                                   "peftlite.restore_base(model) first, or use the principal adapter")
+            out.append(rest)
         return out
+
+    def residual_term(self, slot: str, weight: float | None = None) -> Term | None:
+        """The frozen ``weight·scale·B0 A0`` that adds back what a principal init took out of ``slot`` (weight:
+        ``LayerState.residual_weight`` by default), or None (no residual, or weight 0)."""
+        state = self.adapter_state
+        weight = state.residual_weight if weight is None else weight
+        if state.residual is None or weight == 0.0 or slot not in state.residual.scales:
+            return None
+        pair = self.pairs(state.residual.owner)[slot]
+        return Term(pair.A0, pair.B0, state.residual.scales[slot] * weight, 0.0)
 
     def folded(self, slot: str) -> tuple[Tensor, Tensor, float] | None:
         """The active combination on ``slot`` as one ``(A, B, scale)`` (``functional.fold``), or None.
@@ -217,6 +262,8 @@ class AdaptedLayer:
         merged = bool(int(torch.as_tensor(state).reshape(-1)[0]))
         # The weights were just replaced by the loaded ones: any exact-unmerge record is stale.
         self.adapter_state.records.clear()
+        if self.adapter_state.residual is not None:
+            self.adapter_state.residual.records.clear()
         self.adapter_state.merged = merged
 
 
@@ -258,7 +305,8 @@ def effective_weight_property(slot: str) -> property:
                     f"{route.name}: its weight is read directly (by its parent, or by its own forward), so one "
                     "batch cannot use a different adapter per row there; leave this layer's adapters out of "
                     "the per_sample route, or run the rows in separate batches with peftlite.use")
-            return w
+            rest = None if state.merged else self.residual_term(slot, 1.0)  # every row: the original weight
+            return w if rest is None else effective(functional.effective_weight, w, rest.A, rest.B, rest.scale)
         terms = self.terms(slot) if state.computes_adapter else None
         if not terms:
             return w

@@ -88,8 +88,14 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
         w = self._parameters["weight"]
         route = routing.lookup(self)
         if route is not None and self.adapter_state.enabled:
-            return routing.conv2d(x, w, self.bias, route, self.geometry,
-                                  *routing.operands(w, self.weight_pairs(), route), self.training)
+            y = routing.conv2d(x, w, self.bias, route, self.geometry, *routing.operands(w, self.weight_pairs(), route),
+                               self.training)
+            rest = self.residual_term("weight", 1.0)
+            if rest is None:
+                return y
+            owner = list(self.lora).index(self.adapter_state.residual.owner)
+            delta = functional.conv2d_dropout_delta(x, rest.A, rest.B, rest.scale, self.geometry)
+            return routing.with_residual(y, route.slots, owner, delta)
         if not self.adapter_state.computes_adapter:
             return self._conv_forward(x, w, self.bias)
         terms = self.terms("weight")

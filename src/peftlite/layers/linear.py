@@ -169,8 +169,12 @@ class LoraLinear(AdaptedLayer, nn.Linear):
         w = self._parameters["weight"]
         route = routing.lookup(self)
         if route is not None and self.adapter_state.enabled:
-            return routing.linear(x, w, self.bias, route, *routing.operands(w, self.weight_pairs(), route),
-                                  self.training)
+            y = routing.linear(x, w, self.bias, route, *routing.operands(w, self.weight_pairs(), route), self.training)
+            rest = self.residual_term("weight", 1.0)
+            if rest is None:
+                return y
+            owner = list(self.lora).index(self.adapter_state.residual.owner)
+            return routing.with_residual(y, route.slots, owner, functional.linear_delta(x, rest.A, rest.B, rest.scale))
         if not self.adapter_state.computes_adapter:
             return nn.functional.linear(x, w, self.bias)
         terms = self.terms("weight")

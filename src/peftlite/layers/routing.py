@@ -143,6 +143,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, route: Routed, As: li
     return _rescaled(y, bias, route.slots, dora, 0) if rescale else y
 
 
+def with_residual(y: Tensor, slots: Tensor, owner: int, delta: Tensor) -> Tensor:
+    """``y`` plus ``delta`` on the rows that do not use adapter number ``owner``: the principal part a PiSSA or
+    OLoRA init took out of the base weights (layers/principal.py), added back where that adapter is not used.
+    y, delta: (N, ...); slots: (N,)."""
+    keep = (slots == owner).view(-1, *([1] * (y.dim() - 1)))
+    return torch.where(keep, y, y + delta.to(y.dtype))
+
+
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, route: Routed, geom: ConvGeometry, As: list[Tensor],
            Bs: list[Tensor], scales: list, dropouts: list[float], dora: list, training: bool) -> Tensor:
     """The routed adapted Conv2d: the base conv plus each row's own ``scale·conv(x, ΔW_k)``, every geometry.

@@ -18,7 +18,18 @@ from typing import Any
 KINDS = ("lora", "loha", "lokr")  # adapter kinds: the math in functional.py, the pair classes in layers/
 VARIANTS = ("lora", "dora")
 RANK_SCALINGS = ("linear", "sqrt")
-INITS = ("default",)
+INITS = ("default", "pissa", "olora")  # and "pissa_niter_N" (N >= 1): PiSSA by a randomized SVD (init_niter)
+
+
+def init_niter(init: str) -> int | None:
+    """N of a ``"pissa_niter_N"`` init (PEFT's spelling of PiSSA by ``torch.svd_lowrank``), else None."""
+    head, _, n = init.partition("_niter_") if isinstance(init, str) else ("", "", "")
+    return int(n) if head == "pissa" and n.isdigit() and int(n) > 0 else None
+
+
+def is_principal(init: str) -> bool:
+    """Does ``init`` start the adapter from the weight's principal part (PiSSA, OLoRA), with a residual base?"""
+    return init in ("pissa", "olora") or init_niter(init) is not None
 
 
 def is_positive(value: object, integral: bool = False) -> bool:
@@ -41,6 +52,9 @@ def scale_of(alpha: float, rank: int, rank_scaling: str) -> float:
 @dataclass(frozen=True)
 class AdapterSpec:
     """Validated on construction (``ValueError`` naming the value and the fix); ``alpha=None`` means the rank.
+
+    ``init``: ``"default"`` (A Kaiming-uniform, B zero), ``"pissa"``, ``"pissa_niter_N"`` or ``"olora"``
+    (layers/principal.py: the adapter starts from the weight's principal part, and the base holds the rest).
 
     LoKr's own fields (``kind="lokr"``, layers/lokr.py): ``decompose_factor`` and ``decompose_both`` choose the split as
     PEFT's LoKrConfig fields of those names do when wrapping; ``kron`` = (out_l, in_m) and ``full``
@@ -69,10 +83,16 @@ class AdapterSpec:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) \
                 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
-        for field, known in (("kind", KINDS), ("variant", VARIANTS), ("init", INITS)):
+        for field, known in (("kind", KINDS), ("variant", VARIANTS)):
             if getattr(self, field) not in known:
                 raise ValueError(f"{field} must be one of {', '.join(map(repr, known))}, "
                                  f"got {getattr(self, field)!r}")
+        if not (self.init in INITS or is_principal(self.init)):
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITS))} or 'pissa_niter_N' (N a positive "
+                             f"integer: PiSSA by a randomized SVD), got {self.init!r}")
+        if is_principal(self.init) and (self.kind, self.variant) != ("lora", "lora"):
+            raise ValueError(f"init={self.init!r} is defined for plain LoRA only, got kind={self.kind!r}, "
+                             f"variant={self.variant!r}; use kind='lora', variant='lora' with it, or init='default'")
         if self.kind != "lora" and self.variant != "lora":
             raise ValueError(f"variant={self.variant!r} is defined for kind='lora' only, got kind={self.kind!r}; "
                              "use variant='lora' with it")
