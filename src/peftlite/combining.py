@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import functional
-from .layers import adapted_layers, registry
+from .layers import adapted_layers, principal, registry
 from .layers.spec import AdapterSpec
 from .state import activate, add, refuse_busy, wrap_state
 from .switching import is_dora, kind_of_adapter, known
@@ -70,6 +70,8 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     if dora:
         raise ValueError(f"combine: {dora[0]!r} is a DoRA adapter; magnitudes do not add, so a combination of "
                          "DoRA adapters has no defined meaning: combine LoRA adapters only")
+    principal.refuse_owner(adapted_layers(model), list(weights), "combine",
+                           "call peftlite.restore_base(model) first (it becomes a plain LoRA on the original weights)")
     check_name(name, "combine")
     if name in state.adapters:
         raise ValueError(f"combine: the model already has an adapter named {name!r}; pick another name")

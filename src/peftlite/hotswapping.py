@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .formats import native, schema
-from .layers import AdaptedLayer, adapted_layers, registry
+from .layers import AdaptedLayer, adapted_layers, principal, registry
 from .layers.base import LowRank
 from .layers.spec import AdapterSpec
 from .state import activate, refuse_busy, wrap_state
@@ -116,6 +116,8 @@ def hotswap(model: nn.Module, path: str | os.PathLike, name: str = "default") ->
                            "(before torch.compile)")
     known(state, name, "hotswap")
     refuse_busy(model, "hotswap")
+    principal.refuse_owner(adapted_layers(model), [name], "hotswap",
+                           "a file holds a LoRA on the original weights; hot-swap into another adapter")
     _, tensors, config = native.read_adapter(path, model)
     other = {e.get("adapter_kind", "lora") for e in config["layers"].values()} - {"lora"}
     if other:

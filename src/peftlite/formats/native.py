@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import selection
 from .._version import __version__
-from ..layers import DEFAULT_ADAPTER, AdaptedLayer, adapted_layers, registry
+from ..layers import DEFAULT_ADAPTER, AdaptedLayer, adapted_layers, principal, registry
 from ..layers.spec import AdapterSpec
 from ..state import WrapState, activate, add, refuse_busy, remove, wrap_state
 from ..wrapping import check_name, saved_tensors, under, unwrap, wrap_spec
@@ -106,6 +106,8 @@ def save(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = 
     if not tensors:
         raise ValueError("save: nothing to save (no adapters, heads or trainable modules)")
     config = model_config(model, state, adapter, include is not None)
+    if adapter is not None:  # a principal init's adapter: the plain LoRA of rank 2r on the original weights
+        tensors, config = principal.shared_tensors(adapted_layers(model), adapter, tensors, config)
     if format == "peft":
         peft_tensors, adapter_config = peft.to_peft(tensors, config)
         peft.check_direct_reads(model, list(config["layers"]))
@@ -432,6 +434,11 @@ def load(model: nn.Module, path: str | os.PathLike, heads: Mapping[str, nn.Modul
             return model
         if heads:
             raise ValueError("heads= is only for loading into an unwrapped model; this model is already wrapped")
+        if adapter in state.adapters and config["layers"]:
+            principal.refuse_owner(adapted_layers(model), [adapter], f"load {path}",
+                                   "a file holds a LoRA on the original weights. Load it under another name= (the "
+                                   "model computes on the original weights for it), or peftlite.restore_base(model) "
+                                   "first")
         if adapter in state.adapters or not config["layers"]:  # an adapter the model has, or heads only
             return _load_values(model, path, found, values, config, adapter, strict, partial)
         return _load_new(model, path, found, values, config, adapter, strict, partial)

@@ -200,3 +200,40 @@ def shared_pair(pair, residual_scale: float) -> tuple[Tensor, Tensor, int, float
     A2, B2 = functional.shared_pair(A, B, pair.A0, B0)
     rank = 2 * pair.rank
     return A2.contiguous(), B2.contiguous(), rank, pair.scale / scale_of(1.0, rank, pair.rank_scaling)
+
+
+def refuse_owner(layers: list[tuple[str, AdaptedLayer]], adapters, what: str, fix: str) -> None:
+    """Raise ValueError if one of ``adapters`` started from a principal init: its values are relative to a
+    residual base, not to the original weights that files and combinations speak of."""
+    for name, layer in layers:
+        residual = layer.adapter_state.residual
+        if residual is not None and residual.owner in adapters:
+            raise ValueError(f"{what}: adapter {residual.owner!r} started from a {residual.init} init, so its values are "
+                             f"relative to the residual base of {name} (and others), not to the original weights; "
+                             f"{fix}")
+
+
+def shared_tensors(layers: list[tuple[str, AdaptedLayer]], adapter: str, tensors: dict, config: dict
+                   ) -> tuple[dict, dict]:
+    """A file's ``(tensors, config)`` with each layer where ``adapter`` owns a residual written as the plain LoRA
+    of rank 2r on the ORIGINAL weights (``shared_pair``); its entry says which init produced it."""
+    tensors, layers_cfg = dict(tensors), {k: dict(v) for k, v in config["layers"].items()}
+    inits = set()
+    for name, layer in layers:
+        residual = layer.adapter_state.residual
+        if residual is None or residual.owner != adapter or name not in layers_cfg:
+            continue
+        prefix = f"{name}.lora.{adapter}" if name else f"lora.{adapter}"
+        single = list(layer.pairs(adapter)) == ["weight"] and not isinstance(layer.lora[adapter], nn.ModuleDict)
+        for slot, pair in layer.pairs(adapter).items():
+            A2, B2, rank, alpha = shared_pair(pair, residual.scales[slot])
+            base = prefix if single else f"{prefix}.{slot}"
+            for part, t in (("A", A2), ("B", B2)):
+                if f"{base}.{part}" in tensors:
+                    tensors[f"{base}.{part}"] = t
+            layers_cfg[name].update(rank=rank, alpha=alpha, init=residual.init)
+        inits.add(residual.init)
+    config = {**config, "layers": layers_cfg}
+    if inits:
+        config["init"] = ",".join(sorted(inits))
+    return tensors, config
