@@ -37,7 +37,8 @@ def test_every_pair_wrap_builds_computes_with_the_specs_scale():
     ({"dropout": 1.0}, r"dropout must be a probability in \[0, 1\), got 1.0"),
     ({"variant": "vera"}, "variant must be one of 'lora', 'dora', got 'vera'"),
     ({"kind": "oft"}, "kind must be one of 'lora', 'loha', 'lokr', got 'oft'"),
-    ({"init": "pissa"}, "init must be one of 'default', got 'pissa'"),
+    ({"init": "gaussian"}, "init must be one of 'default', 'pissa', 'olora' or 'pissa_niter_N'"),
+    ({"init": "pissa", "variant": "dora"}, "init='pissa' is defined for plain LoRA only"),
     ({"rank_scaling": "log"}, r"rank_scaling must be 'linear' .* or 'sqrt' .*got 'log'"),
 ])
 def test_bad_values_are_refused_with_the_value_and_the_fix(kwargs, words):
