@@ -102,6 +102,10 @@ def _rows(layer: AdaptedLayer, slot: str, transposed: bool) -> kernels.Rows:
         else:
             A, B = pair.A.detach(), pair.B.detach()
             parts.append(kernels.pair_rows(B.t(), A.t(), scale) if transposed else kernels.pair_rows(A, B, scale))
+    rest = layer.residual_term(slot)  # a principal init's part, added back while its adapter is not fully active
+    if rest is not None:
+        A, B, scale = rest.A.detach(), rest.B.detach(), float(rest.scale)
+        parts.append(kernels.pair_rows(B.t(), A.t(), scale) if transposed else kernels.pair_rows(A, B, scale))
     return kernels.summed_rows(parts)
 
 

@@ -280,3 +280,18 @@ def test_second_principal_init_refused_and_files_into_it():
     peftlite.wrap(m, "0", rank=2, name="plain")  # a default init on top is fine
     with pytest.raises(ValueError, match="started from a pissa init"):
         peftlite.combine(m, {"default": 1.0, "plain": 1.0}, name="mix", how="cat")
+
+
+def test_a_lokr_adapter_on_a_residual_base_merges_with_the_residual():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16))
+    x = torch.randn(3, 16)
+    m = peftlite.wrap(copy.deepcopy(base), "0", rank=2, init="pissa")
+    peftlite.wrap(m, "0", rank=2, kind="lokr", name="kr")
+    with torch.no_grad():
+        m[0].lora.kr.W1.normal_(0, 0.1)
+    y, before = m(x), _state(m)
+    peftlite.merge(m)
+    torch.testing.assert_close(m(x), y, atol=1e-5, rtol=1e-5)
+    peftlite.unmerge(m)
+    assert _same(m, before)
