@@ -6,7 +6,8 @@ For each model (num_classes=10, rank 4, non-zero adapters), as plain LoRA, DoRA,
 3. unmerge restores every state_dict tensor bit-exactly;
 4. unwrap leaves no peftlite module and the original state_dict keys.
 
-The huge models are skipped by name (with the reason) unless ``PEFTLITE_ZOO=all``:
+LoHa and LoKr run on one model of each family (``FAMILIES``: every building block the zoo has), all of them
+with ``PEFTLITE_ZOO=all``. The huge models are skipped by name (with the reason) unless ``PEFTLITE_ZOO=all``:
 
     PEFTLITE_ZOO=all PYTHONPATH=src python -m pytest -q tests/test_zoo.py
 """
@@ -43,6 +44,7 @@ BUILD = {"vit_b_16": {"image_size": 32}, "vit_b_32": {"image_size": 64}, "vit_l_
          "inception_v3": {"init_weights": False}, "googlenet": {"init_weights": False}}
 
 RUN_ALL = os.environ.get("PEFTLITE_ZOO", "").lower() == "all"
+ADAPTERS = {"lora": {}, "dora": {"variant": "dora"}, "loha": {"kind": "loha"}, "lokr": {"kind": "lokr"}}
 
 
 def _size(name: str) -> int:
@@ -54,13 +56,24 @@ def _size(name: str) -> int:
     return SIZE.get(family, 32)
 
 
+# One model per family, for the adapter kinds whose ΔW the LoRA runs already cover layer type by layer type.
+FAMILIES = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
+            "inception_v3", "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
+            "regnet_y_400mf", "resnet18", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_0", "swin_t",
+            "swin_v2_t", "vgg11_bn", "vit_b_16")
+KINDS_EVERYWHERE = ("lora", "dora")  # the others run on FAMILIES
+
+
 def _params() -> list:
     out = []
     for name in ALL:
-        marks = []
-        if name in HUGE and not RUN_ALL:
-            marks.append(pytest.mark.skip(reason=f"{name}: {HUGE[name]}; run with PEFTLITE_ZOO=all"))
-        out.append(pytest.param(name, id=name, marks=marks))
+        for adapter in ADAPTERS:
+            marks = []
+            if name in HUGE and not RUN_ALL:
+                marks.append(pytest.mark.skip(reason=f"{name}: {HUGE[name]}; run with PEFTLITE_ZOO=all"))
+            elif adapter not in KINDS_EVERYWHERE and name not in FAMILIES and not RUN_ALL:
+                continue
+            out.append(pytest.param(name, adapter, id=f"{name}-{adapter}", marks=marks))
     return out
 
 
@@ -92,12 +105,10 @@ def test_zoo_list_is_complete():
     assert len([n for n in ALL if n not in HUGE]) >= 63
 
 
-ADAPTERS = {"lora": {}, "dora": {"variant": "dora"}, "loha": {"kind": "loha"}, "lokr": {"kind": "lokr"}}
 UP = (".B", ".B1", ".B2", ".W1")  # the factors that start at zero (or small): randomised so ΔW is not zero
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize(("name", "adapter"), _params())
 def test_zoo_architecture(name, adapter):
     torch.set_num_threads(2)
     torch.manual_seed(0)
