@@ -1,6 +1,6 @@
 """PiSSA / OLoRA against the default LoRA init: training on the digits demo, and what initialising costs.
 
-    PYTHONPATH=src python benchmarks/principal.py [--seeds 3] [--epochs 6] [--plot docs/principal_digits.png]
+    PYTHONPATH=src python benchmarks/principal.py [--seeds 5] [--epochs 6] [--plot docs/principal_digits.png]
     PYTHONPATH=src python benchmarks/principal.py --timing-only
 
 - digits (``peftlite.demo.digits``): the tiny ResNet pretrained on digits 0-4, adapted to 5-9 with a rank-4
@@ -127,7 +127,7 @@ def timing() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)

@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
+from tests._geometries import GEOMETRIES
+from tests.conftest import assert_unchanged, bits_equal, snapshot
 from torch import nn
 
 import peftlite
 from peftlite import functional
-from tests._geometries import GEOMETRIES
-from tests.conftest import assert_unchanged, bits_equal, snapshot
 
 INITS = ["pissa", "olora", "pissa_niter_4"]
 
@@ -95,7 +95,8 @@ def test_linear_attention_direct_read_channels_last(init):
                           "conv": nn.Conv2d(3, 6, 3).to(memory_format=torch.channels_last)})
 
     def run(m):
-        x, kv = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)), torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(3))
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+        kv = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(3))
         img = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
         return [m["fc"](x), m["mha"](x, x, x)[0], m["kv"](x, kv, kv)[0], m["reads"](x), m["conv"](img)]
 

@@ -213,8 +213,9 @@ class AdaptedLayer:
         rest = self.residual_term(slot)
         if rest is not None:
             if out and out[0].dora is not None:
-                raise RuntimeError(f"a DoRA adapter is active ({state.active}) on a layer whose base holds the residual "
-                                   f"of {state.residual.owner!r}'s principal init, which DoRA cannot rescale; call "
+                raise RuntimeError(f"a DoRA adapter is active ({state.active}) on a layer whose base holds the "
+                                   f"residual of {state.residual.owner!r}'s principal init, which DoRA cannot "
+                                   "rescale; call "
                                    "peftlite.restore_base(model) first, or use the principal adapter")
             out.append(rest)
         return out

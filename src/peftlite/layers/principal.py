@@ -208,9 +208,9 @@ def refuse_owner(layers: list[tuple[str, AdaptedLayer]], adapters, what: str, fi
     for name, layer in layers:
         residual = layer.adapter_state.residual
         if residual is not None and residual.owner in adapters:
-            raise ValueError(f"{what}: adapter {residual.owner!r} started from a {residual.init} init, so its values are "
-                             f"relative to the residual base of {name} (and others), not to the original weights; "
-                             f"{fix}")
+            raise ValueError(f"{what}: adapter {residual.owner!r} started from a {residual.init} init, so its "
+                             f"values are relative to the residual base of {name} (and others), not to the original "
+                             f"weights; {fix}")
 
 
 def shared_tensors(layers: list[tuple[str, AdaptedLayer]], adapter: str, tensors: dict, config: dict
