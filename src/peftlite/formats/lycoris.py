@@ -191,12 +191,7 @@ def to_lycoris(tensors: dict[str, Tensor], config: dict[str, Any], prefix: str =
         if config.get(field):
             raise LycorisFormatError(f"{where}: the adapter has {what} ({', '.join(config[field])}), which a LyCORIS "
                                      "file does not hold; save it in peftlite format")
-    if config.get("train_bn"):
-        raise LycorisFormatError(f"{where}: the adapter trains BatchNorm statistics (train_bn=True), which a LyCORIS "
-                                 "file does not hold; save it in peftlite format")
-    if config.get("partial"):
-        raise LycorisFormatError(f"{where}: a partial adapter (saved with include=) cannot be written as a LyCORIS "
-                                 "file, which holds every layer's factors")
+    schema.check_exportable(config, where, LycorisFormatError, "a LyCORIS file")
     adapter = schema.adapter_name(config)
     out: dict[str, Tensor] = {}
     seen: dict[str, str] = {}

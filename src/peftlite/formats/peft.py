@@ -503,12 +503,7 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
     Raises:
         PeftFormatError: a layer or setting PEFT cannot express or would compute differently (named).
     """
-    if config.get("train_bn"):
-        raise PeftFormatError(f"{where}: the adapter trains BatchNorm statistics (train_bn=True), which PEFT's "
-                              "LoRA format cannot express; save it in peftlite format instead")
-    if config.get("partial"):
-        raise PeftFormatError(f"{where}: a partial adapter (saved with include=) cannot be written as a PEFT "
-                              "directory; PEFT needs every tensor of the adapter")
+    schema.check_exportable(config, where, PeftFormatError, "a PEFT directory")
     layers = config["layers"]
     kinds = {e.get("adapter_kind", "lora") for e in layers.values()}
     if len(kinds) > 1:

@@ -50,6 +50,17 @@ def file_config(layers: dict[str, dict], heads: dict[str, dict], trainable: list
             "heads": heads, "trainable": list(trainable), "train_bn": bool(train_bn), "partial": bool(partial)}
 
 
+def check_exportable(config: dict[str, Any], where: str, error: type[ValueError], what: str) -> None:
+    """Refuse, with ``error``, what no other format's file holds: BatchNorm statistics and partial adapters.
+    ``what`` names the format's file ("a PEFT directory")."""
+    if config.get("train_bn"):
+        raise error(f"{where}: the adapter trains BatchNorm statistics (train_bn=True), which {what} does not hold; "
+                    "save it in peftlite format")
+    if config.get("partial"):
+        raise error(f"{where}: a partial adapter (saved with include=) cannot be written as {what}, which needs "
+                    "every tensor of the adapter")
+
+
 def adapter_name(config: dict[str, Any]) -> str:
     """The name the file's adapter was saved under (files before named adapters: ``"default"``)."""
     return config.get("adapter", DEFAULT_ADAPTER)
