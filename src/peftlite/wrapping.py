@@ -261,6 +261,7 @@ def wrap_spec(model: nn.Module, targets, spec: AdapterSpec, *, heads: Mapping[st
                          "hotswap a file into an existing name")
     plan = resolve_targets(model, targets, skip=list(heads), index=index) if targets is not None else []
     kinds = [registry.check_adaptable(n, module, name) for n, module in plan]
+    principal.refuse_dora(plan, spec, name)
     starts = principal.plan(model, plan, kinds, spec, name) if is_principal(spec.init) else []
 
     # Validated: from here on, change the model.

@@ -296,3 +296,32 @@ def test_a_lokr_adapter_on_a_residual_base_merges_with_the_residual():
     torch.testing.assert_close(m(x), y, atol=1e-5, rtol=1e-5)
     peftlite.unmerge(m)
     assert _same(m, before)
+
+
+def test_dora_on_a_residual_base_refused_and_hotswap_padding_kept():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8))
+    m = peftlite.wrap(copy.deepcopy(base), "0", rank=2, init="pissa")
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match="DoRA magnitude cannot rescale"):
+        peftlite.wrap(m, "0", rank=2, variant="dora", name="d")
+    assert_unchanged(m, snap)
+    _perturb(m)
+    x = torch.randn(3, 8)
+    peftlite.prepare_hotswap(m, max_rank=4)  # pads A and B to rank 4
+    y = m(x)
+    peftlite.restore_base(m)
+    assert bits_equal(m[0]._parameters["weight"], base[0].weight)
+    assert m[0].lora.default.rank == m[0].lora.default.A.shape[0] == 6
+    torch.testing.assert_close(m(x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_per_sample_through_attention_read_directly():
+    torch.manual_seed(0)
+    base = nn.ModuleDict({"fc": nn.Linear(16, 16), "mha": nn.MultiheadAttention(16, 2, batch_first=True)})
+    x = torch.randn(3, 4, 16)
+    m = peftlite.wrap(copy.deepcopy(base), ["mha"], rank=2, init="olora")
+    peftlite.wrap(m, ["fc"], rank=2, name="f")
+    with peftlite.per_sample(m, [None, "f", None]):  # attention is not routed: every row on the original weights
+        y = m["mha"](x, x, x)[0]
+    torch.testing.assert_close(y, base["mha"](x, x, x)[0], atol=1e-5, rtol=1e-5)

@@ -108,6 +108,19 @@ def plan(model: nn.Module, layers: list[tuple[str, nn.Module]], kinds: list[Kind
     return starts
 
 
+def refuse_dora(layers: list[tuple[str, nn.Module]], spec: AdapterSpec, adapter: str) -> None:
+    """Raise ValueError for a DoRA adapter on a layer whose base holds a residual: DoRA rescales the rows of the
+    weight it adapts, and the residual base plus the frozen principal term is not one weight it can rescale."""
+    if spec.variant != "dora":
+        return
+    for name, module in layers:
+        held = module.adapter_state.residual if isinstance(module, AdaptedLayer) else None
+        if held is not None:
+            raise ValueError(f"wrap(variant='dora'): {name}'s base holds the residual of adapter {held.owner!r}'s "
+                             f"{held.init} init, which a DoRA magnitude cannot rescale; call "
+                             f"peftlite.restore_base(model) first, or wrap {adapter!r} as plain LoRA")
+
+
 @torch.no_grad()
 def write(starts: list[Start]) -> list[kernels.MergeRecord]:
     """``W -= scale·B0 A0`` in place through the exact merge kernels, one record per weight; all or nothing.
@@ -198,7 +211,7 @@ def shared_pair(pair, residual_scale: float) -> tuple[Tensor, Tensor, int, float
     A, B = pair.A.detach(), pair.B.detach()
     B0 = pair.B0 * (residual_scale / pair.scale) if residual_scale != pair.scale else pair.B0
     A2, B2 = functional.shared_pair(A, B, pair.A0, B0)
-    rank = 2 * pair.rank
+    rank = A2.shape[0]  # 2r (a pair padded for hot-swapping: its padded rank + r)
     return A2.contiguous(), B2.contiguous(), rank, pair.scale / scale_of(1.0, rank, pair.rank_scaling)
 
 
