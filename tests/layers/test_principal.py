@@ -306,6 +306,9 @@ def test_dora_on_a_residual_base_refused_and_hotswap_padding_kept():
     with pytest.raises(ValueError, match="DoRA magnitude cannot rescale"):
         peftlite.wrap(m, "0", rank=2, variant="dora", name="d")
     assert_unchanged(m, snap)
+    d = peftlite.wrap(copy.deepcopy(base), "0", rank=2, variant="dora", name="d")
+    with pytest.raises(ValueError, match="has the DoRA adapter 'd'"):
+        peftlite.wrap(d, "0", rank=2, init="olora")
     _perturb(m)
     x = torch.randn(3, 8)
     peftlite.prepare_hotswap(m, max_rank=4)  # pads A and B to rank 4

@@ -74,6 +74,12 @@ def plan(model: nn.Module, layers: list[tuple[str, nn.Module]], kinds: list[Kind
                 f"{held.init} init, and a second principal-component init would decompose that residual; wrap "
                 f"{adapter!r} with init='default', leave {name} out of targets, or peftlite.delete({held.owner!r}) "
                 "first")
+        dora = [a for a, pairs in module.adapters().items() if any(p.variant == "dora" for p in pairs.values())] \
+            if isinstance(module, AdaptedLayer) else []
+        if dora:
+            raise ValueError(f"wrap(init={spec.init!r}): {name} has the DoRA adapter {dora[0]!r}, whose magnitude "
+                             "rescales one weight, and a residual base plus its frozen principal term is not one; "
+                             f"leave {name} out of targets, or peftlite.delete({dora[0]!r}) first")
         for slot in kind.slots(module):
             w = module._parameters[slot]
             where = f"wrap(init={spec.init!r}): {name}" + ("" if slot == "weight" else f".{slot}")
