@@ -69,3 +69,11 @@ def test_peft_directory_loads_into_the_unmodified_model(tmp_path, init, rank_sca
     again = copy.deepcopy(base)
     peftlite.load(again, tmp_path / "p")
     torch.testing.assert_close(again(x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_hotswap_into_the_principal_adapter_refused(tmp_path):
+    base, m, x = _trained("pissa")
+    path = peftlite.save(m, tmp_path / "a.safetensors")
+    peftlite.prepare_hotswap(m, max_rank=8)
+    with pytest.raises(ValueError, match="started from a pissa init"):
+        peftlite.hotswap(m, path, name="default")
