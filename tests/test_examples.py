@@ -29,3 +29,13 @@ def test_unet_loha_loads_a_lycoris_file_merges_and_unmerges_bit_exactly(capsys, 
     out = capsys.readouterr().out
     assert list(tmp_path.glob("*/unet_loha.safetensors"))
     assert "all 208 base tensors bit-exact (torch.equal): True" in out and out.rstrip().endswith("ok")
+
+
+def test_pissa_example_shares_a_plain_lora_and_restores_the_base(capsys, tmp_path, monkeypatch, one_thread):
+    pytest.importorskip("sklearn")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the example's adapter file goes here
+    monkeypatch.setattr("sys.argv", ["06_pissa.py"])
+    runpy.run_path(str(EXAMPLES / "06_pissa.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    gap = float(out.split("max |Δ output|: ")[1].split()[0])
+    assert gap < 1e-4 and "original weights back bit for bit: True" in out
