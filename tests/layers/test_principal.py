@@ -203,21 +203,29 @@ def test_merge_while_the_owner_is_inactive_is_exact_too():
 
 def test_state_dict_keeps_the_way_back():
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(10, 8))
+    base, other = nn.Sequential(nn.Linear(10, 8)), nn.Sequential(nn.Linear(10, 8))
     orig, x = _state(base), torch.randn(3, 10)
     m = peftlite.wrap(copy.deepcopy(base), "0", rank=2, init="pissa")
     _perturb(m)
     sd = m.state_dict()
     assert {"0.lora.default.A0", "0.lora.default.B0"} <= set(sd)  # the residual's factors travel
     assert not torch.equal(sd["0.weight"], orig["0.weight"])  # the weight key holds the residual
+    # a checkpoint of this run, loaded into the same base wrapped again: the way back stays bit-exact
     fresh = peftlite.wrap(copy.deepcopy(base), "0", rank=2, init="pissa")
     fresh.load_state_dict(sd)
     torch.testing.assert_close(fresh(x), m(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peftlite.unwrap(fresh, merge=False)
+    assert _same(fresh, orig)
+    # loaded into another model: its record does not describe these bits, so W is recomputed (and says so)
+    elsewhere = peftlite.wrap(copy.deepcopy(other), "0", rank=2, init="pissa")
+    elsewhere.load_state_dict(sd)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        peftlite.unwrap(fresh, merge=False)
+        peftlite.unwrap(elsewhere, merge=False)
     assert any("last bit" in str(w.message) for w in caught)
-    torch.testing.assert_close(fresh[0].weight, orig["0.weight"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(elsewhere[0].weight, orig["0.weight"], atol=1e-6, rtol=0)
 
 
 def test_unwrap_merge_gives_the_trained_model():

@@ -118,12 +118,14 @@ class Residual:
 
     Each adapted slot's weight holds ``W - scale·B0 @ A0`` (written by the exact merge kernels), and the
     owner adapter's pairs hold ``A0``, ``B0`` as persistent buffers. ``records`` make the way back to W
-    bit-exact; a state_dict load empties them (the loaded weights are not the ones they describe).
+    bit-exact while the weight holds the bits they were written for (``digests``, checked before they are
+    used): a state_dict of this run loaded back keeps it exact; other weights are restored by recomputing.
     """
 
     owner: str  # the adapter started from the principal part
     scales: dict[str, float]  # slot -> the scale the residual was written with
     records: dict = field(default_factory=dict)  # slot -> MergeRecord of that write
+    digests: dict = field(default_factory=dict)  # slot -> digest of the residual weight's bits as written
     init: str = "pissa"  # AdapterSpec.init that wrote it: "pissa", "pissa_niter_N" or "olora"
 
 
@@ -262,9 +264,7 @@ class AdaptedLayer:
     def set_extra_state(self, state) -> None:
         merged = bool(int(torch.as_tensor(state).reshape(-1)[0]))
         # The weights were just replaced by the loaded ones: any exact-unmerge record is stale.
-        self.adapter_state.records.clear()
-        if self.adapter_state.residual is not None:
-            self.adapter_state.residual.records.clear()
+        self.adapter_state.records.clear()  # (a residual's records stay: checked against their digests first)
         self.adapter_state.merged = merged
 
 

@@ -18,6 +18,7 @@ is written; ``write`` puts back the weights it wrote if one fails.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 
@@ -166,6 +167,13 @@ def install(starts: list[Start], records: list[kernels.MergeRecord], adapter: st
             state.residual = Residual(adapter, {}, init=init)
         state.residual.scales[s.slot] = s.scale
         state.residual.records[s.slot] = record
+        state.residual.digests[s.slot] = digest(s.module._parameters[s.slot])
+
+
+def digest(weight: Tensor) -> str:
+    """A digest of the weight's bits (in its logical order), to tell whether a record still describes it."""
+    raw = weight.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return hashlib.blake2b(raw.tobytes(), digest_size=16).hexdigest()
 
 
 def check_restorable(layers: list[tuple[str, AdaptedLayer]], what: str) -> None:
@@ -196,10 +204,14 @@ def restore(layer: AdaptedLayer, name: str, plain: bool = False) -> None:
     shared = {slot: shared_pair(pairs[slot], scale) for slot, scale in residual.scales.items()} if plain else {}
     for slot, scale in residual.scales.items():
         record = residual.records.get(slot)
+        w = layer._parameters[slot]
+        if record is not None and (w.dtype, w.device) == (record.dtype, record.device) \
+                and residual.digests.get(slot) != digest(w):
+            record = None  # the weight changed since (another state_dict loaded): the record is not its
         if record is None:
-            warnings.warn(f"{name}: its residual base came from a state_dict, without the record of how it was "
-                          "written, so the original weights are recomputed and may differ in the last bit",
-                          stacklevel=3)
+            warnings.warn(f"{name}: its residual weight is not the one written at wrap (a state_dict was loaded "
+                          "into it), so the original weights are recomputed as W_res + scale·B0 A0 and may differ "
+                          "in the last bit", stacklevel=3)
         w2, a2, b2 = kernels.as_matrix(layer._parameters[slot].data, pairs[slot].A0, pairs[slot].B0)
         kernels.unmerge_(w2, a2, b2, -scale, record)
     for slot, (A2, B2, rank, alpha) in shared.items():
