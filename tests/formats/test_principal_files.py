@@ -77,3 +77,11 @@ def test_hotswap_into_the_principal_adapter_refused(tmp_path):
     peftlite.prepare_hotswap(m, max_rank=8)
     with pytest.raises(ValueError, match="started from a pissa init"):
         peftlite.hotswap(m, path, name="default")
+
+
+def test_lycoris_file_is_the_plain_lora_too(tmp_path):
+    base, m, x = _trained("olora")
+    path = peftlite.save(m, tmp_path / "l.safetensors", format="lycoris")
+    fresh = copy.deepcopy(base)
+    peftlite.load(fresh, path, format="lycoris")
+    torch.testing.assert_close(fresh(x), m(x), atol=1e-5, rtol=1e-5)
