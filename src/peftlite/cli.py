@@ -66,11 +66,11 @@ def describe_file(path: str) -> dict[str, Any]:
         spec = AdapterSpec.from_entry(entry, f"layer {name!r}")
         own_fields = {k: v for k, v in spec.entry().items()  # the kind's own fields (a LoKr split)
                       if k not in ("rank", "alpha", "dropout", "variant", "rank_scaling", "adapter_kind")}
-        geometry = {k: v for k, v in entry.items() if k not in ("kind", "slots", *spec.entry())}
+        geometry = {k: v for k, v in entry.items() if k not in ("kind", "slots", "init", *spec.entry())}
         layers.append({"name": name, "kind": entry["kind"], "rank": spec.rank, "alpha": spec.alpha,
                        "scale": spec.scale, "rank_scaling": spec.rank_scaling, "variant": spec.variant,
                        "adapter_kind": spec.kind, **({"adapter_fields": own_fields} if own_fields else {}),
-                       "dropout": spec.dropout,
+                       "dropout": spec.dropout, **({"init": entry["init"]} if "init" in entry else {}),
                        "tensors": {k[len(name) + 1:]: list(t.shape) for k, t in own.items()},
                        "params": sum(t.numel() for t in own.values()), "geometry": geometry})
     full = {}
@@ -103,6 +103,7 @@ def _adapter(layer: dict[str, Any]) -> str:
     words = [layer.get("adapter_kind", "lora")]
     words += ["dora"] if layer.get("variant") == "dora" else []
     words += ["rs"] if layer.get("rank_scaling") == "sqrt" else []
+    words += [f"from-{layer['init']}"] if "init" in layer else []  # a PiSSA / OLoRA adapter, as a plain LoRA
     kron = layer.get("adapter_fields", {}).get("kron")
     return "+".join(words) + (f" {kron[0]}x{kron[1]}" if kron else "")
 
