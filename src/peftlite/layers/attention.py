@@ -168,12 +168,12 @@ class LoraMultiheadAttention(AdaptedLayer, LeanAttention, nn.MultiheadAttention)
 
     def _project(self, x: Tensor, slot: str, rows: slice, bias: Tensor | None) -> Tensor:
         w = self._parameters[slot]
-        if self.adapter_state.computes_adapter and any(t.kron is not None for t in self.terms(slot)):
-            return F.linear(x, functional.add_delta(w, self.delta(slot))[rows], bias)  # LoKr: the dense ΔW
-        folded = self.folded(slot) if self.adapter_state.computes_adapter else None
-        if folded is None:
+        terms = self.terms(slot) if self.adapter_state.computes_adapter else []  # formed once per call
+        if not terms:
             return frozen_linear(x, w[rows], bias)
-        A, B, scale = folded
+        if any(t.kron is not None for t in terms):  # LoKr: the dense ΔW
+            return F.linear(x, functional.add_delta(w, sum(t.delta() for t in terms))[rows], bias)
+        A, B, scale = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
         return adapted_linear(x, w[rows], bias, A, B[rows], scale)
 
 
