@@ -65,7 +65,8 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     other = [n for n in weights if kind_of_adapter(model, n) != "lora"]
     if other:
         raise ValueError(f"combine: {other[0]!r} is a {kind_of_adapter(model, other[0])} adapter; combine makes a LoRA "
-                         "adapter from LoRA ones (a weighted sum of LoHa products is not a LoHa product)")
+                         "adapter from LoRA ones (a weighted sum of LoHa or LoKr products is not such a product); "
+                         "use several adapters at once with peftlite.use instead")
     dora = [n for n in weights if is_dora(model, n)]
     if dora:
         raise ValueError(f"combine: {dora[0]!r} is a DoRA adapter; magnitudes do not add, so a combination of "

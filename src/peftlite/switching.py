@@ -45,7 +45,7 @@ def known(state: WrapState, name: object, what: str) -> str:
 
 
 def kind_of_adapter(model: nn.Module, name: str) -> str:
-    """Adapter ``name``'s kind (``AdapterSpec.kind``: "lora", "loha"), read from its pairs."""
+    """Adapter ``name``'s kind (``AdapterSpec.kind``: "lora", "loha", "lokr"), read from its pairs."""
     return next((p.kind for _, m in adapted_layers(model) if name in m.lora for p in m.pairs(name).values()), "lora")
 
 
