@@ -90,22 +90,24 @@ def _has_rows(layer: AdaptedLayer, slot: str) -> bool:
 def _rows(layer: AdaptedLayer, slot: str, transposed: bool) -> kernels.Rows:
     """ΔW's rows of the active adapters on ``slot`` (of Wᵀ when ``transposed``), in a fixed order: each
     adapter's own exact form (LoKr: ``kron_rows``; others: their pair), summed in activation order."""
+    def low_rank(A, B, scale: float) -> kernels.Rows:  # scale·B A, or its transpose scale·Aᵀ Bᵀ
+        A, B = A.detach(), B.detach()
+        return kernels.pair_rows(B.t(), A.t(), scale) if transposed else kernels.pair_rows(A, B, scale)
+
     parts = []
     for adapter, weight in layer.adapter_state.active.items():
         pair = layer.pairs(adapter).get(slot)
         if pair is None:
             continue
         scale = float(pair.effective_scale) * weight
-        if pair.kind == "lokr":
+        if pair.kind == "lokr":  # (W1 ⊗ W2)ᵀ = W1ᵀ ⊗ W2ᵀ
             W1, W2 = (kernels.exact_product(f) for f in pair.factor_parts())
             parts.append(kernels.kron_rows(W1.t(), W2.t(), scale) if transposed else kernels.kron_rows(W1, W2, scale))
         else:
-            A, B = pair.A.detach(), pair.B.detach()
-            parts.append(kernels.pair_rows(B.t(), A.t(), scale) if transposed else kernels.pair_rows(A, B, scale))
+            parts.append(low_rank(pair.A, pair.B, scale))
     rest = layer.residual_term(slot)  # a principal init's part, added back while its adapter is not fully active
     if rest is not None:
-        A, B, scale = rest.A.detach(), rest.B.detach(), float(rest.scale)
-        parts.append(kernels.pair_rows(B.t(), A.t(), scale) if transposed else kernels.pair_rows(A, B, scale))
+        parts.append(low_rank(rest.A, rest.B, float(rest.scale)))
     return kernels.summed_rows(parts)
 
 
