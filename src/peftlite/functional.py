@@ -158,6 +158,24 @@ def tucker_in(core: Tensor, factor: Tensor) -> Tensor:
     return out.reshape(core.shape[0], -1).to(torch.promote_types(core.dtype, torch.float32))
 
 
+def tucker_factor(core: Tensor, factor: Tensor) -> Tensor:
+    """A Tucker form's input side as one flat factor, for training in that form (``AdapterSpec.tucker``).
+
+    ``out[a, (c, hw)] = Σ_b core[a, b, hw] · factor[b, c]``, summed over b in order, each product and sum
+    rounded on its own (as the merge kernels' ΔW): the pair's A is then the same bits in a merge and in
+    its unmerge, whatever the thread count.
+
+    Args:
+        core: (r, r', kh·kw). factor: (r', c).
+    Returns:
+        (r, c·kh·kw), the kernel's elements inner, as a conv's flat weight has them.
+    """
+    out = core[:, 0, None, :] * factor[0][None, :, None]  # (r, c, kh·kw)
+    for b in range(1, core.shape[1]):
+        out = out + core[:, b, None, :] * factor[b][None, :, None]
+    return out.reshape(core.shape[0], -1)
+
+
 def kron_delta(W1: Tensor, W2: Tensor) -> Tensor:
     """LoKr's ΔW = W1 ⊗ W2 as a matrix (out_l·out_k, in_m·c2).  W1: (out_l, in_m), W2: (out_k, c2).
 

@@ -186,7 +186,8 @@ def check_name(name: object, what: str) -> str:
 def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
          heads: Mapping[str, nn.Module] | None = None, trainable=None, train_bn: bool = False,
          name: str = "default", variant: str = "lora", rank_scaling: str = "linear", kind: str = "lora",
-         decompose_factor: int = -1, decompose_both: bool = False, init: str = "default") -> nn.Module:
+         decompose_factor: int = -1, decompose_both: bool = False, init: str = "default",
+         tucker: bool = False) -> nn.Module:
     """Freeze ``model`` and add LoRA adapters to the ``targets``, new ``heads``, and ``trainable`` tensors.
 
     Works in place and returns the same object. Everything is validated before the model is touched.
@@ -217,6 +218,8 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
             docs/guide.md, "LoHa") or ``"lokr"`` (ΔW = W1 ⊗ W2; docs/guide.md, "LoKr").
         decompose_factor, decompose_both: LoKr only, as PEFT's ``LoKrConfig``: the split of each dimension
             (-1: near its square root; f: f and dim / f when f divides it), and whether W1 is low-rank too.
+        tucker: LoHa and LoKr only, PEFT's ``use_effective_conv2d`` (LyCORIS's ``use_tucker``): on kh×kw convs,
+            each low-rank input factor is a core (r, r, kh·kw) contracted with an (r, in/groups) factor.
         init: ``"default"`` (B = 0: the layer starts as the base), or a principal-component init of plain LoRA
             (PEFT's ``init_lora_weights`` names): ``"pissa"`` (the adapter starts at the weight's top-r singular
             part, ``"pissa_niter_N"`` by a randomized SVD) or ``"olora"`` (the first r columns of its QR). The
@@ -234,7 +237,7 @@ def wrap(model: nn.Module, targets=None, *, rank: int = 8, alpha: float | None =
         TypeError: a target that cannot be adapted (names the module, its type and the supported types).
     """
     spec = AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, variant=variant, rank_scaling=rank_scaling, kind=kind,
-                       decompose_factor=decompose_factor, decompose_both=decompose_both, init=init)
+                       decompose_factor=decompose_factor, decompose_both=decompose_both, init=init, tucker=tucker)
     return wrap_spec(model, targets, spec, heads=heads, trainable=trainable, train_bn=train_bn, name=name)
 
 

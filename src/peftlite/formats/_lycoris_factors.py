@@ -207,7 +207,18 @@ def write_lora(entry: dict, t: dict[str, Tensor], spec: AdapterSpec) -> dict[str
     return {"lora_down.weight": a, "lora_up.weight": b, "alpha": _alpha(spec.scale * spec.rank)}
 
 
+def _write_tucker(entry: dict, t: dict[str, Tensor], prefix: str, i: int) -> dict[str, Tensor]:
+    """peftlite's Tucker triple ``T<i>`` (r, r, kh·kw), ``D<i>`` (r, in/g), ``B<i>`` (out, r) under LyCORIS's
+    names: the core (r, r, kh, kw), ``w<i>_a`` = Bᵀ (r, out) and ``w<i>_b`` = D, as ``read_loha`` reads them."""
+    core = t[f"T{i}"]
+    return {f"{prefix}_t{i}": core.reshape(*core.shape[:2], *entry["kernel_size"]),
+            f"{prefix}_w{i}_a": t[f"B{i}"].t(), f"{prefix}_w{i}_b": t[f"D{i}"]}
+
+
 def write_loha(entry: dict, t: dict[str, Tensor], spec: AdapterSpec) -> dict[str, Tensor]:
+    if "T1" in t:
+        return {**_write_tucker(entry, t, "hada", 1), **_write_tucker(entry, t, "hada", 2),
+                "alpha": _alpha(spec.scale * spec.rank)}
     return {"hada_w1_a": t["B1"], "hada_w1_b": t["A1"], "hada_w2_a": t["B2"], "hada_w2_b": t["A2"],
             "alpha": _alpha(spec.scale * spec.rank)}
 
@@ -222,6 +233,8 @@ def write_lokr(entry: dict, t: dict[str, Tensor], spec: AdapterSpec) -> dict[str
     if "W2" in t:
         w2 = t["W2"]
         out["lokr_w2"] = w2.reshape(w2.shape[0], -1, *entry["kernel_size"]) if entry["kind"] == "conv2d" else w2
+    elif "T2" in t:
+        out.update(_write_tucker(entry, t, "lokr", 2))
     else:
         out["lokr_w2_a"], out["lokr_w2_b"] = t["B2"], t["A2"]  # w2_b flat (r, in_n·kh·kw), as LyCORIS keeps it
     return out

@@ -47,7 +47,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..functional import tucker_in
 from ..layers import DEFAULT_ADAPTER, AdaptedLayer, lokr
 from ..layers.spec import AdapterSpec, is_positive
 from . import _direct_reads, schema
@@ -305,8 +304,8 @@ def _factored_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[
 
     PEFT stores a conv's factors flat (r, in·kh·kw), so only the model tells a conv from a Linear: reading one
     needs the model. The Tucker forms (``use_effective_conv2d``: ``hada_t1``/``hada_t2``, ``lokr_t2``, each a
-    core (r, r, kh, kw) between ``w_a`` (r, out) and ``w_b`` (r, in)) are read as the flat form of the same ΔW,
-    the core contracted into the input factor (``functional.tucker_in``; exact up to fp32 rounding). A LoKr
+    core (r, r, kh, kw) between ``w_a`` (r, out) and ``w_b`` (r, in)) are read as peftlite's Tucker form
+    (``AdapterSpec.tucker``: ``T`` = the core (r, r, kh·kw), ``D`` = ``w_b``, ``B`` = ``w_aᵀ``). A LoKr
     layer's split (and which factors are full) is read from its tensors' shapes.
     """
     peft_type = config["peft_type"]
@@ -334,7 +333,7 @@ def _factored_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[
         _check_module(where, name, module, layer_kind)
         r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["alpha"]))
-        f = {k: t.reshape(t.shape[0], -1) for k, t in f.items()}  # a conv's lokr_w2 (out_k, in_n, kh, kw): flat
+        f = {k: t if k[0] == "T" else t.reshape(t.shape[0], -1) for k, t in f.items()}  # a conv's lokr_w2: flat
         spec = _factored_spec(where, name, kind, f, r)
         want = {k.rsplit(".", 1)[1]: shape for k, shape in schema.adapter_keys(name, module, spec).items()}
         shapes = {k: tuple(t.shape) for k, t in f.items()}
@@ -349,9 +348,9 @@ def _factored_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[
 
 def _untucked(where: str, name: str, parts: dict[str, torch.Tensor], tucker: tuple[str, ...],
               names: dict[str, str]) -> dict[str, torch.Tensor]:
-    """One layer's PEFT factors under peftlite's names, a Tucker pair (core ``t<i>`` with ``w<i>_a`` (r, out)
-    and ``w<i>_b`` (r, in)) turned into the flat ``B<i> = w<i>_aᵀ``, ``A<i> = core ×₂ w<i>_b``."""
-    out = {}
+    """One layer's PEFT factors under peftlite's names; a Tucker triple (core ``t<i>`` (r, r, kh, kw) with
+    ``w<i>_a`` (r, out) and ``w<i>_b`` (r, in)) as ``T<i>`` (r, r, kh·kw), ``B<i> = w<i>_aᵀ``, ``D<i> = w<i>_b``."""
+    out, used = {}, set()
     for part, t in parts.items():
         if part in tucker:
             i = part[1]
@@ -360,36 +359,38 @@ def _untucked(where: str, name: str, parts: dict[str, torch.Tensor], tucker: tup
                     or t.shape[0] != a.shape[0]:
                 raise PeftFormatError(f"{where}: {name} has a Tucker core {part} {tuple(t.shape)} without the "
                                       f"w{i}_a (r, out) and w{i}_b (r, in) it sits between")
-            out[f"B{i}"], out[f"A{i}"] = a.t(), tucker_in(t, b)
+            out[f"B{i}"], out[f"T{i}"], out[f"D{i}"] = a.t(), t.reshape(t.shape[0], t.shape[1], -1), b
+            used |= {f"w{i}_a", f"w{i}_b"}
     for part, t in parts.items():
-        ours = names.get(part)
-        if ours is not None and ours not in out:
-            out[ours] = t
+        if part in names and part not in used:
+            out[names[part]] = t
     return out
 
 
 def _factored_spec(where: str, name: str, kind: str, f: dict[str, torch.Tensor], r: int) -> AdapterSpec:
     """The spec of one LoHa / LoKr layer read from its (flat) factors; the rank each low-rank factor has must be
     the config's ``r``."""
+    tucker = "T1" in f or "T2" in f
     if kind == "loha":
-        if set(f) != {"A1", "B1", "A2", "B2"}:
-            raise PeftFormatError(f"{where}: {name} has LoHa factors {sorted(f)}, not all four hada_w1/w2 a/b")
-        ranks = {f["A1"].shape[0], f["A2"].shape[0]}
+        if set(f) != ({"T1", "D1", "B1", "T2", "D2", "B2"} if tucker else {"A1", "B1", "A2", "B2"}):
+            raise PeftFormatError(f"{where}: {name} has LoHa factors {sorted(f)}, not all four hada_w1/w2 a/b (and "
+                                  "both cores hada_t1/t2 in the Tucker form)")
         full = None
     else:
         full = ("W1" in f, "W2" in f)
-        parts = [{"W1"} if full[0] else {"A1", "B1"}, {"W2"} if full[1] else {"A2", "B2"}]
+        parts = [{"W1"} if full[0] else {"A1", "B1"}, {"W2"} if full[1] else {"T2", "D2", "B2"} if tucker else
+                 {"A2", "B2"}]
         if set(f) != parts[0] | parts[1]:
             raise PeftFormatError(f"{where}: {name} has LoKr factors {sorted(f)}, not lokr_w1 or lokr_w1_a/b and "
-                                  "lokr_w2 or lokr_w2_a/b")
-        ranks = {f[k].shape[0] for k in ("A1", "A2") if k in f}
+                                  "lokr_w2 or lokr_w2_a/b (with lokr_t2 in the Tucker form)")
+    ranks = {f[k].shape[0] for k in ("A1", "A2", "T1", "T2") if k in f}
     if ranks - {r}:
         raise PeftFormatError(f"{where}: {name} has rank {sorted(ranks)}, but the config's r / rank_pattern gives "
                               f"it rank {r}")
     kron = None
     if kind == "lokr":
         kron = ((f["W1"] if full[0] else f["B1"]).shape[0], (f["W1"] if full[0] else f["A1"]).shape[1])
-    return AdapterSpec(rank=r, kind=kind, kron=kron, full=full)
+    return AdapterSpec(rank=r, kind=kind, kron=kron, full=full, tucker=tucker)
 
 
 def from_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str = "<peft>",
@@ -551,10 +552,17 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
     for name, e in layers.items():
         r = int(e["rank"])
         ranks[name], alphas[name] = r, float(e["alpha"])
-        if factored:  # PEFT keeps the conv factors flat, as peftlite does, but for LoKr's full W2
+        if factored:  # PEFT keeps the conv factors flat, as peftlite does, but for LoKr's full W2 and the cores
             prefix, parts = ("hada_", _HADA_NAMES) if factored == "loha" else ("lokr_", _LOKR_NAMES)
+            mine = {k.rsplit(".", 1)[1]: t for k, t in tensors.items() if k.startswith(f"{name}.lora.{adapter}.")}
+            for i in (1, 2):  # the Tucker form: t<i> (r, r, kh, kw), w<i>_a = B<i>ᵀ (r, out), w<i>_b = D<i>
+                if f"T{i}" in mine:
+                    core = mine.pop(f"T{i}")
+                    out[f"{PREFIX}{name}.{prefix}t{i}"] = core.reshape(*core.shape[:2], *e["kernel_size"])
+                    out[f"{PREFIX}{name}.{prefix}w{i}_a"] = mine.pop(f"B{i}").t()
+                    out[f"{PREFIX}{name}.{prefix}w{i}_b"] = mine.pop(f"D{i}")
             for part, ours in parts.items():
-                t = tensors.get(f"{name}.lora.{adapter}.{ours}")
+                t = mine.get(ours)
                 if t is not None and ours == "W2" and e["kind"] == "conv2d":
                     t = t.reshape(t.shape[0], -1, *e["kernel_size"])  # (out_k, in_n, kh, kw)
                 if t is not None:
@@ -590,7 +598,7 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
             "rank_pattern": {_anchored(n): r for n, r in ranks.items() if r != r_default},
             "alpha_pattern": {_anchored(n): _number(a) for n, a in alphas.items() if a != alpha_default},
             "modules_to_save": save or None, "rank_dropout": 0.0, "module_dropout": 0.0,
-            "use_effective_conv2d": False, "init_weights": True, "inference_mode": True,
+            "use_effective_conv2d": _tucker_flag(where, layers), "init_weights": True, "inference_mode": True,
             **(_lokr_split(where, layers) if factored == "lokr" else {}),
         }
     adapter_config = {
@@ -612,6 +620,23 @@ def to_peft(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str
         "inference_mode": True,
     }
     return out, adapter_config
+
+
+def _tucker_flag(where: str, layers: dict[str, dict[str, Any]]) -> bool:
+    """PEFT's ``use_effective_conv2d`` for a LoHa / LoKr adapter: one flag that puts every kh×kw conv in the
+    Tucker form on loading (a LoKr conv's only when its W2 is low-rank), so the layers must agree.
+
+    Raises:
+        PeftFormatError: some kh×kw convs in the Tucker form and some not.
+    """
+    convs = {n: e for n, e in layers.items() if e["kind"] == "conv2d" and list(e["kernel_size"]) != [1, 1]
+             and not (e.get("adapter_kind") == "lokr" and (e.get("full") or [False, False])[1])}
+    tucker = {n for n, e in convs.items() if e.get("tucker")}
+    if tucker and tucker != set(convs):
+        plain = sorted(set(convs) - tucker)
+        raise PeftFormatError(f"{where}: {sorted(tucker)[0]} is in the Tucker form and {plain[0]} is not; PEFT's "
+                              "use_effective_conv2d is one flag for every kh×kw conv, so save it in peftlite format")
+    return bool(tucker)
 
 
 def _lokr_split(where: str, layers: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class LowRank(nn.Module):
     def spec(self) -> AdapterSpec:
         """The pair's hyper-parameters as an ``AdapterSpec`` (a hot-swap slot that holds no adapter has none)."""
         return AdapterSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout, variant=self.variant,
-                           rank_scaling=self.rank_scaling, kind=self.kind)
+                           rank_scaling=self.rank_scaling, kind=self.kind, tucker=getattr(self, "tucker", False))
 
     @property
     def off(self) -> bool:

@@ -81,12 +81,17 @@ class LowKronecker(LowRank):
             self.W1 = nn.Parameter(torch.zeros(out_l, in_m, device=device, dtype=dtype))
         else:
             self.A1, self.B1 = new(r, in_m), nn.Parameter(torch.zeros(out_l, r, device=device, dtype=dtype))
+        self.tucker = spec.tucker and kernel > 1 and not self.full[1]  # PEFT: a Tucker W2 only when low-rank
         if self.full[1]:
             self.W2 = new(out_k, c2)
+        elif self.tucker:  # W2 = B2 @ (T2 contracted with D2), PEFT's lokr_t2 / lokr_w2_a (r, out_k) / lokr_w2_b
+            self.T2, self.D2, b2 = new(r, r, kernel), new(r, c2 // kernel), new(r, out_k)
+            nn.init.kaiming_uniform_(b2, a=math.sqrt(5))
+            self.B2 = nn.Parameter(b2.detach().t().contiguous())
         else:
             self.A2, self.B2 = new(r, c2), new(out_k, r)
-        for p in (self.A1, self.W2, self.A2, self.B2):
-            if p is not None:
+        for p in (self.A1, self.W2, self.A2, self.B2, getattr(self, "T2", None), getattr(self, "D2", None)):
+            if p is not None and not (self.tucker and p is self.B2):
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         self.magnitude = None
         self.register_buffer("scale_buffer", None, persistent=False)
@@ -94,25 +99,29 @@ class LowKronecker(LowRank):
     def factors(self) -> tuple[Tensor, Tensor]:
         """``(W1, W2)``: (out_l, in_m), (out_k, c2); formed from their low-rank factors where they have them."""
         W1 = self.W1 if self.W1 is not None else self.B1 @ self.A1
-        W2 = self.W2 if self.W2 is not None else self.B2 @ self.A2
+        W2 = self.W2 if self.W2 is not None else self.B2 @ self.factor_a2()
         return W1, W2
+
+    def factor_a2(self) -> Tensor | None:
+        """``A2`` (r, c2): the parameter, or in the Tucker form ``T2`` contracted with ``D2``; None for a full W2."""
+        return functional.tucker_factor(self.T2, self.D2) if self.tucker else self.A2
 
     def factor_parts(self) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]:
         """W1 and W2 as stored: a full factor, or its ``(B, A)`` (the merge kernels form the product themselves,
         in a fixed order)."""
         return (self.W1 if self.W1 is not None else (self.B1, self.A1),
-                self.W2 if self.W2 is not None else (self.B2, self.A2))
+                self.W2 if self.W2 is not None else (self.B2, self.factor_a2()))
 
     def delta(self) -> Tensor:
         return functional.kron_delta(*self.decompose_factors())
 
     @property
     def A(self) -> Tensor:  # (rank(W1)·rank(W2), fan_in)
-        return torch.kron(_as_pair(self.W1, self.A1, self.B1)[0], _as_pair(self.W2, self.A2, self.B2)[0])
+        return torch.kron(_as_pair(self.W1, self.A1, self.B1)[0], _as_pair(self.W2, self.factor_a2(), self.B2)[0])
 
     @property
     def B(self) -> Tensor:  # (fan_out, rank(W1)·rank(W2))
-        return torch.kron(_as_pair(self.W1, self.A1, self.B1)[1], _as_pair(self.W2, self.A2, self.B2)[1])
+        return torch.kron(_as_pair(self.W1, self.A1, self.B1)[1], _as_pair(self.W2, self.factor_a2(), self.B2)[1])
 
     @property
     def spec(self) -> AdapterSpec:

@@ -72,6 +72,7 @@ class AdapterSpec:
     decompose_both: bool = False
     kron: tuple[int, int] | None = None
     full: tuple[bool, bool] | None = None
+    tucker: bool = False  # LoHa's / LoKr's Tucker form on kh×kw convs (PEFT's use_effective_conv2d)
 
     def __post_init__(self) -> None:
         if not is_positive(self.rank, integral=True):
@@ -100,6 +101,10 @@ class AdapterSpec:
             raise ValueError(f"rank_scaling must be 'linear' (scale = alpha / rank) or 'sqrt' (rsLoRA: alpha / "
                              f"sqrt(rank)), got {self.rank_scaling!r}")
         self._check_lokr()
+        if not isinstance(self.tucker, bool) or (self.tucker and self.kind not in ("loha", "lokr")):
+            raise ValueError(f"tucker={self.tucker!r}: the Tucker form (PEFT's use_effective_conv2d, LyCORIS's "
+                             "use_tucker) is True or False, and True needs kind='loha' or 'lokr', got "
+                             f"kind={self.kind!r}")
         object.__setattr__(self, "rank", int(self.rank))
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
@@ -153,6 +158,8 @@ class AdapterSpec:
             out["kron"] = list(self.kron)
         if self.full is not None:
             out["full"] = list(self.full)
+        if self.tucker:
+            out["tucker"] = True
         return out
 
     @classmethod
@@ -165,6 +172,6 @@ class AdapterSpec:
                        variant=entry.get("variant", "lora"), rank_scaling=entry.get("rank_scaling", "linear"),
                        kind=entry.get("adapter_kind", "lora"), decompose_factor=entry.get("decompose_factor", -1),
                        decompose_both=entry.get("decompose_both", False), kron=entry.get("kron"),
-                       full=entry.get("full"))
+                       full=entry.get("full"), tucker=entry.get("tucker", False))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
