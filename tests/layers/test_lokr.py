@@ -5,6 +5,7 @@ routing and what it refuses."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import sys
 from pathlib import Path
@@ -25,16 +26,10 @@ from peftlite.layers import adapted_layers
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _geometries import GEOMETRIES  # noqa: E402
 from _merging import assert_merge_cycles  # noqa: E402
+from conftest import randomize_adapters  # noqa: E402
 
-
-def randomize(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Nonzero factors everywhere (W1 starts at zero), so ΔW is not zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora." in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
-    return model
+# nonzero factors everywhere (some start at zero), so ΔW is not zero
+randomize = functools.partial(randomize_adapters, std=0.3, seed=1)
 
 
 def factors(pair) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,9 @@ fp64 on conv geometries, for exact merges, and as files: native, PEFT both ways 
 from __future__ import annotations
 
 import copy
+import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +19,16 @@ from peftlite.formats.peft import PeftFormatError
 from peftlite.functional import ConvGeometry
 from peftlite.layers import adapted_layers
 
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import randomize_adapters  # noqa: E402
+
 GEOMETRIES = [  # (cin, cout, k, stride, padding, dilation, groups, padding_mode)
     (6, 8, 3, 1, 1, 1, 1, "zeros"), (6, 8, (3, 2), 2, 1, 2, 2, "reflect"), (8, 8, 3, 1, 2, 2, 8, "circular"),
 ]
 
 
-def randomize(model: nn.Module, seed: int = 1) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora." in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
-    return model
+# nonzero factors everywhere (some start at zero), so ΔW is not zero
+randomize = functools.partial(randomize_adapters, std=0.3, seed=1)
 
 
 def peft_tucker(core: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor, kernel) -> torch.Tensor:
