@@ -224,7 +224,8 @@ def kron_linear_delta(x: Tensor, W1: Tensor, W2: Tensor, scale: float, dropout: 
     """LoKr's branch of a linear: ``scale · dropout(x) @ (W1 ⊗ W2)ᵀ``.  x: (..., in) -> (..., out)."""
     if dropout > 0.0 and training:
         x = F.dropout(x, dropout, True)
-    return scale * kron_linear(x, W1, W2)
+    y = kron_linear(x, W1, W2)  # a new tensor, which its backward does not read: scaled in place
+    return y.mul_(scale) if not isinstance(scale, Tensor) else y * scale
 
 
 def kron_conv2d_delta(x: Tensor, W1: Tensor, W2: Tensor, scale: float, geom: ConvGeometry, dropout: float = 0.0,

@@ -103,10 +103,10 @@ class LoraConv2d(AdaptedLayer, nn.Conv2d):
             y = self._conv_forward(x, w, self.bias)
             for t in terms:
                 if t.kron is not None:
-                    y = y + functional.kron_conv2d_delta(x, *t.kron, t.scale, self.geometry, t.dropout, self.training)
+                    d = functional.kron_conv2d_delta(x, *t.kron, t.scale, self.geometry, t.dropout, self.training)
                 else:
-                    y = y + functional.conv2d_dropout_delta(x, t.A, t.B, t.scale, self.geometry, t.dropout,
-                                                            self.training)
+                    d = functional.conv2d_dropout_delta(x, t.A, t.B, t.scale, self.geometry, t.dropout, self.training)
+                y = y.add_(d)  # the base conv's output: its backward does not read it
             return y
         dora_pair = terms[0].dora if len(terms) == 1 else None
         y = self._adapted(x, w, None if dora_pair is not None else self.bias, terms)

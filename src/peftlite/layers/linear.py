@@ -182,7 +182,7 @@ class LoraLinear(AdaptedLayer, nn.Linear):
             y = nn.functional.linear(x, w, self.bias)
             for t in terms:
                 delta = functional.kron_linear_delta if t.kron is not None else functional.linear_delta
-                y = y + delta(x, *(t.kron or (t.A, t.B)), t.scale, t.dropout, self.training)
+                y = y.add_(delta(x, *(t.kron or (t.A, t.B)), t.scale, t.dropout, self.training))  # y: not saved
             return y
         dora_pair = terms[0].dora if len(terms) == 1 else None
         bias = None if dora_pair is not None else self.bias  # DoRA scales the rows first, then adds the bias
