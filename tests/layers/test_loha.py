@@ -23,7 +23,7 @@ from peftlite.functional import ConvGeometry
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _geometries import GEOMETRIES  # noqa: E402
-from _merging import assert_merge_cycles  # noqa: E402
+from _merging import assert_merge_cycles, assert_rows_route_as_alone  # noqa: E402
 from conftest import randomize_adapters  # noqa: E402
 
 # nonzero factors everywhere (some start at zero), so ΔW is not zero
@@ -145,14 +145,7 @@ def test_per_sample_routes_loha_and_lora_rows_as_each_alone():
     m = randomize(peftlite.wrap(nn.Sequential(nn.Linear(6, 4)), ["0"], rank=2, kind="loha", name="h"))
     peftlite.wrap(m, ["0"], rank=2, name="l")
     randomize(m, seed=2)
-    x = torch.randn(4, 6)
-    rows = ["h", "l", None, "h"]
-    with torch.no_grad(), peftlite.per_sample(m, rows):
-        routed = m(x)
-    for i, name in enumerate(rows):
-        peftlite.use(m, name)
-        with torch.no_grad():
-            torch.testing.assert_close(routed[i], m(x[i:i + 1])[0], rtol=1e-6, atol=1e-6)
+    assert_rows_route_as_alone(m, torch.randn(4, 6), ["h", "l", None, "h"])
 
 
 def test_what_loha_refuses_leaves_the_model_as_it_was(tmp_path):

@@ -25,7 +25,7 @@ from peftlite.layers import adapted_layers
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _geometries import GEOMETRIES  # noqa: E402
-from _merging import assert_merge_cycles  # noqa: E402
+from _merging import assert_merge_cycles, assert_rows_route_as_alone  # noqa: E402
 from conftest import randomize_adapters  # noqa: E402
 
 # nonzero factors everywhere (some start at zero), so ΔW is not zero
@@ -224,14 +224,7 @@ def test_per_sample_routes_lokr_and_lora_rows_as_each_alone():
     m = randomize(peftlite.wrap(nn.Sequential(nn.Linear(6, 4)), ["0"], rank=1, kind="lokr", name="k"))
     peftlite.wrap(m, ["0"], rank=2, name="l")
     randomize(m, seed=2)
-    x = torch.randn(4, 6)
-    rows = ["k", "l", None, "k"]
-    with torch.no_grad(), peftlite.per_sample(m, rows):
-        routed = m(x)
-    for i, name in enumerate(rows):
-        peftlite.use(m, name)
-        with torch.no_grad():
-            torch.testing.assert_close(routed[i], m(x[i:i + 1])[0], rtol=1e-6, atol=1e-6)
+    assert_rows_route_as_alone(m, torch.randn(4, 6), ["k", "l", None, "k"])
 
 
 def test_what_lokr_refuses_leaves_the_model_as_it_was():

@@ -45,16 +45,22 @@ class LowRank(nn.Module):
 
     def __init__(self, spec: AdapterSpec, fan_in: int, fan_out: int, *, kernel: int = 1, device=None, dtype=None):
         """``kernel``: the weight's elements per input channel (kh·kw of a Conv2d); LoKr splits the channels."""
-        super().__init__()
-        rank, variant = spec.rank, spec.variant
-        # plain attributes, read on every forward; hot-swapping and loading a file reassign alpha and rank_scaling
-        self.rank, self.alpha, self.dropout = rank, spec.alpha, spec.dropout
-        self.variant, self.rank_scaling = variant, spec.rank_scaling
+        self._start(spec)
+        rank = spec.rank
         self.A = nn.Parameter(torch.empty(rank, fan_in, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(fan_out, rank, device=device, dtype=dtype))
-        self.magnitude = nn.Parameter(torch.ones(fan_out, device=device, dtype=dtype)) if variant == "dora" else None
-        self.register_buffer("scale_buffer", None, persistent=False)
+        if spec.variant == "dora":
+            self.magnitude = nn.Parameter(torch.ones(fan_out, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def _start(self, spec: AdapterSpec) -> None:
+        """What every pair kind has: the module, the hyper-parameters as plain attributes (read on every forward;
+        hot-swapping and loading a file reassign alpha and rank_scaling), no magnitude, no scale buffer."""
+        nn.Module.__init__(self)
+        self.rank, self.alpha, self.dropout = spec.rank, spec.alpha, spec.dropout
+        self.variant, self.rank_scaling = spec.variant, spec.rank_scaling
+        self.magnitude = None
+        self.register_buffer("scale_buffer", None, persistent=False)
 
     @property
     def scale(self) -> float:

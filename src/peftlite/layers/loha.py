@@ -34,13 +34,9 @@ class LowHadamard(LowRank):
     kind = "loha"
 
     def __init__(self, spec: AdapterSpec, fan_in: int, fan_out: int, *, kernel: int = 1, device=None, dtype=None):
-        nn.Module.__init__(self)
+        self._start(spec)
         r = spec.rank
-        self.rank, self.alpha, self.dropout = r, spec.alpha, spec.dropout
-        self.variant, self.rank_scaling = spec.variant, spec.rank_scaling
         self.tucker = spec.tucker and kernel > 1
-        self.magnitude = None
-        self.register_buffer("scale_buffer", None, persistent=False)
         if self.tucker:
             for i in (1, 2):
                 setattr(self, f"T{i}", _kaiming(r, r, kernel, device=device, dtype=dtype))

@@ -67,10 +67,8 @@ class LowKronecker(LowRank):
     kind = "lokr"
 
     def __init__(self, spec: AdapterSpec, fan_in: int, fan_out: int, *, kernel: int = 1, device=None, dtype=None):
-        nn.Module.__init__(self)
+        self._start(spec)
         r = spec.rank
-        self.rank, self.alpha, self.dropout = r, spec.alpha, spec.dropout
-        self.variant, self.rank_scaling = spec.variant, spec.rank_scaling
         self.decompose_factor, self.decompose_both = spec.decompose_factor, spec.decompose_both
         (out_l, in_m), self.full = layout(spec, fan_in, fan_out, kernel)
         self.kron = (out_l, in_m)
@@ -93,8 +91,6 @@ class LowKronecker(LowRank):
         for p in (self.A1, self.W2, self.A2, self.B2, getattr(self, "T2", None), getattr(self, "D2", None)):
             if p is not None and not (self.tucker and p is self.B2):
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-        self.magnitude = None
-        self.register_buffer("scale_buffer", None, persistent=False)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """``(W1, W2)``: (out_l, in_m), (out_k, c2); formed from their low-rank factors where they have them."""

@@ -87,7 +87,7 @@ def _dropped(x: Tensor, slots: Tensor, dropouts: list[float]) -> Tensor:
 def operands(weight: Tensor, pairs: list, route: Routed) -> tuple[list, list, list, list[float], list]:
     """What ``linear`` and ``conv2d`` take of a layer's adapters (``pairs``, in ``layer.lora`` order): the
     A and B factors, scales, dropouts and DoRA row factors (``gains``)."""
-    As = [p._parameters["A"] if p.kind == "lora" else p.A for p in pairs]  # a parameter, or LoHa's pair
+    As = [p._parameters["A"] if p.kind == "lora" else p.A for p in pairs]  # a parameter, or LoHa's / LoKr's pair
     Bs = [p._parameters["B"] if p.kind == "lora" else p.B for p in pairs]
     scales = [p.effective_scale for p in pairs]
     return As, Bs, scales, [p.dropout for p in pairs], gains(weight, pairs, As, Bs, scales, route)
