@@ -182,6 +182,42 @@ def test_result_does_not_depend_on_threads_or_spans(monkeypatch):
         assert_same_bits(out, outs[0])
 
 
+def span_reference(x, p, seed, offset):
+    """The definition for a run whose flat indices start at ``offset`` (it may cross a segment boundary)."""
+    threshold, cpu = D._threshold(p, "t"), torch.device("cpu")
+    pieces, i, end = [], offset, offset + x.numel()
+    while i < end:
+        stop = min(end, (i >> 32) + 1 << 32)
+        pieces.append(D._keep_span(i, stop, seed, threshold, cpu))
+        i = stop
+    return reference(x, p, seed, keep=torch.cat(pieces).view(x.shape).to(x.device))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_offset_drops_a_slice_with_the_mask_of_the_whole(backend, dtype, monkeypatch):
+    monkeypatch.setattr(D, "CPU_CHUNK", 1024)
+    monkeypatch.setattr(D, "MIN_SPAN", 128)
+    monkeypatch.setattr(D, "_detected", lambda device_type: backend)
+    whole = sample((6, 7, 50), dtype)
+    flat, seed = whole.view(-1), D.new_seed()
+    want = D.dropout(whole, 0.3, seed).view(-1)
+    for start, stop in ((0, 2100), (350, 700), (1, 1025), (1700, 2100), (5, 6)):
+        assert_same_bits(D.dropout(flat[start:stop], 0.3, seed, offset=start), want[start:stop])
+        t = flat[start:stop].clone()
+        assert_same_bits(D.dropout_(t, 0.3, seed, offset=start), want[start:stop])
+    turned = whole.transpose(1, 2)  # read as if contiguous: the offset counts in that order
+    want_turned = D.dropout(turned, 0.3, seed).view(-1)
+    assert_same_bits(D.dropout(turned[2:4], 0.3, seed, offset=700), want_turned[700:1400].view(2, 50, 7))
+    for offset in (2**32 - 300, 2**32 - 1, 2**32, 3 * 2**32 + 11, 2**64 + 5):  # across and beyond a segment
+        x = sample((1000,), dtype, seed=offset % 97)
+        assert_same_bits(D.dropout(x, 0.4, seed, offset=offset), span_reference(x, 0.4, seed, offset))
+    with pytest.raises(ValueError, match="offset=-1 is negative"):
+        D.dropout(flat, 0.3, seed, offset=-1)
+    with pytest.raises(TypeError, match="offset must be an int"):
+        D.dropout_(flat.clone(), 0.3, seed, offset=1.5)
+
+
 def test_spans_cover_everything_and_cut_at_segments():
     for n, threads in ((5, 4), (3 * D.MIN_SPAN + 1, 2), (2**33 + 5, 3), (2**32, 1), (2**32 + 1, 1)):
         spans = D._spans(n, threads)
@@ -189,6 +225,11 @@ def test_spans_cover_everything_and_cut_at_segments():
         assert all(a < b and b == c for (a, b), (c, _) in zip(spans, spans[1:] + [(n, n)]))
         assert all(a >> 32 == (b - 1) >> 32 for a, b in spans), spans  # each span within one segment
         assert len(spans) <= threads + n // 2**32
+    for offset, n in ((2**32 - 10, 100), (2**32, 5), (7, 2**33), (2**33 - 1, 2)):
+        spans = D._spans(n, 1, offset)
+        assert spans[0][0] == 0 and spans[-1][1] == n
+        assert all(a + offset >> 32 == b - 1 + offset >> 32 for a, b in spans), spans
+        assert len(spans) == ((offset + n - 1) >> 32) - (offset >> 32) + 1
 
 
 # ---- the mask's statistics ----------------------------------------------------------------------------
@@ -325,6 +366,12 @@ def triton_checks():
                 assert torch.equal(run("c", x, 0.3, seed).view(torch.uint8), t.view(torch.uint8))  # NaNs too
         x = sample((30, 40), dtype).t()
         assert_same_bits(D.dropout(x, 0.9, 5), reference(x, 0.9, 5))
+        whole = sample((2500,), dtype)
+        want = reference(whole, 0.3, 9)
+        assert_same_bits(D.dropout(whole[700:1900], 0.3, 9, offset=700), want[700:1900])
+        for offset in (2**32 - 300, 3 * 2**32 + 11):
+            x = sample((1000,), dtype)
+            assert_same_bits(D.dropout(x, 0.4, 9, offset=offset), span_reference(x, 0.4, 9, offset))
     print("triton checks: ok")
 
 

@@ -31,16 +31,17 @@ def _fmix32(h):
     return h
 
 
-@triton.jit(do_not_specialize=["n", "k1", "k2", "threshold", "scale64_bits"])
-def dropout_kernel(x_ptr, y_ptr, n, k1, k2, threshold, scale32, scale64_bits, KIND: tl.constexpr,
+@triton.jit(do_not_specialize=["n", "lo", "k1", "k2", "threshold", "scale64_bits"])
+def dropout_kernel(x_ptr, y_ptr, n, lo, k1, k2, threshold, scale32, scale64_bits, KIND: tl.constexpr,
                    BLOCK: tl.constexpr):
-    """y[j] = x[j]·scale if fmix32(fmix32(j ^ k1) ^ k2) >= threshold else 0, for j < n (< 2^32).
+    """y[j] = x[j]·scale if fmix32(fmix32((lo + j) ^ k1) ^ k2) >= threshold else 0, for j < n (lo + n <= 2^32).
 
-    k1, k2, threshold: uint32 values passed as int32 bit patterns. scale64_bits: the fp64 scale's bits.
+    lo, k1, k2, threshold: uint32 values passed as int32 bit patterns (lo as an int64). scale64_bits: the
+    fp64 scale's bits.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
-    h = offs.to(tl.uint32) ^ k1.to(tl.uint32, bitcast=True)
+    h = (offs + lo.to(tl.int64)).to(tl.uint32) ^ k1.to(tl.uint32, bitcast=True)
     h = _fmix32(_fmix32(h) ^ k2.to(tl.uint32, bitcast=True))
     keep = h >= threshold.to(tl.uint32, bitcast=True)
     x = tl.load(x_ptr + offs, mask=inside, other=0)
@@ -59,12 +60,13 @@ def _i32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def launch(src: Tensor, dst: Tensor, k1: int, k2: int, threshold: int, scale32: float, scale64_bits: int) -> None:
-    """Drop out the 1-D contiguous run ``src`` (<= 2^32 elements, indices from 0 in its segment) into ``dst``
-    (the same tensor, or one of its shape that does not overlap it)."""
+def launch(src: Tensor, dst: Tensor, k1: int, k2: int, threshold: int, scale32: float, scale64_bits: int,
+           lo: int = 0) -> None:
+    """Drop out the 1-D contiguous run ``src`` (its flat indices from ``lo`` in its segment, ``lo + n <= 2^32``)
+    into ``dst`` (the same tensor, or one of its shape that does not overlap it)."""
     kind = KINDS[src.dtype]
     if kind in (BF16, FP16):
         src, dst = src.view(torch.int16), dst.view(torch.int16)
     n = src.numel()
-    dropout_kernel[(triton.cdiv(n, BLOCK),)](src, dst, n, _i32(k1), _i32(k2), _i32(threshold), scale32,
+    dropout_kernel[(triton.cdiv(n, BLOCK),)](src, dst, n, lo, _i32(k1), _i32(k2), _i32(threshold), scale32,
                                             scale64_bits, KIND=kind, BLOCK=BLOCK, num_warps=WARPS)

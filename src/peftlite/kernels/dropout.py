@@ -89,7 +89,7 @@ def keep_mask(shape: tuple[int, ...] | torch.Size, seed: int, p: float, device: 
 
 
 @torch.no_grad()
-def dropout(x: Tensor, p: float, seed: int) -> Tensor:
+def dropout(x: Tensor, p: float, seed: int, *, offset: int = 0) -> Tensor:
     """``x * keep / (1 - p)`` (see the module docstring for the exact values), as a new contiguous tensor.
 
     x is read as if ``x.contiguous()``, whatever its strides. No autograd: the result has no history (call it
@@ -99,6 +99,9 @@ def dropout(x: Tensor, p: float, seed: int) -> Tensor:
         x: (*) float32, bfloat16, float16 or float64, any device.
         p: the probability of dropping an element, in [0, 1). At p == 0, x itself is returned.
         seed: the mask's seed (``new_seed()``).
+        offset: x's first element takes the mask of flat index ``offset``: ``dropout(t.view(-1)[k:k + n], p,
+            seed, offset=k)`` is ``dropout(t, p, seed).view(-1)[k:k + n]``, so a big tensor can be dropped
+            a slice at a time (a batch's samples, a matrix's rows) with the mask of the whole.
     Returns:
         (*) x's dtype and device, contiguous.
     Raises:
@@ -107,6 +110,7 @@ def dropout(x: Tensor, p: float, seed: int) -> Tensor:
     """
     _threshold(p, "dropout")
     seed = _seed(seed, "dropout")
+    offset = _offset(offset, "dropout")
     _check_dtype(x, "dropout")
     if p == 0:
         return x
@@ -114,25 +118,27 @@ def dropout(x: Tensor, p: float, seed: int) -> Tensor:
         src, out = x, torch.empty_like(x, memory_format=torch.contiguous_format)
     else:
         src = out = x.contiguous()  # a fresh copy, dropped out in place
-    BACKENDS[backend_for(x)](src, out, float(p), seed)
+    BACKENDS[backend_for(x)](src, out, float(p), seed, offset)
     return out
 
 
 @torch.no_grad()
-def dropout_(t: Tensor, p: float, seed: int) -> Tensor:
+def dropout_(t: Tensor, p: float, seed: int, *, offset: int = 0) -> Tensor:
     """``dropout`` in place on the contiguous ``t`` (a gradient in backward: the same elements drop); returns t.
+    ``offset`` as for ``dropout``.
 
     Raises:
         ValueError: p outside [0, 1), a dtype ``dropout`` does not take, or a non-contiguous t.
     """
     _threshold(p, "dropout_")
     seed = _seed(seed, "dropout_")
+    offset = _offset(offset, "dropout_")
     _check_dtype(t, "dropout_")
     if not t.is_contiguous():
         raise ValueError(f"dropout_: t must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()}; "
                          "use dropout(t, p, seed), which returns a new contiguous tensor")
     if p != 0:
-        BACKENDS[backend_for(t)](t, t, float(p), seed)
+        BACKENDS[backend_for(t)](t, t, float(p), seed, offset)
     return t
 
 
@@ -163,6 +169,16 @@ def _seed(seed: int, fn: str) -> int:
         return operator.index(seed) & M64
     except TypeError:
         raise TypeError(f"{fn}: seed must be an int (from new_seed()), got {seed!r}") from None
+
+
+def _offset(offset: int, fn: str) -> int:
+    try:
+        offset = operator.index(offset)
+    except TypeError:
+        raise TypeError(f"{fn}: offset must be an int (a flat index), got {offset!r}") from None
+    if offset < 0:
+        raise ValueError(f"{fn}: offset={offset} is negative; it is the flat index of the first element")
+    return offset
 
 
 def _keys(seed: int, segment: int) -> tuple[int, int]:
@@ -204,55 +220,63 @@ def _keep_span(start: int, stop: int, seed: int, threshold: int, device: torch.d
     return _fmix32_(h.bitwise_xor_(k2), tmp) >= threshold
 
 
-def _chunks(n: int, device: torch.device) -> list[tuple[int, int]]:
-    """[0, n) in steps of the torch ops (which never cross a segment): CPU_CHUNK elements on the CPU (their int64
-    temporaries stay in cache), CHUNK elsewhere (fewer launches)."""
+def _chunks(n: int, device: torch.device, offset: int = 0) -> list[tuple[int, int]]:
+    """The flat indices [offset, offset + n) in steps of the torch ops, cut at multiples of the step (so never
+    across a segment): CPU_CHUNK elements on the CPU (their int64 temporaries stay in cache), CHUNK elsewhere
+    (fewer launches)."""
     step = CPU_CHUNK if device.type == "cpu" else CHUNK
-    return [(start, min(n, start + step)) for start in range(0, n, step)]
+    end = offset + n
+    cuts = range((offset // step + 1) * step, end, step)
+    bounds = [offset, *cuts, end]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 # ---- backends: each writes the dropout of the contiguous src into dst (src itself, or not overlapping) ----
 
-def _torch_ops(src: Tensor, dst: Tensor, p: float, seed: int) -> None:
+def _torch_ops(src: Tensor, dst: Tensor, p: float, seed: int, offset: int = 0) -> None:
     threshold, (scale32, scale64) = _threshold(p, "dropout"), _scales(p)
     x, y = src.view(-1), dst.view(-1)
-    for start, stop in _chunks(x.numel(), x.device):
-        v = x[start:stop]
+    for start, stop in _chunks(x.numel(), x.device, offset):
+        v = x[start - offset:stop - offset]
         v = v * scale64 if v.dtype == torch.float64 else (v.float() * scale32).to(v.dtype)
-        y[start:stop] = torch.where(_keep_span(start, stop, seed, threshold, x.device), v, 0)
+        y[start - offset:stop - offset] = torch.where(_keep_span(start, stop, seed, threshold, x.device), v, 0)
 
 
-def _c(src: Tensor, dst: Tensor, p: float, seed: int) -> None:
+def _c(src: Tensor, dst: Tensor, p: float, seed: int, offset: int = 0) -> None:
     lib, kind, size = _library(), KINDS[src.dtype], src.element_size()
     threshold, (scale32, scale64) = _threshold(p, "dropout"), _scales(p)
     a, b = src.data_ptr(), dst.data_ptr()
 
     def run(span: tuple[int, int]) -> None:
-        start, stop = span
-        lib.pl_dropout(kind, a + start * size, b + start * size, stop - start, start & M32,
-                       *_keys(seed, start >> 32), threshold, scale32, scale64)
+        start, stop = span  # positions in src; their flat indices are offset + position
+        i = offset + start
+        lib.pl_dropout(kind, a + start * size, b + start * size, stop - start, i & M32,
+                       *_keys(seed, i >> 32), threshold, scale32, scale64)
 
-    _cpu.run_blocks(run, _spans(src.numel(), torch.get_num_threads()))
+    _cpu.run_blocks(run, _spans(src.numel(), torch.get_num_threads(), offset))
 
 
-def _triton(src: Tensor, dst: Tensor, p: float, seed: int) -> None:
+def _triton(src: Tensor, dst: Tensor, p: float, seed: int, offset: int = 0) -> None:
     threshold, (scale32, scale64) = _threshold(p, "dropout"), _scales(p)
     scale64_bits = struct.unpack("<q", struct.pack("<d", scale64))[0]
     x, y = src.view(-1), dst.view(-1)
-    for start in range(0, x.numel(), SEGMENT):
-        stop = min(x.numel(), start + SEGMENT)
-        _triton_module().launch(x[start:stop], y[start:stop], *_keys(seed, start >> 32), threshold, scale32,
-                                scale64_bits)
+    for start, stop in _spans(x.numel(), 1, offset):  # one run per segment the flat indices touch
+        i = offset + start
+        _triton_module().launch(x[start:stop], y[start:stop], *_keys(seed, i >> 32), threshold, scale32,
+                                scale64_bits, lo=i & M32)
 
 
-BACKENDS: dict[str, Callable[[Tensor, Tensor, float, int], None]] = {"c": _c, "triton": _triton, "torch": _torch_ops}
+BACKENDS: dict[str, Callable[[Tensor, Tensor, float, int, int], None]] = {
+    "c": _c, "triton": _triton, "torch": _torch_ops}
 
 
-def _spans(n: int, threads: int) -> list[tuple[int, int]]:
-    """[0, n) in up to ``threads`` spans of at least MIN_SPAN elements (cut at multiples of 64), also cut at
-    every segment boundary. Results do not depend on the cuts."""
+def _spans(n: int, threads: int, offset: int = 0) -> list[tuple[int, int]]:
+    """Positions [0, n) in up to ``threads`` spans of at least MIN_SPAN elements (cut at multiples of 64), also
+    cut wherever the flat index ``offset + position`` crosses a segment boundary. Results do not depend on the
+    cuts."""
     parts = max(1, min(threads, n // MIN_SPAN))
-    cuts = {n * k // parts // 64 * 64 for k in range(1, parts)} | set(range(SEGMENT, n, SEGMENT))
+    first = -offset % SEGMENT or SEGMENT  # the first position whose flat index starts a segment
+    cuts = {n * k // parts // 64 * 64 for k in range(1, parts)} | set(range(first, n, SEGMENT))
     bounds = [0, *sorted(cuts), n]
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
