@@ -28,44 +28,6 @@ typedef uint64_t u64;
 
 #include "_floats.h"
 
-static inline u32 f2bf(float f) { /* fp32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0, as torch */
-    u32 u = b_of(f), r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r;
-}
-
-static inline float value(u32 b, int kind) {
-    return kind == 0 ? f_of(b) : kind == 1 ? f_of(b << 16) : h2f(b);
-}
-
-static inline u32 rounded(float x, int kind) { return kind == 0 ? b_of(x) : kind == 1 ? f2bf(x) : f2h(x); }
-
-/* round(w + d) and round(W' - d), as _bits.merged_value / unmerged_guess; with a gain (gained),
- * round(fp32(fp32(w + d)·g)) and round(fp32(fp32(W'/g) - d)) */
-static inline u32 merged(u32 wb, float d, float g, int gained, int kind) {
-    float t = value(wb, kind) + d;
-    return rounded(gained ? t * g : t, kind);
-}
-static inline u32 guess_of(u32 mb, float d, float g, int gained, int kind) {
-    float v = value(mb, kind);
-    return rounded((gained ? v / g : v) - d, kind);
-}
-
-static inline int nbits(int kind) { return kind == 0 ? 32 : 16; }
-static inline i64 max_finite(int kind) { return kind == 0 ? 0x7F7FFFFF : kind == 1 ? 0x7F7F : 0x7BFF; }
-
-static inline u32 load(const void *w, i64 i, int kind) {
-    return kind == 0 ? ((const u32 *)w)[i] : ((const uint16_t *)w)[i];
-}
-
-static inline void store(void *w, i64 i, u32 b, int kind) {
-    if (kind == 0) ((u32 *)w)[i] = b; else ((uint16_t *)w)[i] = (uint16_t)b;
-}
-
-static inline int finite(u32 b, int kind) {
-    return kind == 0 ? (b & 0x7F800000u) != 0x7F800000u
-         : kind == 1 ? (b & 0x7F80u) != 0x7F80u : (b & 0x7C00u) != 0x7C00u;
-}
-
 /* ---- the pass: ΔW per row segment, then branch-free loops over CHUNK lanes --------------------- */
 
 #define CHUNK 256 /* lanes per step; a multiple of GROUP, so a row's groups never straddle two steps */
@@ -123,6 +85,22 @@ INLINE void deltas(const float *A, i64 lda, const float *B, i64 r, float scale, 
     for (i64 i = 0; i < nr; i++) delta(A, lda, b + i * r, r, scale, full, cols - full, D + i * cols + full); /* tail */
 }
 
+static inline int nbits(int kind) { return kind == 0 ? 32 : 16; }
+static inline i64 max_finite(int kind) { return kind == 0 ? 0x7F7FFFFF : kind == 1 ? 0x7F7F : 0x7BFF; }
+
+static inline u32 load(const void *w, i64 i, int kind) {
+    return kind == 0 ? ((const u32 *)w)[i] : ((const uint16_t *)w)[i];
+}
+
+static inline void store(void *w, i64 i, u32 b, int kind) {
+    if (kind == 0) ((u32 *)w)[i] = b; else ((uint16_t *)w)[i] = (uint16_t)b;
+}
+
+static inline int finite(u32 b, int kind) {
+    return kind == 0 ? (b & 0x7F800000u) != 0x7F800000u
+         : kind == 1 ? (b & 0x7F80u) != 0x7F80u : (b & 0x7C00u) != 0x7C00u;
+}
+
 /* ordinal() in 32 bits (every format's ordinals fit), and its inverse */
 INLINE i32 ord32(u32 b, int kind) {
     if (kind == 0) { i32 s = (i32)b; return s ^ ((s >> 31) & 0x7FFFFFFF); }
@@ -135,42 +113,177 @@ INLINE u32 bits32(i32 o, int kind) {
     return (u32)(o ^ ((o >> 31) & 0x7FFF)) & 0xFFFFu;
 }
 
-INLINE i32 f32ord(i32 o, float d, float g, int gained, int kind) {
-    return ord32(merged(bits32(o, kind), d, g, gained, kind), kind);
+/* ---- the scheme on LANES lanes at once (GCC/clang vector extensions, one register of the ISA built for). Comparisons give lane masks (-1 or 0); sel() blends by a mask. ---------------------------- */
+
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX2__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+typedef u32 vu __attribute__((vector_size(4 * LANES)));
+typedef i32 vi __attribute__((vector_size(4 * LANES)));
+typedef float vf __attribute__((vector_size(4 * LANES)));
+#define SPLAT(c) ((vu){0} + (u32)(c))
+
+INLINE vu sel(vi mask, vu a, vu b) { return ((vu)mask & a) | (~(vu)mask & b); }
+INLINE vu load_u(const u32 *p) { vu v; memcpy(&v, p, sizeof v); return v; }
+INLINE vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+INLINE void store_u(u32 *p, vu v) { memcpy(p, &v, sizeof v); }
+
+#ifdef __AVX512F__
+/* fp16 <-> fp32 by the hardware (AVX-512 implies F16C): exact one way, nearest-even the other, as h2f / f2h
+ * (with nan, a NaN comes out as f2h's 0x7E00 with its sign). h2f_v quiets a signalling NaN, which h2f does not,
+ * but every value it gives is then added to or divided by a float, which quiets it anyway. */
+INLINE vf h2f_v(vu h) { return (vf)_mm512_cvtph_ps(_mm512_cvtepi32_epi16((__m512i)h)); }
+INLINE vu f2h_v(vf f, int nan) {
+    vu w = (vu)f, h = (vu)_mm512_cvtepu16_epi32(_mm512_cvtps_ph((__m512)f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return nan ? sel((w & 0x7FFFFFFFu) > 0x7F800000u, ((w >> 16) & 0x8000u) | 0x7E00u, h) : h;
+}
+#else
+INLINE vf h2f_v(vu h) { /* h2f on every lane */
+    vu s = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    vu special = s | 0x7F800000u | (m << 13);
+    vu small = s | (vu)(__builtin_convertvector((vi)m, vf) * 0x1p-24f);
+    vu normal = s | ((e + 112u) << 23) | (m << 13);
+    return (vf)sel(e == 0x1Fu, special, sel(e == 0u, small, normal));
 }
 
-INLINE i32 exponent(u32 b, int kind) { /* the biased exponent field, subnormals and zeros counted as 1 */
-    i32 e = kind == 0 ? (i32)((b >> 23) & 0xFFu) : kind == 1 ? (i32)((b >> 7) & 0xFFu) : (i32)((b >> 10) & 0x1Fu);
-    return e < 1 ? 1 : e;
+INLINE vu f2h_v(vf f, int nan) { /* f2h on every lane (a NaN's bits unspecified without nan) */
+    vu w = (vu)f, shl1 = w + w, sign = w & 0x80000000u, bias = shl1 & 0xFF000000u;
+    vf base = ((vf)(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+    bias = sel(bias < 0x71000000u, SPLAT(0x71000000u), bias);
+    base = (vf)((bias >> 1) + 0x07800000u) + base;
+    vu b = (vu)base, nonsign = ((b >> 13) & 0x7C00u) + (b & 0x0FFFu);
+    return (sign >> 16) | (nan ? sel(shl1 > 0xFF000000u, SPLAT(0x7E00u), nonsign) : nonsign);
 }
 
-/* _codec.window for lanes [0, len): each code's width (0: the guess is the original) and its window's start,
- * an ordinal taken mod 2^32 (as _codec does). eg is the gain's unbiased exponent (0 without a gain), neg
- * whether the gain is negative. Everything is 32-bit and branch-free, so the loop vectorises. */
-INLINE void windows(const u32 *mv, const u32 *gv, const float *d, i64 len, float gain, i32 eg, i32 neg,
-                    int gained, int kind, i32 *width, u32 *start) {
-    const i32 high = (i32)max_finite(kind), low = -1 - high, nb = nbits(kind);
+#endif
+
+INLINE vu f2bf_v(vf f, int nan) { /* fp32 -> bf16 bits, round to nearest even; with nan, NaN -> 0x7FC0 (torch) */
+    vu u = (vu)f, r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return nan ? sel((u & 0x7FFFFFFFu) > 0x7F800000u, SPLAT(0x7FC0u), r) : r;
+}
+
+INLINE vf value_v(vu b, int kind) { return kind == 0 ? (vf)b : kind == 1 ? (vf)(b << 16) : h2f_v(b); }
+/* x rounded to W's format; a NaN gets torch's bits with nan, else unspecified ones (the window reads only
+ * finite guesses and evaluations: a NaN one marks a lane wide, whose code does not depend on it) */
+INLINE vu rounded_v(vf x, int kind, int nan) { return kind == 0 ? (vu)x : kind == 1 ? f2bf_v(x, nan) : f2h_v(x, nan); }
+
+/* round(w + d) and round(W' - d), as _bits.merged_value / unmerged_guess; with a gain (gained),
+ * round(fp32(fp32(w + d)·g)) and round(fp32(fp32(W'/g) - d)) */
+INLINE vu merged_v(vu wb, vf d, float g, int gained, int kind, int nan) {
+    vf t = value_v(wb, kind) + d;
+    return rounded_v(gained ? t * g : t, kind, nan);
+}
+INLINE vu guess_v(vu mb, vf d, float g, int gained, int kind) {
+    vf v = value_v(mb, kind);
+    return rounded_v((gained ? v / g : v) - d, kind, 0);
+}
+
+INLINE vi ord_v(vu b, int kind) {
+    if (kind == 0) { vi s = (vi)b; return s ^ ((s >> 31) & 0x7FFFFFFF); }
+    vi s = (vi)(b << 16) >> 16;
+    return s ^ ((s >> 15) & 0x7FFF);
+}
+
+INLINE vu bits_v(vi o, int kind) {
+    if (kind == 0) return (vu)(o ^ ((o >> 31) & 0x7FFFFFFF));
+    return (vu)(o ^ ((o >> 31) & 0x7FFF)) & 0xFFFFu;
+}
+
+INLINE vi exponent_v(vu b, int kind) { /* the biased exponent field, subnormals and zeros counted as 1 */
+    vi e = (vi)(kind == 0 ? (b >> 23) & 0xFFu : kind == 1 ? (b >> 7) & 0xFFu : (b >> 10) & 0x1Fu);
+    return (vi)sel(e < 1, SPLAT(1), (vu)e);
+}
+
+INLINE vi finite_v(vu b, int kind) {
+    u32 e = kind == 0 ? 0x7F800000u : kind == 1 ? 0x7F80u : 0x7C00u;
+    return (b & e) != e;
+}
+
+/* _codec.window on every lane: each code's width (0: the guess is the original) and its window's start, an
+ * ordinal taken mod 2^32 (as _codec does). eg is the gain's unbiased exponent (0 without a gain), neg whether
+ * the gain is negative. */
+INLINE vi window_v(vu mb, vu gb, vf d, float gain, i32 eg, i32 neg, int gained, int kind, vu *start) {
+    const i32 high = (i32)max_finite(kind), nb = nbits(kind);
     const i32 mant = kind == 0 ? 23 : kind == 1 ? 7 : 10;
-    for (i64 j = 0; j < len; j++) {
-        i32 t = ord32(mv[j], kind), o = ord32(gv[j], kind);
-        i32 interior = (o > low) & (o < high) & (t >= low) & (t <= high);
-        i32 at = o < low + 1 ? low + 1 : o > high - 1 ? high - 1 : o;
-        i32 f0 = f32ord(at, d[j], gain, gained, kind), fl = f32ord(at - 1, d[j], gain, gained, kind);
-        i32 fh = f32ord(at + 1, d[j], gain, gained, kind);
-        i32 e0 = f0 == t, el = fl == t, eh = fh == t, above = (f0 < t) ^ neg;
-        i32 single = interior & e0 & !el & !eh;
-        i32 q = exponent(mv[j], kind) - exponent(gv[j], kind) - eg;
-        q &= ~(q >> 31); /* max(q, 0), written so that the loop vectorises */
-        i32 wide = !interior | (q >= mant); /* the run reaches zero: the estimate no longer holds */
-        u32 size = 1u << (q < 31 ? q + 1 : 31), uo = (u32)o;
-        u32 s = (e0 & !el) ? uo : (e0 & !eh) ? uo - size + 1u : e0 ? uo - size / 2 : above ? uo + 1u : uo - size;
-        start[j] = wide ? 0u - (1u << (nb - 1)) : s;
-        width[j] = single ? 0 : wide ? nb : q + 1;
+    const u32 magnitude = kind == 0 ? 0x7FFFFFFFu : 0x7FFFu;
+    vi t = ord_v(mb, kind), o = ord_v(gb, kind);
+    /* low < o < high and low <= t <= high, on magnitudes: ordinal -1 - x is the negative of magnitude x */
+    vi interior = ((gb & magnitude) < (u32)high) & ((mb & magnitude) <= (u32)high);
+    /* f at the guess and its two neighbours; only interior lanes read them (the others are wide), so the guess
+     * need not be clamped as _codec does, and the neighbours' ordinals wrap harmlessly */
+    vi f0 = ord_v(merged_v(gb, d, gain, gained, kind, 0), kind);
+    vu fl = merged_v(bits_v((vi)((vu)o - 1u), kind), d, gain, gained, kind, 0);
+    vu fh = merged_v(bits_v((vi)((vu)o + 1u), kind), d, gain, gained, kind, 0);
+    vi e0 = f0 == t, el = fl == mb, eh = fh == mb, above = (f0 < t) ^ -neg; /* equal bits: equal ordinals */
+    vi single = interior & e0 & ~el & ~eh;
+    vi q = exponent_v(mb, kind) - exponent_v(gb, kind) - eg;
+    q &= ~(q >> 31); /* max(q, 0) */
+    vi wide = ~interior | (q >= mant); /* the run reaches zero: the estimate no longer holds */
+    vu size = SPLAT(1) << ((vu)(q + 1) & 31u), uo = (vu)o; /* read only where not wide: q + 1 <= mant */
+    vu s = sel(e0 & ~el, uo, sel(e0 & ~eh, uo - size + 1u, sel(e0, uo - (size >> 1), sel(above, uo + 1u, uo - size))));
+    *start = sel(wide, SPLAT(0u - (1u << (nb - 1))), s);
+    return (vi)sel(single, SPLAT(0), sel(wide, SPLAT(nb), (vu)(q + 1)));
+}
+
+/* Lanes [base, base + len) of W as 32-bit bit patterns, and their deltas: W and d themselves for fp32 when len is
+ * whole vectors, else copied (widened) into wbuf / dbuf and padded with zeros to whole vectors. */
+INLINE const u32 *lanes(const void *w, i64 base, i64 len, int kind, u32 *wbuf, const float **d, float *dbuf) {
+    if (kind == 0 && len % LANES == 0) return (const u32 *)w + base;
+    i64 padded = (len + LANES - 1) / LANES * LANES;
+    for (i64 j = 0; j < padded; j++) wbuf[j] = j < len ? load(w, base + j, kind) : 0u;
+    if (len % LANES) {
+        for (i64 j = 0; j < padded; j++) dbuf[j] = j < len ? (*d)[j] : 0.0f;
+        *d = dbuf;
+    }
+    return wbuf;
+}
+
+INLINE i32 any_lane(vi mask) {
+    i32 any = 0;
+    for (int k = 0; k < LANES; k++) any |= mask[k];
+    return any;
+}
+
+/* Merge lanes [0, len) of a chunk: each merged value, code width (0 where the row is not coded), escape flag
+ * and code (the offset in the window; 0 where none is stored or the lane escapes); returns a mask of the lanes
+ * (over all vectors) whose merged value overflows (W finite), and in *escaped one of those that escape. */
+INLINE vi encode(const u32 *wv, const float *d, i64 len, float gain, i32 eg, i32 neg, int coded, int gained,
+                 int kind, u32 *mv, i32 *width, i32 *escape, u32 *code, vi *escaped) {
+    vi bad = {0}, esc = {0};
+    for (i64 j = 0; j < len; j += LANES) {
+        vf dj = load_f(d + j);
+        vu wb = load_u(wv + j), mb = merged_v(wb, dj, gain, gained, kind, 1), gb = guess_v(mb, dj, gain, gained, kind);
+        vu start;
+        vi wd = window_v(mb, gb, dj, gain, eg, neg, gained, kind, &start);
+        vu off = (vu)ord_v(wb, kind) - start;
+        vi has = wd != 0, held = (wd == 32) | ((off >> (vu)(wd & 31)) == 0);
+        vi miss = (vi)sel(has, (vu)~held, (vu)(gb != wb)) & -coded;
+        store_u(mv + j, mb);
+        store_u((u32 *)width + j, (vu)(wd & -coded));
+        store_u((u32 *)escape + j, (vu)miss);
+        store_u(code + j, sel(has & ~miss, off, SPLAT(0)));
+        bad |= ~finite_v(mb, kind) & finite_v(wb, kind);
+        esc |= miss;
+    }
+    *escaped = esc;
+    return bad;
+}
+
+/* Unmerge's half: each lane's guess, code width and window start, from the merged values. */
+INLINE void windows(const u32 *mv, const float *d, i64 len, float gain, i32 eg, i32 neg, int gained, int kind,
+                    u32 *gv, i32 *width, u32 *start) {
+    for (i64 j = 0; j < len; j += LANES) {
+        vf dj = load_f(d + j);
+        vu mb = load_u(mv + j), gb = guess_v(mb, dj, gain, gained, kind), st;
+        store_u(gv + j, gb);
+        store_u((u32 *)width + j, (vu)window_v(mb, gb, dj, gain, eg, neg, gained, kind, &st));
+        store_u(start + j, st);
     }
 }
-
-/* Whether a code of this width holds offset (both mod 2^32): a window of 2^width ordinals (2^32: all). */
-INLINE i32 holds(u32 offset, i32 width) { return (width == 32) | ((offset >> (width & 31)) == 0); }
 
 /* The bit stream of a block: least significant bit first, in 32-bit words (as _codec.pack). */
 typedef struct { u64 acc; int n_acc; i64 n_words; } Writer;
@@ -297,13 +410,6 @@ INLINE void get_group(Reader *rd, const i32 *width, u32 *code, i64 len) {
     }
 }
 
-/* Bit j of the result: flag[j] != 0 (len <= 64 lanes). */
-INLINE u64 lanes_with(const i32 *flag, i64 len) {
-    u64 bits = 0;
-    for (i64 j = 0; j < len; j++) bits |= (u64)(flag[j] != 0) << j;
-    return bits;
-}
-
 INLINE float row_gain(const float *gains, i64 row, int gained, i32 *eg, i32 *neg) {
     float gain = gained ? gains[row] : 1.0f;
     *eg = gained ? (i32)((b_of(gain) >> 23) & 0xFFu) - 127 : 0;
@@ -318,9 +424,9 @@ INLINE void unmerge_impl(const int kind, const int gained, void *w, i64 cols, co
                          float scale, const float *gains, float *work, i64 work_rows, i64 n, const u32 *words, i64 n_words) {
     Reader rd = {words, n_words, 0, 0, 0};
     const i64 rows = (n + cols - 1) / cols;
-    u32 mv[CHUNK], gv[CHUNK], code[CHUNK];
+    u32 buf[CHUNK], gv[CHUNK], code[CHUNK], start[CHUNK];
     i32 width[CHUNK];
-    u32 start[CHUNK];
+    float dbuf[CHUNK];
     for (i64 row = 0; row * cols < n; row++) {
         i32 eg, neg;
         float gain = row_gain(gains, row, gained, &eg, &neg);
@@ -331,11 +437,8 @@ INLINE void unmerge_impl(const int kind, const int gained, void *w, i64 cols, co
             i64 base = row * cols + j0, len = cols - j0 < CHUNK ? cols - j0 : CHUNK;
             const float *d = work + (row % work_rows) * cols + j0;
             if (n - base < len) len = n - base;
-            for (i64 j = 0; j < len; j++) {
-                mv[j] = load(w, base + j, kind);
-                gv[j] = guess_of(mv[j], d[j], gain, gained, kind);
-            }
-            windows(mv, gv, d, len, gain, eg, neg, gained, kind, width, start);
+            const u32 *mv = lanes(w, base, len, kind, buf, &d, dbuf);
+            windows(mv, d, len, gain, eg, neg, gained, kind, gv, width, start);
             for (i64 g0 = 0; g0 < len; g0 += GROUP)
                 get_group(&rd, width + g0, code + g0, len - g0 < GROUP ? len - g0 : GROUP);
             for (i64 j = 0; j < len; j++)
@@ -349,9 +452,9 @@ INLINE i64 merge_impl(const int kind, const int gained, void *w, i64 rows, i64 c
                       void *esc_bits, i64 *out) {
     Writer st = {0, 0, 0};
     i64 n_esc = 0, n_coded = 0;
-    u32 wv[CHUNK], mv[CHUNK], gv[CHUNK], code[CHUNK];
+    u32 buf[CHUNK], mv[CHUNK], code[CHUNK];
     i32 width[CHUNK], escape[CHUNK];
-    u32 start[CHUNK];
+    float dbuf[CHUNK];
     for (i64 row = 0; row < rows; row++) {
         i32 eg, neg;
         float gain = row_gain(gains, row, gained, &eg, &neg);
@@ -361,41 +464,27 @@ INLINE i64 merge_impl(const int kind, const int gained, void *w, i64 rows, i64 c
         for (i64 j0 = 0; j0 < cols; j0 += CHUNK) {
             i64 base = row * cols + j0, len = cols - j0 < CHUNK ? cols - j0 : CHUNK;
             const float *d = work + (row % work_rows) * cols + j0;
-            int bad = 0;
-            for (i64 j = 0; j < len; j++) wv[j] = load(w, base + j, kind);
-            for (i64 j = 0; j < len; j++) mv[j] = merged(wv[j], d[j], gain, gained, kind);
-            for (i64 j = 0; j < len; j++) bad |= (!finite(mv[j], kind)) & finite(wv[j], kind);
-            if (bad) { /* some element would overflow: take back what this block merged so far, report it */
+            const u32 *wv = lanes(w, base, len, kind, buf, &d, dbuf);
+            vi escaped, bad = encode(wv, d, len, gain, eg, neg, coded, gained, kind, mv, width, escape, code, &escaped);
+            if (any_lane(bad)) { /* some element would overflow: take back what this block merged so far, report it */
                 i64 j = 0;
                 while (finite(mv[j], kind) || !finite(wv[j], kind)) j++;
                 unmerge_impl(kind, gained, w, cols, A, lda, B, r, scale, gains, work, work_rows, base, words, flush_bits(words, &st));
                 for (i64 k = 0; k < n_esc; k++) store(w, esc_index[k], load(esc_bits, k, kind), kind);
                 return base + j;
             }
-            for (i64 j = 0; j < len; j++) gv[j] = guess_of(mv[j], d[j], gain, gained, kind);
-            if (coded) {
-                windows(mv, gv, d, len, gain, eg, neg, gained, kind, width, start);
-                for (i64 j = 0; j < len; j++) {
-                    u32 off = (u32)ord32(wv[j], kind) - start[j];
-                    i32 miss = width[j] ? !holds(off, width[j]) : gv[j] != wv[j];
-                    escape[j] = miss;
-                    code[j] = (width[j] != 0) & !miss ? off : 0u;
-                }
-            } else {
-                for (i64 j = 0; j < len; j++) width[j] = escape[j] = 0;
-            }
             for (i64 j = 0; j < len; j++) n_coded += width[j] != 0;
-            for (i64 j = 0; j < len; j++) store(w, base + j, mv[j], kind);
             for (i64 g0 = 0; g0 < len; g0 += GROUP) {
                 i64 glen = len - g0 < GROUP ? len - g0 : GROUP;
                 put_group(words, &st, width + g0, code + g0, glen);
-                for (u64 todo = lanes_with(escape + g0, glen); todo; todo &= todo - 1) {
-                    i64 j = g0 + __builtin_ctzll(todo);
+            }
+            for (i64 j = 0; any_lane(escaped) && j < len; j++) /* escapes are rare: a scalar scan where there are */
+                if (escape[j]) {
                     esc_index[n_esc] = base + j;
                     store(esc_bits, n_esc, wv[j], kind);
                     n_esc++;
                 }
-            }
+            for (i64 j = 0; j < len; j++) store(w, base + j, mv[j], kind);
         }
     }
     out[0] = flush_bits(words, &st);
