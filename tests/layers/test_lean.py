@@ -135,6 +135,20 @@ DROPOUT_LAYERS = {
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen-base", "trained-base"])
 @pytest.mark.parametrize("kind", list(DROPOUT_LAYERS))
 def test_dropout_matches_a_reference_given_the_same_mask(kind, train_base):
+    _check_dropout_against_reference(kind, train_base)
+
+
+@pytest.mark.parametrize("chunk", [1, 5], ids=["one-row-or-sample", "a-few-rows"])
+@pytest.mark.parametrize("kind", ["linear", "conv-activations", "conv-grouped"])
+def test_dropout_in_chunks_takes_the_mask_of_the_whole_input(kind, chunk, monkeypatch):
+    """The layers drop their input a block of rows / samples at a time: many blocks here, the same result."""
+    from peftlite.layers import conv_autograd, linear
+    monkeypatch.setattr(linear, "CHUNK_BYTES", chunk * 8 * 7)
+    monkeypatch.setattr(conv_autograd, "CHUNK_BYTES", chunk * 8)
+    _check_dropout_against_reference(kind, False)
+
+
+def _check_dropout_against_reference(kind, train_base):
     make, shape = DROPOUT_LAYERS[kind]
     torch.manual_seed(0)
     layer = make().double()

@@ -133,6 +133,39 @@ def _finish(ctx, gx, gw, gb, ga, gB, A, B):
     return cast(gx, x_dtype), cast(gw, w_dtype), gb, cast(ga, A.dtype), cast(gB, B.dtype), None, None
 
 
+# Dropout's masks are applied a few samples at a time, so that each dropped slice of x (and of A's share of
+# ∂x) is formed and read while it is in cache, never as a fresh x-sized tensor (on CPU, new pages cost more
+# than the mask itself: benchmarks/dropout_mask.py).
+CHUNK_BYTES = 1 << 20
+
+
+def _chunks(x: Tensor) -> list[tuple[slice, int]]:
+    """(samples, flat offset of the first) of x in runs of about CHUNK_BYTES: x.contiguous()'s order."""
+    n, per = x.shape[0], x[0].numel() if x.shape[0] else 0
+    step = max(1, CHUNK_BYTES // max(1, per * x.element_size()))
+    return [(slice(i, min(n, i + step)), i * per) for i in range(0, n, step)]
+
+
+def _dropped_h(x: Tensor, a: Tensor, c: ConvGeometry, p: float, seed: int) -> Tensor:
+    """``conv(dropout(x), a)`` a chunk of samples at a time.  -> (N, G·r, H', W')."""
+    return torch.cat([_conv_a(dropout.dropout(x[s], p, seed, offset=o), a, c) for s, o in _chunks(x)])
+
+
+def _dropped_a_backward(gh: Tensor, x: Tensor, a: Tensor, c: ConvGeometry, p: float, seed: int,
+                        gx: Tensor | None, need_a: bool) -> Tensor | None:
+    """A's share of backward when its input was ``dropout(x)``: adds ``mask ⊙ convᵀ(gh, a)`` into gx (when
+    given) and returns ∂A (r, fan_in) when asked; one chunk of samples at a time."""
+    ga = None
+    for s, o in _chunks(x):
+        xd = dropout.dropout(x[s], p, seed, offset=o) if need_a else x[s]
+        gxa, ga_s = _a_backward(gh[s], xd, a, c, gx is not None, need_a)
+        if gx is not None:
+            gx[s].add_(_drop_like(gxa, p, seed, offset=o))
+        if need_a:
+            ga = ga_s if ga is None else ga.add_(ga_s)
+    return ga
+
+
 class _Activations(torch.autograd.Function):
     """The activations path; with ``p > 0`` the adapter's input is ``dropout(x)`` by the seeded mask of ``seed``,
     formed again in backward for ∂A, and A's part of ∂x is dropped with the same mask."""
@@ -141,7 +174,7 @@ class _Activations(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, scale: float, c: ConvGeometry, p: float = 0.0, seed: int = 0):
         y = F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)  # (N, out, H', W')
         a = _filters(A, c, x.dtype)
-        h = _conv_a(dropout.dropout(x, p, seed) if p > 0 else x, a, c)  # (N, G·r, H', W')
+        h = _dropped_h(x, a, c, p, seed) if p > 0 else _conv_a(x, a, c)  # (N, G·r, H', W')
         _add_low_rank_(y, h.to(y.dtype), B.to(y.dtype), scale, c.groups)
         _keep(ctx, x, weight, bias, scale, c)
         ctx.p, ctx.seed = p, seed
@@ -165,25 +198,28 @@ class _Activations(torch.autograd.Function):
             gB = _grad_B(g, h, B.to(g.dtype), c.groups).mul_(scale)
         if need_x or (need_a and not from_gw):
             gh = _to_rank(g, B.to(g.dtype), c.groups).mul_(scale)  # (N, G·r, H', W')
-            fold = (need_x and p == 0 and c.groups == 1 and _is_pointwise(c) and _flat(gx) is not None
-                    and _flat(gh) is not None)
-            gxa, need_ga = None, need_a and not from_gw
-            if need_ga and p > 0:
-                ga = _a_backward(gh, dropout.dropout(x, p, ctx.seed), a, c, False, True)[1]
-                need_ga = False
-            if (need_x and not fold) or need_ga:
-                gxa, ga_ = _a_backward(gh, x, a, c, need_x and not fold, need_ga)
+            need_ga = need_a and not from_gw
+            if p > 0:
+                ga_ = _dropped_a_backward(gh, x, a, c, p, ctx.seed, gx if need_x else None, need_ga)
                 ga = ga_ if need_ga else ga
-            if fold:  # per sample ∂x (in, H·W) += aᵀ (in, r) @ gh (r, H·W): no x-sized temporary
+            elif (need_x and c.groups == 1 and _is_pointwise(c) and _flat(gx) is not None
+                  and _flat(gh) is not None):  # per sample ∂x (in, H·W) += aᵀ (in, r) @ gh (r, H·W): in place
                 _flat(gx).baddbmm_(a.view(a.shape[0], -1).t().expand(x.shape[0], -1, -1), _flat(gh))
-            elif need_x:
-                gx.add_(_drop_like(gxa, p, ctx.seed) if p > 0 else gxa)
+                if need_ga:
+                    ga = _a_backward(gh, x, a, c, False, True)[1]
+            else:
+                gxa, ga_ = _a_backward(gh, x, a, c, need_x, need_ga)
+                ga = ga_ if need_ga else ga
+                if need_x:
+                    gx.add_(gxa)
         return (*_finish(ctx, gx, gw, gb, ga, gB, A, B), None, None)
 
 
-def _drop_like(t: Tensor, p: float, seed: int) -> Tensor:
+def _drop_like(t: Tensor, p: float, seed: int, offset: int = 0) -> Tensor:
     """``t`` dropped by the seeded mask (in place when contiguous)."""
-    return dropout.dropout_(t, p, seed) if t.is_contiguous() else dropout.dropout(t, p, seed)
+    if t.is_contiguous():
+        return dropout.dropout_(t, p, seed, offset=offset)
+    return dropout.dropout(t, p, seed, offset=offset)
 
 
 class _Merged(torch.autograd.Function):

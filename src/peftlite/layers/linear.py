@@ -136,14 +136,80 @@ class _DroppedLinear(torch.autograd.Function):
         return gx, ga, None, None
 
 
+# The dropped input is formed a block of rows at a time, each used while it is in cache: an x-sized
+# temporary per layer and step costs more in fresh pages than the mask itself (docs/performance.md).
+CHUNK_BYTES = 1 << 20
+
+
+def _row_blocks(x2: Tensor) -> list[slice]:
+    """x2's rows in blocks of about CHUNK_BYTES.  x2: (N, in)."""
+    step = max(1, CHUNK_BYTES // max(1, x2.shape[1] * x2.element_size()))
+    return [slice(i, min(x2.shape[0], i + step)) for i in range(0, x2.shape[0], step)]
+
+
+class _DroppedLowRankLinear(torch.autograd.Function):
+    """``x Wᵀ + b + scale·(dropout(x) Aᵀ) Bᵀ`` for one adapter, with a seeded mask.  x: (N, in), contiguous.
+
+    Forward adds the adapter into y in place; backward forms A's share of ∂x, drops it and adds ``g W`` into
+    it in place (``addmm_``), so the only x-sized tensor it makes is ∂x itself. ``dropout(x)`` is formed
+    again, a block of rows at a time (``offset=``: the mask of the whole), for ∂A. Keeps x, h (N, r) and
+    references to the parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                p: float, seed: int) -> Tensor:
+        y = F.linear(x, weight, bias)  # (N, out), in the autocast dtype when autocast is on
+        a = A.to(x.dtype)
+        h = torch.cat([F.linear(dropout.dropout(x[s], p, seed, offset=s.start * x.shape[1]), a)
+                       for s in _row_blocks(x)])  # (N, r)
+        y.addmm_(h.to(y.dtype), B.to(y.dtype).t(), alpha=scale)
+        ctx.save_for_backward(x, weight, A, B, h)
+        ctx.scale, ctx.p, ctx.seed, ctx.has_bias, ctx.dtype = scale, p, seed, bias is not None, h.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight, A, B, h = ctx.saved_tensors
+        scale, p, seed, dt = ctx.scale, ctx.p, ctx.seed, ctx.dtype
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        gx = gw = gb = ga = gB = None
+        g = g.to(dt)
+        u = (g @ B.to(dt)).mul_(scale)  # (N, r): scale·∂h
+        if need_x:
+            gx = u @ A.to(dt)  # (N, in): A's share, dropped in place, then the base's added by the product
+            dropout.dropout_(gx, p, seed)
+            gx = gx.addmm_(g, weight.to(dt)).to(x.dtype)
+        if need_a:
+            acc = torch.promote_types(dt, torch.float32)
+            ga = torch.zeros(A.shape, dtype=acc, device=A.device)
+            for s in _row_blocks(x):
+                xd = dropout.dropout(x[s], p, seed, offset=s.start * x.shape[1]).to(dt)
+                ga.addmm_(u[s].t().to(acc), xd.to(acc))
+            ga = ga.to(A.dtype)
+        if need_bb:
+            hb = h.to(torch.promote_types(h.dtype, torch.float32))  # ∂B accumulates in fp32 at least
+            gB = (g.t().to(hb.dtype) @ hb).mul_(scale).to(B.dtype)
+        if need_w:
+            gw = (g.t() @ x.to(dt)).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            gb = g.sum(0)
+        return gx, gw, gb, ga, gB, None, None, None
+
+
 def dropped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, terms) -> Tensor:
     """``x Wᵀ + b + Σ scale·(dropout(x) Aᵀ) Bᵀ`` with one seeded mask per term (seeds drawn here, in order).
 
-    The lean form of ``functional.lora_linear`` with dropout: x (and each h, r-sized) is all it keeps.
+    The lean form of ``functional.lora_linear`` with dropout: x (and each h, r-sized) is all it keeps. One
+    adapter with dropout takes ``_DroppedLowRankLinear``; several, one autograd node per term.
     x: (..., in) -> (..., out).
     """
     seeds = [dropout.new_seed() for _ in terms]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in): one matrix product each way (see ``_forward``)
+    if len(terms) == 1 and terms[0].dropout > 0.0:
+        t = terms[0]
+        y = _DroppedLowRankLinear.apply(x2.contiguous(), weight, bias, t.A, t.B, t.scale, t.dropout, seeds[0])
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))  # see ``_forward``
     y = frozen_linear(x2, weight, bias)  # a frozen W: no autocast copy of it kept
     for t, seed in zip(terms, seeds, strict=True):
         h = _DroppedLinear.apply(x2, t.A, t.dropout, seed) if t.dropout > 0.0 else F.linear(x2, t.A.to(x.dtype))
