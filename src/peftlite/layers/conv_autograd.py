@@ -148,7 +148,8 @@ def _chunks(x: Tensor) -> list[tuple[slice, int]]:
 
 def _dropped_h(x: Tensor, a: Tensor, c: ConvGeometry, p: float, seed: int) -> Tensor:
     """``conv(dropout(x), a)`` a chunk of samples at a time.  -> (N, G·r, H', W')."""
-    return torch.cat([_conv_a(dropout.dropout(x[s], p, seed, offset=o), a, c) for s, o in _chunks(x)])
+    hs = [_conv_a(dropout.dropout(x[s], p, seed, offset=o), a, c) for s, o in _chunks(x)]
+    return hs[0] if len(hs) == 1 else torch.cat(hs)
 
 
 def _dropped_a_backward(gh: Tensor, x: Tensor, a: Tensor, c: ConvGeometry, p: float, seed: int,
