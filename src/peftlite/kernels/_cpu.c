@@ -351,47 +351,54 @@ INLINE void set_plane(u32 *code, i64 len, i32 b, u64 plane) {
     for (i64 j = 0; j < len; j++) code[j] |= (u32)((plane >> j) & 1u) << b;
 }
 
-#ifdef __AVX512F__
-/* The same for a whole group of 64 lanes, 16 at a time in mask registers. */
-INLINE u64 wider_than64(const i32 *width, i32 b) {
-    __m512i t = _mm512_set1_epi32(b);
-    u64 bits = 0;
-    for (int i = 0; i < 4; i++)
-        bits |= (u64)_mm512_cmpgt_epi32_mask(_mm512_loadu_si512(width + 16 * i), t) << (16 * i);
-    return bits;
-}
-INLINE u64 plane_of64(const u32 *code, i32 b) {
-    __m512i t = _mm512_set1_epi32(1 << b);
-    u64 bits = 0;
-    for (int i = 0; i < 4; i++) bits |= (u64)_mm512_test_epi32_mask(_mm512_loadu_si512(code + 16 * i), t) << (16 * i);
-    return bits;
-}
-INLINE void set_plane64(u32 *code, i32 b, u64 plane) {
-    __m512i t = _mm512_set1_epi32(1 << b);
-    for (int i = 0; i < 4; i++) {
-        __m512i c = _mm512_loadu_si512(code + 16 * i);
-        _mm512_storeu_si512(code + 16 * i, _mm512_mask_or_epi32(c, (__mmask16)(plane >> (16 * i)), c, t));
-    }
-}
-#define WIDER(width, len, b) ((len) == GROUP ? wider_than64(width, b) : wider_than(width, len, b))
-#define PLANE(code, len, b) ((len) == GROUP ? plane_of64(code, b) : plane_of(code, len, b))
-#define SET_PLANE(code, len, b, p) ((len) == GROUP ? set_plane64(code, b, p) : set_plane(code, len, b, p))
-#else
-#define WIDER(width, len, b) wider_than(width, len, b)
-#define PLANE(code, len, b) plane_of(code, len, b)
-#define SET_PLANE(code, len, b, p) set_plane(code, len, b, p)
-#endif
-
 INLINE i32 widest(const i32 *width, i64 len) {
     i32 top = 0;
     for (i64 j = 0; j < len; j++) top = width[j] > top ? width[j] : top;
     return top;
 }
 
+#ifdef __AVX512F__
+/* A whole group of 64 lanes in four registers: its widths, codes and widest code. */
+typedef struct { __m512i width[4], code[4]; i32 top; } Group;
+
+INLINE Group load_group(const i32 *width, const u32 *code) {
+    Group g;
+    __m512i top = _mm512_setzero_si512();
+    for (int i = 0; i < 4; i++) {
+        g.width[i] = _mm512_loadu_si512(width + 16 * i);
+        g.code[i] = code ? _mm512_loadu_si512(code + 16 * i) : _mm512_setzero_si512();
+        top = _mm512_max_epi32(top, g.width[i]);
+    }
+    g.top = _mm512_reduce_max_epi32(top);
+    return g;
+}
+
+INLINE u64 wider_than64(const Group *g, i32 b) { /* bit j: lane j's width > b */
+    u64 bits = 0;
+    for (int i = 0; i < 4; i++) bits |= (u64)_mm512_cmpgt_epi32_mask(g->width[i], _mm512_set1_epi32(b)) << (16 * i);
+    return bits;
+}
+#endif
+
 /* Append one group's codes (len <= GROUP lanes) plane by plane: bit b of every code wider than b. */
 INLINE void put_group(u32 *words, Writer *st, const i32 *width, const u32 *code, i64 len) {
+#ifdef __AVX512F__
+    if (len == GROUP) {
+        Group g = load_group(width, code);
+        for (i32 b = 0; b < g.top; b++) {
+            u64 mask = wider_than64(&g, b), plane = 0;
+            for (int i = 0; i < 4; i++)
+                plane |= (u64)_mm512_test_epi32_mask(g.code[i], _mm512_set1_epi32(1 << b)) << (16 * i);
+            u64 v = extract(plane, mask);
+            int n = __builtin_popcountll(mask);
+            put_bits(words, st, v & 0xFFFFFFFFu, n < 32 ? n : 32);
+            if (n > 32) put_bits(words, st, v >> 32, n - 32);
+        }
+        return;
+    }
+#endif
     for (i32 b = 0, top = widest(width, len); b < top; b++) {
-        u64 mask = WIDER(width, len, b), v = extract(PLANE(code, len, b), mask);
+        u64 mask = wider_than(width, len, b), v = extract(plane_of(code, len, b), mask);
         int n = __builtin_popcountll(mask);
         put_bits(words, st, v & 0xFFFFFFFFu, n < 32 ? n : 32);
         if (n > 32) put_bits(words, st, v >> 32, n - 32);
@@ -400,13 +407,30 @@ INLINE void put_group(u32 *words, Writer *st, const i32 *width, const u32 *code,
 
 /* Read one group's codes back (code[j] = 0 where width[j] = 0). */
 INLINE void get_group(Reader *rd, const i32 *width, u32 *code, i64 len) {
+#ifdef __AVX512F__
+    if (len == GROUP) {
+        Group g = load_group(width, NULL);
+        for (i32 b = 0; b < g.top; b++) {
+            u64 mask = wider_than64(&g, b);
+            int n = __builtin_popcountll(mask);
+            u64 v = get_bits(rd, n < 32 ? n : 32);
+            if (n > 32) v |= get_bits(rd, n - 32) << 32;
+            u64 plane = deposit(v, mask);
+            for (int i = 0; i < 4; i++)
+                g.code[i] = _mm512_mask_or_epi32(g.code[i], (__mmask16)(plane >> (16 * i)), g.code[i],
+                                                 _mm512_set1_epi32(1 << b));
+        }
+        for (int i = 0; i < 4; i++) _mm512_storeu_si512(code + 16 * i, g.code[i]);
+        return;
+    }
+#endif
     for (i64 j = 0; j < len; j++) code[j] = 0;
     for (i32 b = 0, top = widest(width, len); b < top; b++) {
-        u64 mask = WIDER(width, len, b);
+        u64 mask = wider_than(width, len, b);
         int n = __builtin_popcountll(mask);
         u64 v = get_bits(rd, n < 32 ? n : 32);
         if (n > 32) v |= get_bits(rd, n - 32) << 32;
-        SET_PLANE(code, len, b, deposit(v, mask));
+        set_plane(code, len, b, deposit(v, mask));
     }
 }
 
