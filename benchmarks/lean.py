@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/lean.py [--threads 1] [--repeats 5] [--quick] [--markdown] [--no-rss]
         [--models resnet50,convnext_tiny,vit_b_16,timm_vit,bert]
     PYTHONPATH=src python benchmarks/lean.py --frozen-kinds [--quick]   # single layers, frozen vs trainable
+    PYTHONPATH=src python benchmarks/lean.py --floor [--models resnet50]  # the LoRA step's floor (CNNs)
 
 Models (``_lean_models.py``; random init, fp32, ``torch.manual_seed(0)``, no downloads): ResNet-50 and
 ConvNeXt-T (batch 8, 128 px, every Conv2d adapted, a new 10-class head), ViT-B/16 (batch 4, 224 px; three
@@ -44,6 +45,14 @@ contiguous 3-D, and non-contiguous 3-D input (a (T, B, 768) view of a (B, T, 768
 ``nn.MultiheadAttention(batch_first=True)`` hands its in-projection), Conv2d 3x3, BatchNorm2d (eval),
 LayerNorm, self-attention ``nn.MultiheadAttention``, and that attention after ``wrap(targets=nn.Linear)``
 (its out_proj adapted and training, the rest frozen) against the plain trainable one.
+
+``--floor`` (the CNNs) measures what an exact LoRA step cannot avoid: ``adapters_off_dx`` is the wrapped model
+under ``peftlite.disabled`` with the gradient flowing to the input (peftlite's frozen BatchNorm, no adapter
+work), timed interleaved with ``frozen_dx`` and ``lora``; "adapter products" is the sum over the adapted
+convs, at the step's shapes, of the four r-wide products any exact backward of a LoRA conv runs (``h =
+conv(x, A)`` for ∂B, ``Bᵀ g``, ∂B, ∂A: ``conv_autograd``'s own helpers), each timed alone (median of 9).
+The floor is ``adapters_off_dx`` + the adapter products; the stem's ∂x, which the LoRA step skips (its
+input needs no gradient), stays in both frozen steps, so the floor is an upper bound on the true minimum.
 
 The first line gives the date and the command, the last the machine (``common.machine()``, whose load
 average is the one at the end). ``--quick`` keeps the architectures but shrinks images to 32 px and
@@ -401,6 +410,61 @@ def frozen_kinds(args) -> list[list[str]]:
     return rows
 
 
+# ---- the floor of a LoRA step (CNNs) ------------------------------------------------------------------------
+
+def adapter_products_ms(model: nn.Module, x: Tensor) -> float:
+    """Milliseconds of the r-wide products an exact LoRA backward runs, summed over the adapted convs of the
+    wrapped ``model`` at the shapes of a forward on ``x`` (each product timed alone, median of 9)."""
+    from peftlite.layers import conv_autograd as ca
+    from peftlite.layers.conv import LoraConv2d
+    shapes: dict[str, tuple[Tensor, torch.Size]] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, (i[0].detach(), o.shape)))
+             for n, m in model.named_modules() if isinstance(m, LoraConv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    total = 0.0
+    for name, (xi, out_shape) in shapes.items():
+        layer = model.get_submodule(name)
+        t = layer.terms("weight")[0]
+        xp, c = peftlite.functional.pad_input(xi, layer.geometry)
+        a = ca._filters(t.A.detach(), c, xp.dtype)
+        B = t.B.detach()
+        total += sum(common.timed(_products(xp, a, B, torch.randn(out_shape), c), 9).values())
+    return 1e3 * total
+
+
+def _products(x: Tensor, a: Tensor, B: Tensor, g: Tensor, c) -> dict[str, Callable[[], object]]:
+    """The four r-wide products of a LoRA conv's backward, as ``conv_autograd`` runs them."""
+    from peftlite.layers import conv_autograd as ca
+    h, gh = ca._conv_a(x, a, c), ca._to_rank(g, B, c.groups)
+    return {"h": lambda: ca._conv_a(x, a, c), "gh": lambda: ca._to_rank(g, B, c.groups),
+            "dB": lambda: ca._grad_B(g, h, B, c.groups), "dA": lambda: ca._a_backward(gh, x, a, c, False, True)}
+
+
+def floor(model_name: str, args) -> list[list[str]]:
+    case = _lean_models.CASES[model_name](args.quick)
+    built = {name: build(case, name) for name in ("frozen_dx", "lora")}
+    off = build(case, "lora")
+
+    def off_forward() -> Tensor:
+        with peftlite.disabled(off.model):
+            return case.loss(off.model, True)
+
+    built["adapters_off_dx"] = Contender(off.model, off_forward, off.optimizer)
+    for c in built.values():
+        c.warm_up()
+    per_round = rounds({k: c.step for k, c in built.items()}, args.repeats)
+    ms = {k: 1e3 * statistics.median(t[k] for t in per_round) for k in built}
+    products = adapter_products_ms(built["lora"].model, case.x)
+    floor_ratios = [(t["adapters_off_dx"] + products / 1e3) / t["frozen_dx"] for t in per_round]
+    return [[model_name, f"{ms['frozen_dx']:.1f}", f"{ms['adapters_off_dx']:.1f}",
+             ratio(per_round, "adapters_off_dx", "frozen_dx"), f"{products:.1f}",
+             f"{statistics.median(floor_ratios):.2f} [{min(floor_ratios):.2f}–{max(floor_ratios):.2f}]",
+             f"{ms['lora']:.1f}", ratio(per_round, "lora", "frozen_dx")]]
+
+
 # ---- report ------------------------------------------------------------------------------------------------
 
 def table(head: list[str], rows: list[list[str]], markdown: bool) -> str:
@@ -426,14 +490,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=None, help="timing rounds (default 5; 2 with --quick)")
-    ap.add_argument("--models", default=",".join(_lean_models.CASES))
+    ap.add_argument("--models", default=None, help="default: all five (--floor: resnet50)")
     ap.add_argument("--quick", action="store_true", help="32 px images, 16 tokens, 2 rounds: a smoke run")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--frozen-kinds", action="store_true", help="time single frozen vs trainable layers instead")
+    ap.add_argument("--floor", action="store_true", help="the LoRA step's floor on the CNNs instead")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "CONTENDER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.repeats = args.repeats or (2 if args.quick else 5)
+    args.models = args.models or ("resnet50" if args.floor else ",".join(_lean_models.CASES))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.one:  # the child of peak_rss: print the peak RSS growth of one step, in bytes
@@ -448,6 +514,11 @@ def main() -> None:
     if args.frozen_kinds:
         head = ["layer", "input", "frozen ms", "trainable ms", "frozen ÷ trainable"]
         print(table(head, frozen_kinds(args), args.markdown), flush=True)
+    elif args.floor:
+        head = ["model", "frozen_dx ms", "adapters_off_dx ms", "÷ frozen_dx", "adapter products ms",
+                "floor ÷ frozen_dx", "lora ms", "lora ÷ frozen_dx"]
+        rows = [r for m in args.models.split(",") for r in floor(m, args)]
+        print(table(head, rows, args.markdown), flush=True)
     else:
         for model_name in args.models.split(","):
             case, rows = measure(model_name, args)
