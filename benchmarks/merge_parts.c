@@ -1,5 +1,5 @@
 /* Where the fused C pass's time goes: ΔW alone (the pass's own deltas()) against a whole merge and unmerge, one
- * thread, a 4096 x 4096 fp32 weight, rank 16, std(ΔW) about 0.05·std(W). Built with the pass's own flags:
+ * thread, an n x n weight (4096 unless given; fp32 unless given), rank 16, std(ΔW) about 0.05·std(W). Built with the pass's own flags:
  *
  *   cc -O3 -std=c11 -ffp-contract=off -fno-trapping-math -march=x86-64-v4 -g \
  *      benchmarks/merge_parts.c -o /tmp/merge_parts -lm && /tmp/merge_parts [0|1|2]
@@ -34,7 +34,8 @@ static int by_value(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     const int kind = argc > 1 ? atoi(argv[1]) : 0, size = kind == 0 ? 4 : 2; /* 0 fp32, 1 bf16, 2 fp16 */
-    const i64 n = 4096, r = 16, block_rows = 64, blocks = n / block_rows, work_rows = 8;
+    const i64 n = argc > 2 ? atoi(argv[2]) : 4096, r = 16, block_rows = 262144 / n, blocks = n / block_rows,
+              work_rows = 32768 / n; /* as _torch.BLOCK_ELEMENTS and _cpu._work */
     void *W = malloc(n * n * 4), *W0 = malloc(n * n * 4);
     float *A = malloc(r * n * 4), *B = malloc(n * r * 4);
     float *work = malloc(work_rows * n * 4);
@@ -90,9 +91,9 @@ int main(int argc, char **argv) {
     qsort(t_delta, ROUNDS, sizeof(double), by_value);
     qsort(t_merge, ROUNDS, sizeof(double), by_value);
     qsort(t_unmerge, ROUNDS, sizeof(double), by_value);
-    printf("4096² %s, r=16, one thread, medians of %d: dW alone %.1f ms, merge %.1f ms, unmerge %.1f ms "
+    printf("%lld² %s, r=16, one thread, medians of %d: dW alone %.1f ms, merge %.1f ms, unmerge %.1f ms "
            "(round trip bit-exact; %.3f bits/element, %lld escapes, record hash %016llx; checksum %g)\n",
-           kind == 0 ? "fp32" : kind == 1 ? "bf16" : "fp16", ROUNDS, t_delta[ROUNDS / 2] * 1e3,
+           (long long)n, kind == 0 ? "fp32" : kind == 1 ? "bf16" : "fp16", ROUNDS, t_delta[ROUNDS / 2] * 1e3,
            t_merge[ROUNDS / 2] * 1e3, t_unmerge[ROUNDS / 2] * 1e3, 32.0 * total_words / (n * n), (long long)total_esc,
            (unsigned long long)record_hash, sink);
     return 0;
