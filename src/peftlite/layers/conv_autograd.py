@@ -25,7 +25,8 @@ by ``functional.pad_input`` and the geometry it returns (integer padding, zeros 
 must match is ``functional.lora_conv2d``.
 
 With dropout active in training the layer runs ``dropped_conv2d``: the adapter's input is dropped by a
-seeded mask (``kernels.dropout``) that backward regenerates, so no dropped copy of x is kept.
+seeded mask (``kernels.dropout``) that backward regenerates, so no dropped copy of x is kept; on the
+activations path it is formed a chunk of samples at a time (``_chunks``), never as an x-sized temporary.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ would), and ∂B accumulates in fp32 (or wider). ``functional.lora_linear`` is t
 
 With dropout active in training the layer runs ``dropped_linear``: the adapter's input is dropped by a
 seeded mask (``kernels.dropout``), drawn anew per call, that backward regenerates from the seed, so no
-dropped copy of x is kept (``F.dropout`` kept one per layer and doubled a step's memory). Under
-``torch.compile`` it takes ``functional.lora_linear`` with ``F.dropout`` instead.
+dropped copy of x is kept (``F.dropout`` kept one per layer and doubled a step's memory), nor formed as
+an x-sized temporary (a block of rows at a time). Under ``torch.compile`` it takes ``functional.lora_linear``
+with ``F.dropout`` instead.
 
 Without grad (inference) ``adapted_linear`` runs the same products directly, skipping the autograd
 function's bookkeeping (a few µs a call: ``benchmarks/t5_reads.py --breakdown``).
