@@ -48,6 +48,22 @@ def test_function_matches_oracle_fp64(geom, path, train_base):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
 
 
+STRIDED_POINTWISE = [(4, 6, 1, 2, 0, 1, 1, "zeros", True), (5, 3, 1, (2, 3), 0, 1, 1, "zeros", False),
+                     (4, 6, 1, 3, 0, 1, 2, "zeros", True)]  # the last grouped: torch's kernel
+
+
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen-base", "trained-base"])
+@pytest.mark.parametrize("geom", STRIDED_POINTWISE, ids=ids)
+def test_strided_pointwise_input_grad_matches_oracle_fp64(geom, train_base):
+    """A's share of ∂x of a strided 1x1 conv, written out as a matrix product (``_strided_pointwise_input_grad``)."""
+    for size in ((11, 13), (8, 9)):
+        case = _case(geom, train_base=train_base, size=size)
+        got = _outputs_and_grads(lambda *a: _conv_autograd.adapted_conv2d(*a, path="activations"), *case)
+        ref = _outputs_and_grads(F_.lora_conv2d, *case)
+        for u, v in zip(got, ref, strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("geom", [GEOMETRIES[0], GEOMETRIES[4], GEOMETRIES[9], GEOMETRIES[11], GEOMETRIES[12]],
                          ids=ids)

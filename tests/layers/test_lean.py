@@ -127,6 +127,7 @@ DROPOUT_LAYERS = {
     "linear": (lambda: nn.Linear(7, 5), (3, 6, 7)),
     "conv-activations": (lambda: nn.Conv2d(6, 8, 3, padding=1), (2, 6, 9, 9)),
     "conv-grouped": (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, groups=2), (2, 6, 9, 9)),
+    "conv-strided-pointwise": (lambda: nn.Conv2d(32, 32, 1, stride=2), (3, 32, 18, 17)),  # the activations path
     "conv-depthwise-dense": (lambda: nn.Conv2d(8, 8, 7, padding=3, groups=8), (2, 8, 30, 30)),
     "conv-reflect": (lambda: nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), (2, 4, 7, 7)),
 }
@@ -139,7 +140,7 @@ def test_dropout_matches_a_reference_given_the_same_mask(kind, train_base):
 
 
 @pytest.mark.parametrize("chunk", [1, 5], ids=["one-row-or-sample", "a-few-rows"])
-@pytest.mark.parametrize("kind", ["linear", "conv-activations", "conv-grouped"])
+@pytest.mark.parametrize("kind", ["linear", "conv-activations", "conv-grouped", "conv-strided-pointwise"])
 def test_dropout_in_chunks_takes_the_mask_of_the_whole_input(kind, chunk, monkeypatch):
     """The layers drop their input a block of rows / samples at a time: many blocks here, the same result."""
     from peftlite.layers import conv_autograd, linear
