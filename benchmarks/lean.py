@@ -350,6 +350,8 @@ def measure(model_name: str, args) -> tuple[_lean_models.Case, list[list[str]]]:
         rows.append([name, mib(saved), f"{saved / full_saved:.2f}" if full_saved else "n/a", mib(live),
                      mib(peaks[name]), f"{1e3 * statistics.median(t[name] for t in per_round):.1f}",
                      ratio(per_round, name, "full"), ratio(per_round, name, "frozen_dx")])
+    if "lora_dropout" in built and "lora" in built:  # the dropout goal's ratio, round by round
+        case.notes.append(f"lora_dropout ÷ lora, time: {ratio(per_round, 'lora_dropout', 'lora')}")
     case.model = None  # the copies go with ``built``; the caller collects them
     return case, rows
 
