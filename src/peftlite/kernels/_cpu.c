@@ -101,19 +101,14 @@ static inline int finite(u32 b, int kind) {
          : kind == 1 ? (b & 0x7F80u) != 0x7F80u : (b & 0x7C00u) != 0x7C00u;
 }
 
-/* ordinal() in 32 bits (every format's ordinals fit), and its inverse */
-INLINE i32 ord32(u32 b, int kind) {
-    if (kind == 0) { i32 s = (i32)b; return s ^ ((s >> 31) & 0x7FFFFFFF); }
-    i32 s = (i32)(int16_t)(uint16_t)b;
-    return s ^ ((s >> 15) & 0x7FFF);
-}
-
+/* The bit pattern of an ordinal (ordinal()'s inverse, in 32 bits: every format's ordinals fit). */
 INLINE u32 bits32(i32 o, int kind) {
     if (kind == 0) return (u32)(o ^ ((o >> 31) & 0x7FFFFFFF));
     return (u32)(o ^ ((o >> 31) & 0x7FFF)) & 0xFFFFu;
 }
 
-/* ---- the scheme on LANES lanes at once (GCC/clang vector extensions, one register of the ISA built for). Comparisons give lane masks (-1 or 0); sel() blends by a mask. ---------------------------- */
+/* ---- the scheme on LANES lanes at once (GCC/clang vector extensions, one register of the ISA built for).
+ * Comparisons give lane masks (-1 or 0); sel() blends by a mask. ---------------------------------------------- */
 
 #if defined(__AVX512F__)
 #define LANES 16
