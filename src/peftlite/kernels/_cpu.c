@@ -244,8 +244,8 @@ INLINE i32 any_lane(vi mask) {
 }
 
 /* Merge lanes [0, len) of a chunk: each merged value, code width (0 where the row is not coded), escape flag
- * and code (the offset in the window; 0 where none is stored or the lane escapes); returns a mask of the lanes
- * (over all vectors) whose merged value overflows (W finite), and in *escaped one of those that escape. */
+ * and code (the offset in the window; 0 where none is stored or the lane escapes). Returns the lane masks of
+ * merged values that overflow (W finite), OR-ed over the chunk's vectors, and in *escaped those of escapes. */
 INLINE vi encode(const u32 *wv, const float *d, i64 len, float gain, i32 eg, i32 neg, int coded, int gained,
                  int kind, u32 *mv, i32 *width, i32 *escape, u32 *code, vi *escaped) {
     vi bad = {0}, esc = {0};
