@@ -11,6 +11,11 @@ For each dtype (fp32, bf16, fp16), a 4096² Linear with a rank-16 adapter, std(s
 
 Then the bits the record holds per element at std(ΔW)/std(W) = 0.01, 0.1 and 1 (256², r = 16), and the peak
 RSS growth of one merge in a fresh process (``common.peak_memory``).
+
+    PYTHONPATH=src python benchmarks/merge_codec.py --vit [--threads 1]
+
+instead times a whole model's merge + unmerge: torchvision's ViT-B/16 (random init) with rank-16 adapters on
+its 24 MLP Linears (768×3072 and 3072×768), peftlite's against PEFT's.
 """
 
 from __future__ import annotations
@@ -64,14 +69,38 @@ def bits_held(dtype: torch.dtype, ratio: float) -> tuple[float, int]:
     return rec.bits_per_element, rec.escape_index.numel()
 
 
+def vit_mlp(repeats: int) -> None:
+    import torchvision
+
+    base = torchvision.models.vit_b_16()
+    names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and ".mlp." in n]
+    ours = peftlite.wrap(copy.deepcopy(base), targets=names, rank=16)
+    common.randomize_adapters(ours)
+    fns = {"peftlite": lambda: (peftlite.merge(ours), peftlite.unmerge(ours))}
+    if common.peft:
+        theirs = common.peft_wrap(copy.deepcopy(base), names, 16)
+        common.randomize_adapters(theirs)
+        fns["peft"] = lambda: (theirs.merge_adapter(), theirs.unmerge_adapter())
+    ms = {k: v * 1e3 for k, v in common.timed(fns, repeats).items()}
+    line = f"ViT-B/16, {len(names)} MLP Linears, r = 16, merge + unmerge: peftlite {ms['peftlite']:.1f} ms"
+    if "peft" in ms:
+        line += f", PEFT {ms['peft']:.1f} ms (PEFT ÷ peftlite {ms['peft'] / ms['peftlite']:.2f}×)"
+    print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--vit", action="store_true", help="a whole model's merge instead: ViT-B/16's MLP Linears")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"`PYTHONPATH=src python benchmarks/merge_codec.py {' '.join(sys.argv[1:])}`\n")
+    if args.vit:
+        vit_mlp(args.repeats)
+        print(f"\nMachine: {common.machine()}")
+        return
     print("| dtype | peftlite ms | PEFT ms | addmm_ ms | floor ms | PEFT ÷ peftlite | peftlite ÷ addmm_ "
           "| peftlite ÷ floor | exact |")
     print("|---|---|---|---|---|---|---|---|---|")
