@@ -20,6 +20,15 @@ def randomize_adapters(model, std=0.05, seed=0):
     return model
 
 
+def assert_matches_reference(y, ref, inputs, tol, grad_tol):
+    """y equals ref within tol (rtol, atol), and so do their gradients with respect to inputs, under one random
+    output gradient, within grad_tol."""
+    torch.testing.assert_close(y, ref, rtol=tol[0], atol=tol[1])
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=grad_tol[0], atol=grad_tol[1])
+
+
 def snapshot(model):
     """Every state_dict tensor (cloned) and every module's class, by name."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -24,7 +24,7 @@ from peftlite.functional import ConvGeometry
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _geometries import GEOMETRIES  # noqa: E402
 from _merging import assert_merge_cycles, assert_rows_route_as_alone  # noqa: E402
-from conftest import randomize_adapters  # noqa: E402
+from conftest import assert_matches_reference, randomize_adapters  # noqa: E402
 
 # nonzero factors everywhere (some start at zero), so ΔW is not zero
 randomize = functools.partial(randomize_adapters, std=0.3, seed=1)
@@ -68,12 +68,7 @@ def test_linear_values_and_gradients_match_the_dense_reference():
     y = m(x)
     factors = [pair.A1, pair.B1, pair.A2, pair.B2]
     ref = F.linear(x, base.weight + pair.scale * functional.hadamard_delta(*factors), base.bias)
-    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, *factors], g)
-    want = torch.autograd.grad(ref, [x, *factors], g)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_matches_reference(y, ref, [x, *factors], (1e-12, 1e-12), (1e-10, 1e-12))
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)

@@ -26,7 +26,7 @@ from peftlite.layers import adapted_layers
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _geometries import GEOMETRIES  # noqa: E402
 from _merging import assert_merge_cycles, assert_rows_route_as_alone  # noqa: E402
-from conftest import randomize_adapters  # noqa: E402
+from conftest import assert_matches_reference, randomize_adapters  # noqa: E402
 
 # nonzero factors everywhere (some start at zero), so ΔW is not zero
 randomize = functools.partial(randomize_adapters, std=0.3, seed=1)
@@ -98,11 +98,7 @@ def test_linear_values_and_gradients_match_the_dense_reference():
         y = m(x)
         W1, W2 = factors(pair)
         ref = F.linear(x, base.weight + pair.scale * torch.kron(W1, W2), base.bias)
-        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-        g = torch.randn_like(y)
-        for a, b in zip(torch.autograd.grad(y, [x, *params], g), torch.autograd.grad(ref, [x, *params], g),
-                        strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert_matches_reference(y, ref, [x, *params], (1e-12, 1e-12), (1e-10, 1e-12))
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
@@ -121,10 +117,7 @@ def test_every_conv_geometry_matches_the_dense_reference(geometry):
     # torch.kron of W1 (out_l, in_m, 1, 1) and W2 (out_k, in_n, kh, kw), as PEFT's make_kron forms a conv's ΔW
     delta = torch.kron(W1[:, :, None, None], W2.reshape(W2.shape[0], -1, kh, kw))
     ref = functional.conv2d(x, base.weight + pair.scale * delta, base.bias, ConvGeometry.of(base))
-    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, [x, *params], g), torch.autograd.grad(ref, [x, *params], g), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert_matches_reference(y, ref, [x, *params], (1e-10, 1e-10), (1e-9, 1e-9))
 
 
 def test_attention_projections_and_direct_reads_match_the_dense_reference():
