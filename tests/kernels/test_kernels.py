@@ -209,6 +209,61 @@ def test_fused_records_are_the_same_at_every_vector_width(build, monkeypatch):
         _cpu.library.cache_clear()
 
 
+def test_blocks_run_on_threads_kept_across_calls():
+    """Several threads run the blocks, in order, and the same threads call after call (their per-thread
+    scratch is kept): a second call's workers find what the first call left in their thread-locals."""
+    import threading
+
+    threads, mine = torch.get_num_threads(), threading.local()
+    torch.set_num_threads(2)
+    try:
+        def visit(i):
+            seen = getattr(mine, "seen", False)
+            mine.seen = True
+            return i * i, threading.get_ident(), seen
+
+        first, second = _cpu.run_blocks(visit, list(range(64))), _cpu.run_blocks(visit, list(range(64)))
+        assert [v for v, _, _ in first] == [i * i for i in range(64)] == [v for v, _, _ in second]
+        assert threading.get_ident() not in {t for _, t, _ in first + second}
+        assert all(seen for _, _, seen in second)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_fused
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_merges_on_threads_of_its_own():
+    """A DataLoader-style fork after the parent's pool ran: the child's merge runs (on new threads; the
+    parent's do not exist there) and writes the parent's merged bits, instead of waiting on dead workers."""
+    import select
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        W, A, B, scale = problem(64, 96, 4, torch.float32, 0.05, seed=3)
+        Wp = W.clone()
+        _torch.merge_(Wp, A, B, scale, block_elements=1024, fused=True)  # the parent's pool is up
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report whether its merge matches, then leave without running pytest's exit
+            try:
+                Wc = W.clone()
+                _torch.merge_(Wc, A, B, scale, block_elements=1024, fused=True)
+                os.write(write, b"1" if same_bits(Wc, Wp) else b"0")
+            finally:
+                os._exit(0)
+        os.close(write)
+        ready, _, _ = select.select([read], [], [], 60)
+        answer = os.read(read, 1) if ready else b""
+        if not ready:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(read)
+        assert answer == b"1", "the child's merge hung" if not ready else "the child's merge differs"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_fused
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_huge_deltas_and_zero_weights_stay_exact_and_bounded(dtype):

@@ -197,10 +197,34 @@ def unmerge_block(blk: Tensor, A: Tensor | None, B_rows: Tensor | None, scale: f
                          work_rows, words.data_ptr(), words.numel())
 
 
+_pools: dict[int, ThreadPoolExecutor] = {}  # threads -> a pool kept for the process
+_pools_lock = threading.Lock()
+
+
+def _forget_pools() -> None:
+    """In a forked child (a DataLoader worker), which has none of its parent's threads: new pools, a new lock."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads`` workers kept for the process, so that their per-thread scratch (``_work``,
+    ``_record_scratch``) is reused: with a pool per call, fresh threads mapped and faulted in fresh scratch on
+    every merge (and every dropout mask)."""
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="peftlite")
+        return pool
+
+
 def run_blocks(fn: Callable[[T], R], items: list[T]) -> list[R]:
     """``[fn(x) for x in items]`` on up to ``torch.get_num_threads()`` threads (ctypes calls drop the GIL)."""
     threads = min(torch.get_num_threads(), len(items))
     if threads <= 1:
         return [fn(x) for x in items]
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(fn, items))
+    return list(_pool(threads).map(fn, items))
