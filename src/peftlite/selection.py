@@ -223,7 +223,8 @@ def hint(pattern: Pattern, offered: dict[str, nn.Module | None], noun: str, n: i
         return f"the model has no {noun}"
     if _is_types(pattern) or (callable(pattern) and not isinstance(pattern, (str, re.Pattern))):
         pool = modules if modules is not None else offered
-        types = Counter(type(m).__name__ for x, m in pool.items() if x and m is not None)
+        plain = [getattr(type(m), "plain_class", type(m)) for x, m in pool.items() if x and m is not None]
+        types = Counter(t.__name__ for t in plain)
         listed = ", ".join(f"{t} ({c})" for t, c in types.most_common(n))
         return f"the model has: {listed}" if listed else f"the model has no {noun}"
     counts: Counter[str] = Counter()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import merging, selection
-from .layers import adapted_layers, attention, batchnorm, principal, registry
+from .layers import adapted_layers, batchnorm, principal, registry
 from .layers.spec import AdapterSpec, is_principal
 from .state import WrapState, adapter_tensors, add, apply_active, refuse_busy, wrap_state
 
@@ -289,8 +289,9 @@ def wrap_spec(model: nn.Module, targets, spec: AdapterSpec, *, heads: Mapping[st
         for bn_name, m in model.named_modules():
             if batchnorm.freezable(m) and not under(bn_name, state.heads + state.trainable):
                 batchnorm.freeze_stats(m)
-    for m in model.modules():
-        attention.make_lean(m)
+    for lean_name, m in model.named_modules():
+        if not under(lean_name, state.heads + state.trainable):
+            registry.make_lean(m)
     if on_meta:
         warnings.warn(
             f"wrap: {len(on_meta)} adapted layer(s) are on the meta device ({on_meta[0]}, ...), so their new "
@@ -344,7 +345,7 @@ def unwrap(model: nn.Module, merge: bool = True, untie: bool = False) -> nn.Modu
     for _, m in model.named_modules():
         if isinstance(m, batchnorm.FrozenStats):
             batchnorm.unfreeze_stats(m)
-        attention.make_plain(m)
+        registry.make_plain(m)
     for name, p in model.named_parameters():
         if name in state.requires_grad and not under(name, state.heads):
             p.requires_grad_(state.requires_grad[name])

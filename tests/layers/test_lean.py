@@ -25,6 +25,7 @@ from conftest import randomize_adapters
 from peftlite.functional import ConvGeometry
 from peftlite.kernels.dropout import keep_mask, new_seed
 from peftlite.layers import LeanMultiheadAttention
+from peftlite.layers.linear import LeanLinear
 
 # torch's own deprecation warning for a bool padding mask beside a float attention mask (both modules warn)
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
@@ -355,6 +356,47 @@ def test_frozen_attention_keeps_no_cast_weight_under_autocast():
         saved, _ = saved_storages(lambda: model[0](x, x, x, need_weights=False)[0])
     weight_bytes = model[0].in_proj_weight.numel() * 2
     assert all(n < weight_bytes for p, n in saved.items() if p not in params)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.Linear(64, 3))
+
+
+def test_wrap_gives_frozen_plain_linears_the_lean_class_and_unwrap_takes_it_back():
+    base = _mlp()
+    model = peftlite.wrap(copy.deepcopy(base), targets="0", rank=2, heads={"3": nn.Linear(64, 3)})
+    assert type(model[2]) is LeanLinear and isinstance(model[2], nn.Linear)
+    assert type(model[3]) is nn.Linear  # a head trains: it stays the stock module
+    assert model.state_dict().keys() >= base.state_dict().keys()
+    model[2].weight.requires_grad_(True)  # unfrozen later: it trains as the stock module, and reports as one
+    assert "Linear" in str(peftlite.summary(model)) and "LeanLinear" not in str(peftlite.summary(model))
+    model[2].weight.requires_grad_(False)
+    peftlite.wrap(model, targets="2", rank=2, name="b")  # a lean Linear can still be adapted
+    assert type(model[2]).__name__ == "LoraLinear"
+    peftlite.unwrap(model, merge=False)
+    assert all(type(m) is nn.Linear for m in (model[0], model[2], model[3]))
+
+
+def test_frozen_linear_keeps_no_cast_weight_under_autocast_and_passes_the_stock_gradients():
+    """Under bf16 autocast a frozen plain Linear keeps its fp32 weight, not the bf16 copy the stock module keeps
+    for ∂x; the outputs and every gradient are the stock module's to the bit."""
+    model = peftlite.wrap(_mlp(), targets="0", rank=4)
+    stock = copy.deepcopy(model)
+    stock[2].__class__ = stock[3].__class__ = nn.Linear
+    x = torch.randn(5, 7, 64)
+    results, kept = [], []
+    for m in (model, stock):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved, y = saved_storages(lambda m=m, xx=xx: m(xx))
+        y.float().square().sum().backward()
+        results.append([y, xx.grad] + [p.grad for p in m.parameters() if p.requires_grad])
+        params = pointers(m.parameters())
+        kept.append(sum(n for p, n in saved.items() if p not in params))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    cast_weights = (model[2].weight.numel() + model[3].weight.numel()) * 2  # bf16 copies of the frozen Ws
+    assert kept[1] - kept[0] == cast_weights
 
 
 # ---- bf16 autocast -------------------------------------------------------------------------------

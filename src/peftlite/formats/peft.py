@@ -47,7 +47,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..layers import DEFAULT_ADAPTER, AdaptedLayer, lokr
+from ..layers import DEFAULT_ADAPTER, lokr
+from ..layers.registry import plain_type
 from ..layers.spec import AdapterSpec, is_positive
 from . import _direct_reads, schema
 from ._safetensors import file_tensors, read_file, write_folder
@@ -197,9 +198,6 @@ def _owner(key: str, modules_to_save: list[str]) -> str | None:
     return None
 
 
-def _base_type(module: nn.Module) -> type:
-    """The module's class before wrap (an adapted nn.Linear is a LoraLinear)."""
-    return type(module).base_class if isinstance(module, AdaptedLayer) else type(module)
 
 
 def _conv_geometry(module: nn.Module | None, a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
@@ -214,7 +212,7 @@ def _conv_geometry(module: nn.Module | None, a: torch.Tensor, b: torch.Tensor) -
 def _check_module(where: str, name: str, module: nn.Module, kind: str) -> None:
     """The model's layer must be what PEFT computed: a plain Linear, or a groups=1 undilated zeros conv."""
     want = {"linear": nn.Linear, "conv2d": nn.Conv2d}[kind]
-    if _base_type(module) is not want:
+    if plain_type(module) is not want:
         raise PeftFormatError(f"{where}: {name} holds a {want.__name__} adapter, but the model's {name} is a "
                               f"{type(module).__name__}; it is read into nn.{want.__name__} only")
     if kind == "conv2d" and module.groups != 1:
@@ -329,7 +327,7 @@ def _factored_layers(where: str, tensors: dict[str, torch.Tensor], config: dict[
         if name not in modules:
             raise PeftFormatError(f"{where}: the adapter has a layer {name!r} that the model does not have")
         module = modules[name]
-        layer_kind = "conv2d" if issubclass(_base_type(module), nn.Conv2d) else "linear"
+        layer_kind = "conv2d" if issubclass(plain_type(module), nn.Conv2d) else "linear"
         _check_module(where, name, module, layer_kind)
         r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["alpha"]))

@@ -149,6 +149,8 @@ def _projections(self, query, key, value, self_attention, shared_kv):
 class LeanMultiheadAttention(LeanAttention, nn.MultiheadAttention):
     """A plain ``nn.MultiheadAttention`` that ``wrap`` did not adapt: the stock module, the lean training forward."""
 
+    plain_class = nn.MultiheadAttention
+
 
 class LoraMultiheadAttention(AdaptedLayer, LeanAttention, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose q/k/v projection weights carry low-rank adapters (one pair each)."""
@@ -175,15 +177,3 @@ class LoraMultiheadAttention(AdaptedLayer, LeanAttention, nn.MultiheadAttention)
             return F.linear(x, functional.add_delta(w, sum(t.delta() for t in terms))[rows], bias)
         A, B, scale = functional.fold([t.A for t in terms], [t.B for t in terms], [t.scale for t in terms])
         return adapted_linear(x, w[rows], bias, A, B[rows], scale)
-
-
-def make_lean(module: nn.Module) -> None:
-    """Give a plain ``nn.MultiheadAttention`` (exactly that class) the lean training forward; ``wrap`` calls it."""
-    if type(module) is nn.MultiheadAttention:
-        module.__class__ = LeanMultiheadAttention
-
-
-def make_plain(module: nn.Module) -> None:
-    """Undo ``make_lean`` (``unwrap``, and before the module gets adapters of its own)."""
-    if type(module) is LeanMultiheadAttention:
-        module.__class__ = nn.MultiheadAttention

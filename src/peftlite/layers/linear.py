@@ -105,10 +105,23 @@ class _FrozenLinear(torch.autograd.Function):
 
 
 def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear`` on a 2-D x, keeping no cast copy of a frozen weight under autocast (``_FrozenLinear``)."""
+    """``F.linear``, keeping no cast copy of a frozen weight under autocast (``_FrozenLinear``)."""
     if not torch.is_grad_enabled() or weight.requires_grad or (bias is not None and bias.requires_grad):
         return F.linear(x, weight, bias)
     return _FrozenLinear.apply(x, weight, bias)
+
+
+class LeanLinear(nn.Linear):
+    """A plain ``nn.Linear`` that ``wrap`` froze and did not adapt: the stock module, whose forward under autocast
+    keeps its frozen weight for ∂x rather than the cast copy ``F.linear`` keeps (``frozen_linear``: a bf16 W per
+    layer per step); the weight is cast again in backward. Without autocast, ``nn.Linear``'s own forward."""
+
+    plain_class = nn.Linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return frozen_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class _DroppedLinear(torch.autograd.Function):

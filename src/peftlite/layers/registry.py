@@ -33,10 +33,10 @@ from torch import nn
 
 from .. import functional
 from ..functional import ConvGeometry
-from .attention import PROJECTIONS, LeanMultiheadAttention, LoraMultiheadAttention, make_plain, projection_slots
+from .attention import PROJECTIONS, LeanMultiheadAttention, LoraMultiheadAttention, projection_slots
 from .base import DEFAULT_ADAPTER, AdaptedLayer, LayerState, LowRank, effective_weight_property
 from .conv import LoraConv2d
-from .linear import LoraLinear
+from .linear import LeanLinear, LoraLinear
 from .loha import LowHadamard
 from .lokr import LowKronecker
 from .spec import AdapterSpec
@@ -99,6 +99,30 @@ def _reads(cls: type, kind: Kind) -> bool:
 _MIXED: dict[tuple[type, type], type] = {}
 
 
+# wrap's lean classes for frozen stock modules it does not adapt (each names its stock class as plain_class)
+LEAN = {nn.MultiheadAttention: LeanMultiheadAttention, nn.Linear: LeanLinear}
+
+
+def make_lean(module: nn.Module) -> None:
+    """Give a stock module (exactly ``nn.MultiheadAttention`` or ``nn.Linear``) wrap's lean training forward."""
+    lean = LEAN.get(type(module))
+    if lean is not None:
+        module.__class__ = lean
+
+
+def make_plain(module: nn.Module) -> None:
+    """Undo ``make_lean`` (``unwrap``, and before the module gets adapters of its own)."""
+    if type(module) in LEAN.values():
+        module.__class__ = type(module).plain_class
+
+
+def plain_type(module: nn.Module) -> type:
+    """The module's class before wrap: an adapted layer's base class, a lean class's stock one."""
+    if isinstance(module, AdaptedLayer):
+        return type(module).base_class
+    return type(module).plain_class if type(module) in LEAN.values() else type(module)
+
+
 def derived_class(mixin: type, cls: type, prefix: str, **namespace: object) -> type:
     """The class ``<prefix><Class>(mixin, cls)``, derived at run time once per ``(mixin, cls)`` and cached.
 
@@ -123,7 +147,7 @@ def adapted_class(cls: type, kind: Kind) -> type:
         TypeError: ``cls`` has its own forward that never reads the adapted weight, so its semantics
             could not be kept.
     """
-    if cls is kind.base or cls is LeanMultiheadAttention:  # wrap's lean class is the stock module
+    if cls is kind.base or LEAN.get(kind.base) is cls:  # wrap's lean class is the stock module
         return kind.adapted
     if all(getattr(cls, m) is getattr(kind.base, m) for m in kind.stock):
         return derived_class(kind.adapted, cls, "Lora", base_class=cls)

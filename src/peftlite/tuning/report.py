@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..layers import AdaptedLayer, adapted_layers
+from ..layers.registry import plain_type
 from . import partition
 
 
@@ -81,7 +82,7 @@ def summary(model: nn.Module, blocks: bool = False) -> Summary:
             continue
         own = sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
         if own:
-            rows.append(Row(name, type(m).__name__, _shape(m), "-", own))
+            rows.append(Row(name, plain_type(m).__name__, _shape(m), "-", own))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Summary(rows, total, trainable, _block_notes(model) if blocks else [])
