@@ -198,8 +198,6 @@ def _owner(key: str, modules_to_save: list[str]) -> str | None:
     return None
 
 
-
-
 def _conv_geometry(module: nn.Module | None, a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     if module is not None:
         return schema.layer_geometry(module)
