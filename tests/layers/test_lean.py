@@ -378,18 +378,22 @@ def test_wrap_gives_frozen_plain_linears_the_lean_class_and_unwrap_takes_it_back
     assert all(type(m) is nn.Linear for m in (model[0], model[2], model[3]))
 
 
-def test_frozen_linear_keeps_no_cast_weight_under_autocast_and_passes_the_stock_gradients():
+@pytest.mark.parametrize("layout", ["3-D", "permuted 4-D"])
+def test_frozen_linear_keeps_no_cast_weight_under_autocast_and_passes_the_stock_gradients(layout):
     """Under bf16 autocast a frozen plain Linear keeps its fp32 weight, not the bf16 copy the stock module keeps
-    for ∂x; the outputs and every gradient are the stock module's to the bit."""
+    for ∂x; the outputs and every gradient are the stock module's to the bit (also for a strided 4-D input, as
+    ConvNeXt's blocks feed their Linears)."""
     model = peftlite.wrap(_mlp(), targets="0", rank=4)
     stock = copy.deepcopy(model)
     stock[2].__class__ = stock[3].__class__ = nn.Linear
-    x = torch.randn(5, 7, 64)
+    x = torch.randn(5, 7, 64) if layout == "3-D" else torch.randn(2, 64, 3, 5)
+    to_last, to_first = ((lambda t: t), (lambda t: t)) if layout == "3-D" else \
+        ((lambda t: t.permute(0, 2, 3, 1)), (lambda t: t.permute(0, 3, 1, 2)))  # strided inputs and gradients
     results, kept = [], []
     for m in (model, stock):
         xx = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            saved, y = saved_storages(lambda m=m, xx=xx: m(xx))
+            saved, y = saved_storages(lambda m=m, xx=xx: to_first(m(to_last(xx))))
         y.float().square().sum().backward()
         results.append([y, xx.grad] + [p.grad for p in m.parameters() if p.requires_grad])
         params = pointers(m.parameters())

@@ -101,7 +101,8 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         (weight,) = ctx.saved_tensors
-        return (g @ weight.to(g.dtype)).to(ctx.dtype), None, None
+        g2 = g.reshape(-1, g.shape[-1])  # one product: a strided N-D g (ConvNeXt's blocks) takes a broadcast bmm
+        return (g2 @ weight.to(g.dtype)).view(*g.shape[:-1], weight.shape[1]).to(ctx.dtype), None, None
 
 
 def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
