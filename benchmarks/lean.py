@@ -42,7 +42,8 @@ parameters get no gradient in the warm-up step (an adapter its forward bypasses)
 ``--frozen-kinds`` times instead, interleaved, forward + backward of single layers with the gradient
 flowing to the input, every weight frozen against every weight trainable: Linear(768, 3072) on 2-D,
 contiguous 3-D, and non-contiguous 3-D input (a (T, B, 768) view of a (B, T, 768) tensor, which is what
-``nn.MultiheadAttention(batch_first=True)`` hands its in-projection), Conv2d 3x3, BatchNorm2d (eval),
+``nn.MultiheadAttention(batch_first=True)`` hands its in-projection; stock and as ``wrap`` freezes it, a
+``LeanLinear``), Conv2d 3x3, BatchNorm2d (eval),
 LayerNorm, self-attention ``nn.MultiheadAttention``, and that attention after ``wrap(targets=nn.Linear)``
 (its out_proj adapted and training, the rest frozen) against the plain trainable one.
 
@@ -390,10 +391,15 @@ def frozen_kinds(args) -> list[list[str]]:
     attn = SelfAttention(d)
     wrapped = peftlite.wrap(copy.deepcopy(attn), targets=nn.Linear, rank=RANK)
     common.randomize_adapters(wrapped)
+    lean_linear = nn.Linear(d, 4 * d)  # wrap freezes a plain Linear it does not adapt into a LeanLinear
+    holder = nn.Sequential(copy.deepcopy(lean_linear), nn.Linear(4 * d, 1))
+    lean_frozen = peftlite.wrap(holder, targets="1", rank=RANK)[0]
     cases = [  # (label, trainable layer, input, frozen layer (None: a frozen copy), view of the input, shape shown)
         ("Linear(768, 3072)", nn.Linear(d, 4 * d), torch.randn(B * T, d), None, None, f"({B * T}, {d})"),
         ("Linear(768, 3072)", nn.Linear(d, 4 * d), seq, None, None, f"({B}, {T}, {d}) contiguous"),
         ("Linear(768, 3072)", nn.Linear(d, 4 * d), seq, None, lambda t: t.transpose(0, 1),
+         f"({T}, {B}, {d}): ({B}, {T}, {d}).transpose(0, 1)"),
+        ("the same, frozen by wrap (LeanLinear)", lean_linear, seq, lean_frozen, lambda t: t.transpose(0, 1),
          f"({T}, {B}, {d}): ({B}, {T}, {d}).transpose(0, 1)"),
         ("Conv2d(64, 64, 3, padding=1)", nn.Conv2d(C, C, 3, padding=1), image, None, None, str(tuple(image.shape))),
         ("BatchNorm2d(64), eval", nn.BatchNorm2d(C).eval(), image, None, None, str(tuple(image.shape))),

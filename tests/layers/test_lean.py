@@ -403,6 +403,27 @@ def test_frozen_linear_keeps_no_cast_weight_under_autocast_and_passes_the_stock_
     assert kept[1] - kept[0] == cast_weights
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
+def test_frozen_linear_on_a_transposed_input_passes_the_stock_values(autocast):
+    """A strided 3-D input (what attention hands its projections) goes through one 2-D product of its copy:
+    the stock module's values and ∂x, within the dtype's rounding (the product's blocking differs)."""
+    model = peftlite.wrap(_mlp(), targets="0", rank=4)
+    stock = copy.deepcopy(model)
+    stock[2].__class__ = nn.Linear
+    x = torch.randn(7, 5, 256)
+    results = []
+    for m in (model[2], stock[2]):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xx.transpose(0, 1))
+        y.float().square().sum().backward()
+        results.append((y.float(), xx.grad))
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(*results, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, **tol)
+
+
 # ---- bf16 autocast -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
