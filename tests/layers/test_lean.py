@@ -144,9 +144,8 @@ def test_dropout_matches_a_reference_given_the_same_mask(kind, train_base):
 @pytest.mark.parametrize("kind", ["linear", "conv-activations", "conv-grouped", "conv-strided-pointwise"])
 def test_dropout_in_chunks_takes_the_mask_of_the_whole_input(kind, chunk, monkeypatch):
     """The layers drop their input a block of rows / samples at a time: many blocks here, the same result."""
-    from peftlite.layers import conv_autograd, linear
-    monkeypatch.setattr(linear, "CHUNK_BYTES", chunk * 8 * 7)
-    monkeypatch.setattr(conv_autograd, "CHUNK_BYTES", chunk * 8)
+    from peftlite.kernels import dropout
+    monkeypatch.setattr(dropout, "SLICE_BYTES", chunk * 8 * 7)  # chunk rows of 7 doubles; one sample of the convs
     _check_dropout_against_reference(kind, False)
 
 

@@ -122,6 +122,20 @@ def dropout(x: Tensor, p: float, seed: int, *, offset: int = 0) -> Tensor:
     return out
 
 
+# The layers drop their input a slice of samples (rows) at a time, each formed and used while it is in cache: on
+# CPU an input-sized temporary per layer and step costs more in fresh pages than the mask itself
+# (benchmarks/dropout_mask.py).
+SLICE_BYTES = 1 << 20
+
+
+def slices(x: Tensor) -> list[tuple[slice, int]]:
+    """x's slices along dim 0 of about ``SLICE_BYTES``, each with the flat offset of its first element in
+    ``x.contiguous()``'s order: ``dropout(x[s], p, seed, offset=o)`` drops a slice with the mask of the whole x."""
+    n, per = x.shape[0], x[0].numel() if x.shape[0] else 0
+    step = max(1, SLICE_BYTES // max(1, per * x.element_size()))
+    return [(slice(i, min(n, i + step)), i * per) for i in range(0, n, step)]
+
+
 @torch.no_grad()
 def dropout_(t: Tensor, p: float, seed: int, *, offset: int = 0) -> Tensor:
     """``dropout`` in place on the contiguous ``t`` (a gradient in backward: the same elements drop); returns t.

@@ -26,7 +26,7 @@ must match is ``functional.lora_conv2d``.
 
 With dropout active in training the layer runs ``dropped_conv2d``: the adapter's input is dropped by a
 seeded mask (``kernels.dropout``) that backward regenerates, so no dropped copy of x is kept; on the
-activations path it is formed a chunk of samples at a time (``_chunks``), never as an x-sized temporary.
+activations path it is formed a slice of samples at a time (``dropout.slices``), never as an x-sized temporary.
 """
 
 from __future__ import annotations
@@ -156,22 +156,9 @@ def _finish(ctx, gx, gw, gb, ga, gB, A, B):
     return cast(gx, x_dtype), cast(gw, w_dtype), gb, cast(ga, A.dtype), cast(gB, B.dtype), None, None
 
 
-# Dropout's masks are applied a few samples at a time, so that each dropped slice of x (and of A's share of
-# ∂x) is formed and read while it is in cache, never as a fresh x-sized tensor (on CPU, new pages cost more
-# than the mask itself: benchmarks/dropout_mask.py).
-CHUNK_BYTES = 1 << 20
-
-
-def _chunks(x: Tensor) -> list[tuple[slice, int]]:
-    """(samples, flat offset of the first) of x in runs of about CHUNK_BYTES: x.contiguous()'s order."""
-    n, per = x.shape[0], x[0].numel() if x.shape[0] else 0
-    step = max(1, CHUNK_BYTES // max(1, per * x.element_size()))
-    return [(slice(i, min(n, i + step)), i * per) for i in range(0, n, step)]
-
-
 def _dropped_h(x: Tensor, a: Tensor, c: ConvGeometry, p: float, seed: int) -> Tensor:
     """``conv(dropout(x), a)`` a chunk of samples at a time.  -> (N, G·r, H', W')."""
-    hs = [_conv_a(dropout.dropout(x[s], p, seed, offset=o), a, c) for s, o in _chunks(x)]
+    hs = [_conv_a(dropout.dropout(x[s], p, seed, offset=o), a, c) for s, o in dropout.slices(x)]
     return hs[0] if len(hs) == 1 else torch.cat(hs)
 
 
@@ -180,7 +167,7 @@ def _dropped_a_backward(gh: Tensor, x: Tensor, a: Tensor, c: ConvGeometry, p: fl
     """A's share of backward when its input was ``dropout(x)``: adds ``mask ⊙ convᵀ(gh, a)`` into gx (when
     given) and returns ∂A (r, fan_in) when asked; one chunk of samples at a time."""
     ga = None
-    for s, o in _chunks(x):
+    for s, o in dropout.slices(x):
         xd = dropout.dropout(x[s], p, seed, offset=o) if need_a else x[s]
         gxa, ga_s = _a_backward(gh[s], xd, a, c, gx is not None, need_a)
         if gx is not None:

@@ -159,17 +159,6 @@ class _DroppedLinear(torch.autograd.Function):
         return gx, ga, None, None
 
 
-# The dropped input is formed a block of rows at a time, each used while it is in cache: an x-sized
-# temporary per layer and step costs more in fresh pages than the mask itself (docs/performance.md).
-CHUNK_BYTES = 1 << 20
-
-
-def _row_blocks(x2: Tensor) -> list[slice]:
-    """x2's rows in blocks of about CHUNK_BYTES.  x2: (N, in)."""
-    step = max(1, CHUNK_BYTES // max(1, x2.shape[1] * x2.element_size()))
-    return [slice(i, min(x2.shape[0], i + step)) for i in range(0, x2.shape[0], step)]
-
-
 class _DroppedLowRankLinear(torch.autograd.Function):
     """``x Wᵀ + b + scale·(dropout(x) Aᵀ) Bᵀ`` for one adapter, with a seeded mask.  x: (N, in), contiguous.
 
@@ -184,8 +173,7 @@ class _DroppedLowRankLinear(torch.autograd.Function):
                 p: float, seed: int) -> Tensor:
         y = F.linear(x, weight, bias)  # (N, out), in the autocast dtype when autocast is on
         a = A.to(x.dtype)
-        h = torch.cat([F.linear(dropout.dropout(x[s], p, seed, offset=s.start * x.shape[1]), a)
-                       for s in _row_blocks(x)])  # (N, r)
+        h = torch.cat([F.linear(dropout.dropout(x[s], p, seed, offset=o), a) for s, o in dropout.slices(x)])  # (N, r)
         y.addmm_(h.to(y.dtype), B.to(y.dtype).t(), alpha=scale)
         ctx.save_for_backward(x, weight, A, B, h)
         ctx.scale, ctx.p, ctx.seed, ctx.has_bias, ctx.dtype = scale, p, seed, bias is not None, h.dtype
@@ -206,8 +194,8 @@ class _DroppedLowRankLinear(torch.autograd.Function):
         if need_a:
             acc = torch.promote_types(dt, torch.float32)
             ga = torch.zeros(A.shape, dtype=acc, device=A.device)
-            for s in _row_blocks(x):
-                xd = dropout.dropout(x[s], p, seed, offset=s.start * x.shape[1]).to(dt)
+            for s, o in dropout.slices(x):
+                xd = dropout.dropout(x[s], p, seed, offset=o).to(dt)
                 ga.addmm_(u[s].t().to(acc), xd.to(acc))
             ga = ga.to(A.dtype)
         if need_bb:
